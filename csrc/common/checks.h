@@ -1,0 +1,49 @@
+// Input checks shared by the torch-facing .cpp files. Messages name the argument and what was
+// expected, so a user sees e.g. "srn_fast.ops.lift_rays: uv must have shape [B, N, 2], got [4, 3]".
+#pragma once
+
+#include <torch/extension.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace srn {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+#define SRN_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+
+// Checks the rank and the fixed sizes of a tensor; -1 in `sizes` accepts any size.
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        const std::vector<int64_t>& sizes, const char* expected) {
+  bool ok = t.dim() == static_cast<int64_t>(sizes.size());
+  for (size_t i = 0; ok && i < sizes.size(); ++i) {
+    if (sizes[i] >= 0 && t.size(static_cast<int64_t>(i)) != sizes[i]) ok = false;
+  }
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", expected, ", got ", shape_str(t));
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has dtype ", ref.scalar_type(), "; they must match");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; they must be on the same device");
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu() || t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be float32 on CUDA, got ", t.scalar_type());
+}
+
+// The current CUDA stream as an opaque handle, without CUDA headers (design.md).
+void* current_cuda_stream(const at::Device& device);
+
+}  // namespace srn

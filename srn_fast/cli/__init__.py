@@ -1,0 +1,53 @@
+"""Command-line interface: ``python -m srn_fast COMMAND ...``.
+
+Each command lives in its own module exposing ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; :data:`COMMANDS` maps command names to those modules (imported lazily, so that
+``--help`` is fast). Errors a user can fix (:class:`UserError`, bad files, bad arguments) are printed as
+one line, without a traceback, unless ``--debug`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> module path. Add a command by adding a module and a line here.
+COMMANDS = {
+}
+
+
+class UserError(Exception):
+    """An error the user can fix (missing data folder, incompatible checkpoint, ...): printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m srn_fast",
+                                     description="Scene Representation Networks with fused C++/CUDA kernels.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modpath in COMMANDS.items():
+        mod = importlib.import_module(modpath)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+        if args.debug:
+            raise
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

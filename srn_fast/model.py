@@ -1,0 +1,229 @@
+"""The SRN model (Sitzmann et al., 2019): a drop-in for the reference ``srns.SRNsModel``.
+
+Parameter names and shapes equal the reference's, so ``model.load_state_dict(torch.load(p)["model"])`` loads a
+reference checkpoint and our checkpoints load into the reference code. The arithmetic is delegated to a
+backend (:mod:`srn_fast.backends`): ``"torch"`` (pure PyTorch, the oracle) or ``"fused"`` (C++/CUDA kernels).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import geometry
+from .backends import get_backend
+from .layers import FCBlock, HyperFC, Raymarcher
+
+# Loss weights of the reference train.py.
+IMG_LOSS_WEIGHT = 200.0
+DEPTH_REG_WEIGHT = 1e-3  # the reference's `l1_weight` (the loss itself is L2)
+LATENT_REG_WEIGHT = 1.0
+
+
+class ModelInputError(ValueError):
+    """The model input dict does not have the expected keys, shapes or dtypes."""
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_model_input(model_input: Dict[str, torch.Tensor], num_instances: Optional[int] = None,
+                      latent_dim: Optional[int] = None) -> int:
+    """Validate the reference's input dict; returns the batch size B. Errors name the key and the expectation."""
+    if not isinstance(model_input, dict):
+        raise ModelInputError(f"model_input must be a dict with keys instance_idx, pose, intrinsics, uv; "
+                              f"got {type(model_input).__name__}")
+    required = ["pose", "intrinsics", "uv"] + ([] if "z" in model_input else ["instance_idx"])
+    missing = [k for k in required if k not in model_input]
+    if missing:
+        raise ModelInputError(f"model_input is missing key(s) {missing}; expected instance_idx [B] (or z [B, D]), "
+                              f"pose [B, 4, 4], intrinsics [B, 3, 3] or [B, 4, 4], uv [B, N, 2]")
+    for k in required + (["z"] if "z" in model_input else []):
+        if not isinstance(model_input[k], torch.Tensor):
+            raise ModelInputError(f"model_input['{k}'] must be a torch.Tensor, got {type(model_input[k]).__name__}")
+    pose, K, uv = model_input["pose"], model_input["intrinsics"], model_input["uv"]
+    if pose.dim() != 3 or tuple(pose.shape[1:]) != (4, 4):
+        raise ModelInputError(f"model_input['pose'] must have shape [B, 4, 4] (cam2world), got {_shape(pose)}")
+    B = pose.shape[0]
+    if K.dim() != 3 or tuple(K.shape[1:]) not in ((3, 3), (4, 4)) or K.shape[0] != B:
+        raise ModelInputError(f"model_input['intrinsics'] must have shape [B, 3, 3] or [B, 4, 4] with B={B}, "
+                              f"got {_shape(K)}")
+    if uv.dim() != 3 or uv.shape[0] != B or uv.shape[2] != 2:
+        raise ModelInputError(f"model_input['uv'] must have shape [B, N, 2] with B={B}, got {_shape(uv)}")
+    for k, t in (("pose", pose), ("intrinsics", K)):
+        if not t.is_floating_point():
+            raise ModelInputError(f"model_input['{k}'] must be a floating-point tensor, got {t.dtype}")
+    if "z" in model_input:
+        z = model_input["z"]
+        if z.dim() != 2 or z.shape[0] != B or (latent_dim is not None and z.shape[1] != latent_dim):
+            raise ModelInputError(f"model_input['z'] must have shape [B, {latent_dim or 'D'}] with B={B}, "
+                                  f"got {_shape(z)}")
+    else:
+        idx = model_input["instance_idx"]
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ModelInputError(f"model_input['instance_idx'] must be an integer tensor, got {idx.dtype}")
+        if idx.numel() != B or idx.dim() > 2:
+            raise ModelInputError(f"model_input['instance_idx'] must have shape [B] with B={B}, got {_shape(idx)}")
+        if num_instances is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_instances):
+            raise ModelInputError(f"model_input['instance_idx'] must lie in [0, {num_instances - 1}] "
+                                  f"(the model has {num_instances} latent codes), got values in "
+                                  f"[{int(idx.min())}, {int(idx.max())}]")
+    return B
+
+
+class SRNModel(nn.Module):
+    """Scene Representation Network with a hypernetwork (auto-decoder) or a single SRN.
+
+    Args:
+        num_instances: number of latent codes (scenes) in the auto-decoder.
+        latent_dim: code size (reference ``--embedding_size``, 256).
+        tracing_steps: ray-marching steps (reference default 10).
+        fit_single_srn: no hypernetwork: phi = FCBlock(hidden, phi_layers - 2, 3, hidden) shared by all rays.
+        backend: ``"auto"`` (fused when built, else torch), ``"fused"`` or ``"torch"``.
+        phi_hidden: width of phi and of the pixel generator (256 in the reference).
+        phi_layers: layers of phi, input and output included (4).
+        rendering_layers: FCLayers of the pixel generator before its final Linear(hidden, 3) (5).
+        lstm_hidden: hidden size of the ray-marching LSTM (16).
+        march_mode: ``"recompute"`` (store per step only x, h, c and gates) or ``"store"`` (keep activations);
+            used by the fused backend.
+        matmul_dtype: e.g. ``torch.bfloat16`` for reduced-precision matmuls in the fused kernels.
+
+    The defaults are the reference's; smaller widths are for demos and tests (then keys match, shapes do not).
+    """
+
+    def __init__(self, num_instances: int, latent_dim: int = 256, tracing_steps: int = 10,
+                 fit_single_srn: bool = False, backend: str = "auto", phi_hidden: int = 256, phi_layers: int = 4,
+                 rendering_layers: int = 5, lstm_hidden: int = 16, march_mode: str = "recompute",
+                 matmul_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if num_instances < 1 and not fit_single_srn:
+            raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+        if phi_layers < 2 or rendering_layers < 1 or tracing_steps < 0:
+            raise ValueError("phi_layers must be >= 2, rendering_layers >= 1 and tracing_steps >= 0")
+        self.num_instances = num_instances
+        self.latent_dim = latent_dim
+        self.tracing_steps = tracing_steps
+        self.fit_single_srn = fit_single_srn
+        self.phi_hidden = phi_hidden
+        self.march_mode = march_mode
+        self.matmul_dtype = matmul_dtype
+        self.set_backend(backend)
+
+        if fit_single_srn:
+            self.phi = FCBlock(hidden_ch=phi_hidden, num_hidden_layers=phi_layers - 2, in_features=3,
+                               out_features=phi_hidden)
+        else:
+            self.latent_codes = nn.Embedding(num_instances, latent_dim)
+            nn.init.normal_(self.latent_codes.weight, mean=0.0, std=0.01)
+            self.hyper_phi = HyperFC(hyper_in_ch=latent_dim, hyper_num_hidden_layers=1, hyper_hidden_ch=latent_dim,
+                                     hidden_ch=phi_hidden, num_hidden_layers=phi_layers - 2, in_ch=3,
+                                     out_ch=phi_hidden)
+        self.ray_marcher = Raymarcher(num_feature_channels=phi_hidden, hidden_size=lstm_hidden)
+        self.pixel_generator = FCBlock(hidden_ch=phi_hidden, num_hidden_layers=rendering_layers - 1,
+                                       in_features=phi_hidden, out_features=3, outermost_linear=True)
+
+    # ------------------------------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        self.backend = get_backend(backend)
+        self.backend_name = self.backend.name
+
+    def get_z(self, model_input: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        if self.fit_single_srn:
+            return None
+        if "z" in model_input:
+            return model_input["z"]
+        idx = model_input["instance_idx"].reshape(-1).long().to(self.latent_codes.weight.device)
+        return self.latent_codes(idx)
+
+    def phi_layers(self, z: Optional[torch.Tensor]):
+        """phi as a list of :class:`~srn_fast.torch_impl.Layer` (per scene from the hypernetwork)."""
+        if self.fit_single_srn:
+            return self.phi.layers()
+        return self.hyper_phi(z)
+
+    def initial_depth(self, B: int, N: int, device, dtype=torch.float32,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The reference's initial depth, N(0.05, 5e-4) per ray, ``[B, N, 1]``."""
+        d = torch.empty(B, N, 1, dtype=dtype)
+        d.normal_(mean=0.05, std=5e-4, generator=generator)
+        return d.to(device)
+
+    def render(self, model_input: Dict[str, torch.Tensor], initial_depth: Optional[torch.Tensor] = None,
+               return_steps: bool = False) -> Dict[str, torch.Tensor]:
+        """Render rays; returns a dict with ``rgb [B, N, 3]``, ``depth [B, N, 1]``, ``features [B, N, F]``
+        (phi at the surface point, what the pixel generator reads), ``points [B, N, 3]``, ``z``, and with
+        ``return_steps`` the per-step depths ``step_depths [T + 1, B, N, 1]``."""
+        B = check_model_input(model_input, None if self.fit_single_srn else self.num_instances, self.latent_dim)
+        device = self.pixel_generator.net[0].net[0].weight.device
+        dtype = self.pixel_generator.net[0].net[0].weight.dtype
+        pose = model_input["pose"].to(device=device, dtype=dtype)
+        K = model_input["intrinsics"].to(device=device, dtype=dtype)
+        uv = model_input["uv"].to(device=device, dtype=dtype)
+        N = uv.shape[1]
+        z = self.get_z(model_input)
+        if z is not None:
+            z = z.to(device)
+        phi = self.phi_layers(z)
+        if initial_depth is None:
+            initial_depth = self.initial_depth(B, N, device, dtype)
+        elif tuple(initial_depth.shape) not in ((B, N, 1), (B, N)):
+            raise ModelInputError(f"initial_depth must have shape [B, N, 1] = [{B}, {N}, 1], "
+                                  f"got {_shape(initial_depth)}")
+        dirs = geometry.get_ray_directions(uv, pose, K)
+        x0 = geometry.world_from_xy_depth(uv, initial_depth.to(device=device, dtype=dtype), pose, K)
+        lstm = self.ray_marcher.params()
+        out = self.backend.march(x0, dirs, phi, lstm, self.tracing_steps, grad_clamp=10.0,
+                                 return_steps=return_steps, mode=self.march_mode, matmul_dtype=self.matmul_dtype)
+        result = {}
+        if return_steps:
+            points, steps = out
+            T1 = steps.shape[0]
+            result["step_depths"] = geometry.get_depth(steps.reshape(T1 * B, N, 3),
+                                                       pose.repeat(T1, 1, 1)).reshape(T1, B, N, 1)
+        else:
+            points = out
+        depth = geometry.get_depth(points, pose)
+        features = self.backend.mlp(points, phi, matmul_dtype=self.matmul_dtype)
+        rgb = self.backend.mlp(features, self.pixel_generator.layers(), matmul_dtype=self.matmul_dtype)
+        result.update(rgb=rgb, depth=depth, features=features, points=points, z=z)
+        return result
+
+    def forward(self, model_input: Dict[str, torch.Tensor], z: Optional[torch.Tensor] = None):
+        """Reference signature: returns ``(rgb [B, N, 3], depth [B, N, 1])``; keeps ``self.z`` for the latent loss."""
+        if z is not None:
+            model_input = dict(model_input, z=z)
+        out = self.render(model_input)
+        self.z = out["z"]
+        return out["rgb"], out["depth"]
+
+    # ------------------------------------------------------------------------------------------------
+    # Losses of the reference (srns.py / train.py).
+    @staticmethod
+    def get_image_loss(prediction, ground_truth) -> torch.Tensor:
+        rgb = prediction[0]
+        trgt = ground_truth["rgb"].to(rgb.device)
+        if trgt.shape != rgb.shape:
+            raise ModelInputError(f"ground_truth['rgb'] must have shape {_shape(rgb)}, got {_shape(trgt)}")
+        return F.mse_loss(rgb, trgt)
+
+    @staticmethod
+    def get_regularization_loss(prediction, ground_truth=None) -> torch.Tensor:
+        depth = prediction[1]
+        return torch.mean(torch.clamp(depth, max=0.0) ** 2) * 10000.0
+
+    def get_latent_loss(self, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.fit_single_srn:
+            return torch.zeros((), device=self.pixel_generator.net[0].net[0].weight.device)
+        z = self.z if z is None else z
+        return torch.mean(z ** 2)
+
+    def losses(self, prediction, ground_truth, z: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The reference's weighted total: 200 * MSE + 1e-3 * depth regulariser + 1 * mean(z^2)."""
+        img = self.get_image_loss(prediction, ground_truth)
+        reg = self.get_regularization_loss(prediction, ground_truth)
+        lat = self.get_latent_loss(z)
+        total = IMG_LOSS_WEIGHT * img + DEPTH_REG_WEIGHT * reg + LATENT_REG_WEIGHT * lat
+        return {"total": total, "img": img, "depth_reg": reg, "latent": lat}
