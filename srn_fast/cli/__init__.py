@@ -14,6 +14,7 @@ from typing import List, Optional
 
 # name -> module path. Add a command by adding a module and a line here.
 COMMANDS = {
+    "make-data": "srn_fast.data.cli",
 }
 
 
@@ -45,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:
         if args.debug:
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
