@@ -3,6 +3,8 @@
 
 namespace srn {
 void register_rays(pybind11::module& m);
+void register_mlp(pybind11::module& m);
+void register_march(pybind11::module& m);
 }  // namespace srn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,4 +15,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   srn::register_rays(m);
+  srn::register_mlp(m);
+  srn::register_march(m);
 }

@@ -1,0 +1,144 @@
+#include "common/mlp_tile.h"
+
+#include "common/checks.h"
+#include "common/elementwise.h"
+
+namespace srn {
+
+MLPWeights MLPWeights::scenes(int64_t s, int64_t n) const {
+  MLPWeights out = *this;
+  for (size_t l = 0; l < W.size(); ++l) {
+    if (per_scene(l)) {
+      out.W[l] = W[l].narrow(0, s, n);
+      out.W_mm[l] = W_mm[l].narrow(0, s, n);
+      out.b[l] = b[l].narrow(0, s, n);
+    }
+  }
+  return out;
+}
+
+MLPGrads MLPGrads::scenes(int64_t s, int64_t n, const MLPWeights& w) const {
+  MLPGrads out = *this;
+  for (size_t l = 0; l < W.size(); ++l) {
+    if (w.per_scene(l)) {
+      if (W[l].defined()) out.W[l] = W[l].narrow(0, s, n);
+      if (b[l].defined()) out.b[l] = b[l].narrow(0, s, n);
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// z = a W^T + b for a [S, R, C_in].
+at::Tensor linear(const MLPWeights& w, size_t l, const at::Tensor& a) {
+  const at::Tensor& Wm = w.W_mm[l];
+  const bool lowp = Wm.scalar_type() != a.scalar_type();
+  const at::Tensor am = lowp ? a.to(Wm.scalar_type()) : a;
+  if (w.per_scene(l)) {
+    if (!lowp) return at::baddbmm(w.b[l].unsqueeze(1), am, Wm.transpose(1, 2));
+    return at::bmm(am, Wm.transpose(1, 2)).to(a.scalar_type()).add_(w.b[l].unsqueeze(1));
+  }
+  const int64_t S = a.size(0), R = a.size(1);
+  const auto a2 = am.reshape({S * R, a.size(2)});
+  at::Tensor z = lowp ? at::mm(a2, Wm.t()).to(a.scalar_type()).add_(w.b[l]) : at::addmm(w.b[l], a2, Wm.t());
+  return z.view({S, R, Wm.size(0)});
+}
+
+at::Tensor activation(const MLPWeights& w, size_t l, const at::Tensor& z) {
+  return w.norm[l] ? ln_relu_forward(z, w.gamma[l], w.beta[l]) : z;
+}
+
+}  // namespace
+
+at::Tensor mlp_tile_forward(const MLPWeights& w, const at::Tensor& x, std::vector<at::Tensor>* zs,
+                            std::vector<at::Tensor>* ys) {
+  at::Tensor a = x;
+  for (size_t l = 0; l < w.size(); ++l) {
+    at::Tensor z = linear(w, l, a);
+    a = activation(w, l, z);
+    if (zs) zs->push_back(z);
+    if (ys) ys->push_back(a);
+  }
+  return a;
+}
+
+at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std::vector<at::Tensor>& zs,
+                             const std::vector<at::Tensor>& ys, const at::Tensor& v_out, MLPGrads& g, bool need_vx) {
+  at::Tensor v = v_out;
+  const int64_t S = x.size(0), R = x.size(1);
+  for (size_t li = w.size(); li-- > 0;) {
+    const at::Tensor a = li == 0 ? x : (ys.empty() ? activation(w, li - 1, zs[li - 1]) : ys[li - 1]);
+    const at::Tensor v_z = w.norm[li]
+                               ? ln_relu_backward(zs[li], v, w.gamma[li], w.beta[li],
+                                                  g.gamma.empty() ? at::Tensor() : g.gamma[li],
+                                                  g.beta.empty() ? at::Tensor() : g.beta[li])
+                               : v;
+    const int64_t Co = v_z.size(2), Ci = a.size(2);
+    if (w.per_scene(li)) {
+      if (g.W[li].defined()) g.W[li].baddbmm_(v_z.transpose(1, 2), a);
+      if (g.b[li].defined()) g.b[li].add_(v_z.sum(1));
+    } else {
+      const auto v2 = v_z.reshape({S * R, Co});
+      if (g.W[li].defined()) g.W[li].addmm_(v2.t(), a.reshape({S * R, Ci}));
+      if (g.b[li].defined()) g.b[li].add_(v2.sum(0));
+    }
+    if (li > 0 || need_vx) {
+      v = w.per_scene(li) ? at::bmm(v_z, w.W[li]) : at::mm(v_z.reshape({S * R, Co}), w.W[li]).view({S, R, Ci});
+    }
+  }
+  return need_vx ? v : at::Tensor();
+}
+
+MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
+                            const std::vector<c10::optional<at::Tensor>>& gamma,
+                            const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
+                            const at::Tensor& x, int64_t B, int64_t C_in, int64_t mm_dtype) {
+  const size_t L = W.size();
+  TORCH_CHECK(L > 0, op, ": layers must hold at least one layer");
+  TORCH_CHECK(b.size() == L && gamma.size() == L && beta.size() == L && norm.size() == L, op,
+              ": weights, biases, ln weights, ln biases and norm flags must have one entry per layer (got ", L, ", ",
+              b.size(), ", ", gamma.size(), ", ", beta.size(), ", ", norm.size(), ")");
+  MLPWeights w;
+  int64_t c = C_in;
+  for (size_t l = 0; l < L; ++l) {
+    const std::string wn = "layers[" + std::to_string(l) + "].weight", bn = "layers[" + std::to_string(l) + "].bias";
+    const at::Tensor& Wl = W[l];
+    check_same(op, wn.c_str(), Wl, x, "x");
+    check_same(op, bn.c_str(), b[l], x, "x");
+    TORCH_CHECK(Wl.dim() == 2 || Wl.dim() == 3, op, ": ", wn, " must have shape [C_out, C_in] or [B, C_out, C_in], got ",
+                shape_str(Wl));
+    const int64_t Co = Wl.size(-2), Ci = Wl.size(-1);
+    TORCH_CHECK(Ci == c, op, ": ", wn, " has C_in = ", Ci, " but its input has ", c, " channels (", wn, " shape ",
+                shape_str(Wl), ")");
+    if (Wl.dim() == 3) {
+      TORCH_CHECK(Wl.size(0) == B, op, ": ", wn, " is per scene with ", Wl.size(0), " scenes but x has B = ", B);
+      check_shape(op, bn.c_str(), b[l], {B, Co}, "[B, C_out] for a per-scene weight");
+    } else {
+      check_shape(op, bn.c_str(), b[l], {Co}, "[C_out] for a shared weight");
+    }
+    at::Tensor g = gamma[l].has_value() ? *gamma[l] : at::Tensor();
+    at::Tensor be = beta[l].has_value() ? *beta[l] : at::Tensor();
+    TORCH_CHECK(g.defined() == be.defined(), op, ": layers[", l, "]: ln_weight and ln_bias must be given together");
+    TORCH_CHECK(norm[l] || !g.defined(), op, ": layers[", l, "] has LayerNorm parameters but norm=False");
+    if (g.defined()) {
+      check_same(op, "ln_weight", g, x, "x");
+      check_same(op, "ln_bias", be, x, "x");
+      check_shape(op, ("layers[" + std::to_string(l) + "].ln_weight").c_str(), g, {Co}, "[C_out]");
+      check_shape(op, ("layers[" + std::to_string(l) + "].ln_bias").c_str(), be, {Co}, "[C_out]");
+      g = g.contiguous();
+      be = be.contiguous();
+    }
+    const at::Tensor Wc = Wl.contiguous();
+    w.W.push_back(Wc);
+    w.W_mm.push_back(mm_dtype == 1 ? Wc.to(at::kBFloat16) : Wc);
+    w.b.push_back(b[l].contiguous());
+    w.gamma.push_back(g);
+    w.beta.push_back(be);
+    w.norm.push_back(norm[l]);
+    c = Co;
+  }
+  return w;
+}
+
+}  // namespace srn

@@ -1,0 +1,98 @@
+"""The fused ray march (``srn_fast._C.march_forward/march_backward``) as an autograd function."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _ext
+from ..torch_impl import Layer, LSTMParams
+from ._layers import check_layers, flatten, grads_to_flat, mm_code, needs_flags, unflatten
+
+MODES = {"inference": 0, "recompute": 1, "store": 2}
+TILE_ROWS = 128
+
+
+class _MarchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta, x0, dirs, w_ih, w_hh, bias, w_out, b_out, *flat):
+        struct, steps, mode, clamp, return_steps, tile, mm, grad_on = meta
+        ext = _ext.require("srn_fast.ops.march")
+        W, b, g, be, norm = unflatten(flat, struct)
+        training = grad_on and any(ctx.needs_input_grad)
+        run_mode = MODES[mode] if training else MODES["inference"]
+        outs = ext.march_forward(x0, dirs, W, b, g, be, norm, w_ih, w_hh, bias, w_out, b_out, steps, run_mode,
+                                 return_steps, tile, mm)
+        ctx.meta = meta
+        ctx.run_mode = run_mode
+        if training:
+            ctx.save_for_backward(x0, dirs, w_ih, w_hh, bias, w_out, b_out, *flat, *outs[2:])
+        if return_steps:
+            ctx.mark_non_differentiable(outs[1])
+            return outs[0], outs[1]
+        return outs[0]
+
+    @staticmethod
+    def backward(ctx, v_xT, *unused):
+        struct, steps, mode, clamp, return_steps, tile, mm, _ = ctx.meta
+        saved = ctx.saved_tensors
+        x0, dirs, w_ih, w_hh, bias, w_out, b_out = saved[:7]
+        nflat = sum(2 + 2 * affine for _, affine in struct)
+        flat = saved[7:7 + nflat]
+        rest = list(saved[7 + nflat:])
+        W, b, g, be, norm = unflatten(flat, struct)
+        nW, nb, ng, nbe = needs_flags(ctx.needs_input_grad, struct, 8)
+        needs = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], nW, nb, ng, nbe]
+        res = _ext.require("srn_fast.ops.march").march_backward(
+            v_xT, x0, dirs, rest, W, b, g, be, norm, w_ih, w_hh, bias, w_out, b_out, steps, ctx.run_mode,
+            -1.0 if clamp is None else float(clamp), needs, tile)
+        L = len(struct)
+        v_x0, v_dirs = res[0], res[1]
+        gW, gb, gg, gbe = res[2:2 + L], res[2 + L:2 + 2 * L], res[2 + 2 * L:2 + 3 * L], res[2 + 3 * L:2 + 4 * L]
+        g_wih, g_whh, g_bias, g_wout, g_bout = res[2 + 4 * L:]
+        flat_grads = grads_to_flat(struct, gW, gb, gg, gbe)
+        flat_grads = [gr if need else None for gr, need in zip(flat_grads, ctx.needs_input_grad[8:])]
+        n = ctx.needs_input_grad
+        return (None, v_x0 if n[1] else None, v_dirs if n[2] else None, g_wih if n[3] else None,
+                g_whh if n[4] else None, g_bias if n[5] else None, g_wout.view_as(w_out) if n[6] else None,
+                g_bout.view_as(b_out) if n[7] else None, *flat_grads)
+
+
+def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTMParams, steps: int,
+          grad_clamp: Optional[float] = 10.0, return_steps: bool = False, mode: str = "recompute",
+          matmul_dtype: Optional[torch.dtype] = None, tile_rows: int = TILE_ROWS):
+    """The reference ray marcher as one fused op; same semantics as :func:`srn_fast.torch_impl.march`.
+
+    Args:
+        x0, dirs: ``[B, N, 3]`` start points and unit directions.
+        phi: list of :class:`srn_fast.Layer` (per-scene or shared weights, LayerNorm + ReLU layers).
+        lstm: :class:`srn_fast.LSTMParams`.
+        steps: marching steps T.
+        grad_clamp: clamp of the gradient of h at every step (the reference's 10); None for no clamp.
+        return_steps: also return ``[T + 1, B, N, 3]`` points of every step (not differentiable).
+        mode: ``"recompute"`` (store per step only x, h, c and the gates; recompute phi in backward),
+            ``"store"`` (keep phi's activations: faster backward, more memory). Without grad nothing is stored.
+        matmul_dtype: ``torch.bfloat16`` for bf16 forward matmuls.
+        tile_rows: rays per CPU tile.
+    """
+    op = "srn_fast.ops.march"
+    if mode not in ("recompute", "store"):
+        raise ValueError(f"{op}: mode must be 'recompute' or 'store', got {mode!r}")
+    for name, t in (("x0", x0), ("dirs", dirs)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != 3:
+            raise ValueError(f"{op}: {name} must be a tensor of shape [B, N, 3], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not isinstance(lstm, LSTMParams):
+        raise TypeError(f"{op}: lstm must be a srn_fast.LSTMParams, got {type(lstm).__name__}")
+    if int(steps) < 0:
+        raise ValueError(f"{op}: steps must be >= 0, got {steps}")
+    check_layers(phi, op)
+    flat, struct = flatten(phi)
+    bias = lstm.bias_ih + lstm.bias_hh
+    grad_on = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x0, dirs, bias, lstm.weight_ih, lstm.weight_hh, lstm.out_weight, lstm.out_bias,
+                                  *flat))
+    meta = (tuple(struct), int(steps), mode, grad_clamp, bool(return_steps), int(tile_rows),
+            mm_code(matmul_dtype, x0, op), grad_on)
+    return _MarchFunction.apply(meta, x0, dirs, lstm.weight_ih, lstm.weight_hh, bias, lstm.out_weight,
+                                lstm.out_bias, *flat)
