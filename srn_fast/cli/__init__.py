@@ -14,6 +14,7 @@ from typing import List, Optional
 
 # name -> module path. Add a command by adding a module and a line here.
 COMMANDS = {
+    "make-data": "srn_fast.data.cli",
 }
 
 
