@@ -7,7 +7,7 @@ exact depth and part labels (:func:`generate`, CLI ``python -m srn_fast make-dat
 >>> batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)))   # SRNModel's input
 """
 from .dataset import SRNDataset
-from .generate import generate, load_meta, load_shape
+from .generator import generate, load_meta, load_shape
 from .io import DEPTH_SCALE, DataError
 from .sdf import Shape
 from .shapes import KINDS, PART_NAMES

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from .generate import generate
+    from .generator import generate
     t = time.time()
     out = generate(kind=args.kind, instances=args.instances, views=args.views, size=args.size, seed=args.seed,
                    out=args.out, test_views=args.test_views, unseen_instances=args.unseen_instances,

@@ -179,7 +179,7 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
                          f"({io.DEPTH_MAX} units)")
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists (pass overwrite=True / --overwrite to replace it)")
+        raise DataError(f"{out}: output folder exists (pass overwrite=True / --overwrite to replace it)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
