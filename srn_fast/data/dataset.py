@@ -105,7 +105,8 @@ class SRNDataset(Dataset):
         num_rays: if given, each sample holds this many random pixels (the same subset for every key) instead
             of the whole image; drawn afresh at every access.
         cache: keep every decoded and resized view in memory (keyed by sidelength), so each file is decoded
-            once. Call :meth:`preload` before creating DataLoader workers to share the filled cache.
+            once. DataLoader workers each fill their own copy: call :meth:`preload` before creating the
+            loader (workers inherit the filled cache) or use ``persistent_workers=True``.
         with_depth, with_semantic: include ``depth`` / ``semantic`` when every instance has the folder
             (an error if only some have it).
         seed: seed of the random ray subsets (mixed with the DataLoader worker seed inside workers).
@@ -147,7 +148,7 @@ class SRNDataset(Dataset):
         for inst in self.instances:
             n = len(inst.rgb)
             if specific_observation_idcs is not None:
-                idcs = np.asarray(list(specific_observation_idcs), dtype=np.int64)
+                idcs = np.atleast_1d(np.asarray(specific_observation_idcs, dtype=np.int64))
                 if idcs.size == 0 or idcs.min() < 0 or idcs.max() >= n:
                     raise DataError(f"{inst.folder}: specific_observation_idcs {idcs.tolist()} out of range for "
                                     f"its {n} views")

@@ -22,8 +22,8 @@ from .sdf import Shape
 
 LIGHTS = np.array([[0.45, -0.55, 0.70], [-0.6, 0.5, -0.25]])
 LIGHTS = LIGHTS / np.linalg.norm(LIGHTS, axis=1, keepdims=True)
-LIGHT_WEIGHTS = np.array([0.65, 0.25])
-AMBIENT = 0.3
+LIGHT_WEIGHTS = np.array([0.6, 0.25])
+AMBIENT = 0.4
 BACKGROUND = 1.0  # white
 
 

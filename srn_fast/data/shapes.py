@@ -11,7 +11,8 @@ Kinds and part ids (1-based, 0 is background):
 - ``chairs``: seat, back, legs, arms. Legs are four square or round legs or a pedestal with a base; backs are
   a solid panel or a frame of posts and rails, tilted back; arms are optional (rests on supports).
 - ``cars``: body, cabin, wheels. A rounded body, a rounded cabin on top, four rounded cylinders.
-- ``mix``: sphere, box, cylinder, torus. Two to four randomly placed and oriented primitives, touching.
+- ``mix``: sphere, box, cylinder, torus. Two to four randomly sized and oriented primitives, each placed a
+  random step (about its size) from the previous one.
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def make_mix(rng: np.random.Generator) -> Tuple[Dict, Shape]:
                     "round": 0.02}
         else:
             prim = {"type": "torus", "radius": s * 0.8, "tube": s * rng.uniform(0.2, 0.35)}
-        if k > 0:  # next primitive touches the cluster: step from the previous centre by about the sizes
+        if k > 0:  # a random step of about the primitive's size from the previous centre
             d = rng.standard_normal(3)
             pos = pos + d / np.linalg.norm(d) * s * rng.uniform(0.8, 1.3)
         prim.update({"part": t + 1, "center": pos.tolist(), "rot": R.tolist()})
