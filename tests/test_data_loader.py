@@ -130,7 +130,7 @@ def test_max_observations_specific_idcs_and_instances(root):
     ds = _quiet(root=root, sidelength=2, max_observations=3)
     # np.linspace(0, 10, 3, endpoint=False) = 0, 3.33, 6.67 -> 0, 3, 6; b_obj has 3 views -> all
     assert [int(ds[i]["observation_idx"]) for i in range(len(ds))] == [0, 3, 6, 0, 1, 2]
-    assert len(_quiet(root=root, sidelength=2, specific_observation_idcs=4)) == 2
+    assert len(_quiet(root=root, sidelength=2, specific_observation_idcs=2)) == 2
     ds = _quiet(root=root, sidelength=2, specific_observation_idcs=[2, 1])
     assert [int(ds[i]["observation_idx"]) for i in range(len(ds))] == [2, 1, 2, 1]
     assert torch.equal(ds[0]["pose"][0, 3], torch.tensor(0.5 + 2.0))

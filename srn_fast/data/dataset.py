@@ -286,6 +286,8 @@ class SRNDataset(Dataset):
         return sample
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_offsets"):
+            return "SRNDataset(<not constructed>)"
         return (f"SRNDataset({self.root!r}, {self.num_instances} instances, {len(self)} views, "
                 f"sidelength={self.sidelength}, num_rays={self.num_rays}, depth={self.has_depth}, "
                 f"semantic={self.has_semantic})")
