@@ -32,6 +32,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 import zlib
@@ -191,14 +193,15 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
                           upper_hemisphere))
     workers = min(len(tasks), workers or min(2, os.cpu_count() or 1))
     t_start = time.time()
-    os.makedirs(tmp)
+    old_term = _raise_on_sigterm()
     try:
+        os.makedirs(tmp)
         for sub in ("train", "test", "unseen"):
             os.makedirs(os.path.join(tmp, sub))
         bar = tqdm(total=len(tasks), desc=f"make-data {kind}", unit="object", disable=not progress)
         if workers > 1:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool:
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
                 results = []
                 for r in pool.imap(_job, tasks):
                     results.append(r)
@@ -244,7 +247,25 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return out
+
+
+def _worker_init():
+    """Pool workers: the parent handles Ctrl-C and cleans up; it stops workers with SIGTERM (default action)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt (so the temporary folder is removed); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def load_meta(root: str) -> Dict:
