@@ -73,17 +73,30 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, h
 def fit_semantic_head(model: SRNModel, dataset, indices: Sequence[int], num_classes: int, hidden: Sequence[int] = (),
                       steps: int = 1000, lr: float = 1e-2, batch_rays: int = 8192, weight_decay: float = 0.0,
                       instance_map: Optional[torch.Tensor] = None, rays_per_view: Optional[int] = None,
-                      seed: int = 0, chunk_rays: int = 8192, progress: bool = True
-                      ) -> Tuple[SemanticHead, Dict]:
+                      seed: int = 0, chunk_rays: int = 8192, progress: bool = True,
+                      cache: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[SemanticHead, Dict]:
     """Freeze ``model``, render the labelled views ``indices`` once (no grad) and train a head on them.
 
+    ``cache``: the output of :func:`~srn_fast.semantic.features.extract_features` for a superset of ``indices``
+    with an added ``"indices"`` list (so several K share one render); the rows of ``indices`` are taken from it.
     Returns ``(head, info)`` with ``info = {"history", "num_rays", "class_counts", "digest_before",
-    "digest_after"}``; the two digests are equal (checked here: a changed SRN raises ``RuntimeError``).
+    "digest_after", "train_labels"}``; the two digests are equal (checked here: a changed SRN raises
+    ``RuntimeError``).
     """
     freeze(model)
     before = parameter_digest(model)
-    data = extract_features(model, dataset, indices, instance_map=instance_map, rays_per_view=rays_per_view,
-                            chunk_rays=chunk_rays, seed=EVAL_SEED + seed, num_classes=num_classes, progress=progress)
+    if cache is None:
+        data = extract_features(model, dataset, indices, instance_map=instance_map, rays_per_view=rays_per_view,
+                                chunk_rays=chunk_rays, seed=EVAL_SEED + seed, num_classes=num_classes,
+                                progress=progress)
+    else:
+        pos = {int(i): p for p, i in enumerate(cache["indices"])}
+        missing = [i for i in indices if int(i) not in pos]
+        if missing:
+            raise ValueError(f"cache lacks the features of dataset views {missing[:5]}")
+        keep = torch.isin(cache["view"], torch.tensor([pos[int(i)] for i in indices]))
+        data = {"features": cache["features"][keep], "labels": cache["labels"][keep]}
+        check_labels(data["labels"], num_classes, name="semantic labels of the dataset")
     history: List[Dict] = []
     head = train_head(data["features"], data["labels"], num_classes, hidden=hidden, steps=steps, lr=lr,
                       batch_rays=batch_rays, weight_decay=weight_decay, seed=seed, progress=progress, history=history)
