@@ -335,7 +335,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
 
     ds = SRNDataset(train_root, sidelength=cfg.sidelengths[0], max_num_instances=cfg.max_num_instances,
                     max_observations=cfg.max_observations, specific_observation_idcs=cfg.specific_observation_idcs,
-                    with_depth=False, with_semantic=False, **(extra_loss.dataset_kwargs if extra_loss else {}))
+                    **dict(dict(with_depth=False, with_semantic=False), **(extra_loss.dataset_kwargs if extra_loss
+                                                                          else {})))
     val_ds = val_idx = val_map = None
     if val_root and cfg.val_every > 0 and main:
         val_ds = SRNDataset(val_root, sidelength=cfg.sidelengths[0], with_depth=False, with_semantic=False)

@@ -64,6 +64,12 @@ def run(args) -> int:
     from .metrics import confusion_matrix, scores
 
     check_writable_dir(args.out)
+    if args.embedding == "tsne":
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise UserError("--embedding tsne needs scikit-learn, an optional extra: `pip install .[viz]` "
+                            "(or use --embedding pca, which needs nothing)")
     device = pick_device(args.device)
     heads = [(f,) + load_head(f) for f in _head_files(args.heads)]
     heads.sort(key=lambda h: _sort_key(h[2]))
