@@ -84,7 +84,7 @@ def run(args) -> int:
         idx = [int(k) for k in np.linspace(0, len(idx) - 1, args.max_views).round()]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    report = {"data": root, "sidelength": S, "num_views": len(idx), "class_names": names,
+    report = {"data": os.path.relpath(root), "sidelength": S, "num_views": len(idx), "class_names": names,
               "convention": "background (label 0) is a class: miou = mean IoU over every class present in truth or "
                             "prediction (background included); miou_parts = mean over part classes only; "
                             "pixel_accuracy over all pixels, foreground_accuracy over pixels of a true part",
@@ -115,7 +115,7 @@ def run(args) -> int:
         label = extra.get("label", str(extra.get("k")))
         key = "joint" if extra.get("joint") else f"K={label}"
         preds[key] = res.pop("pred")
-        report["heads"][key] = dict(res, head_file=os.path.abspath(path), srn_checkpoint=srn,
+        report["heads"][key] = dict(res, head_file=os.path.relpath(path), srn_checkpoint=os.path.relpath(srn),
                                     k=extra.get("k"), joint=bool(extra.get("joint")),
                                     head=head.kind, num_train_views=extra.get("num_views", extra.get("k")))
         print(f"{key:>7}: mIoU {res['miou']:.4f} (parts {res['miou_parts']:.4f}), pixel accuracy "

@@ -105,6 +105,7 @@ def _atomic_save(path: str, obj: Any) -> None:
             fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         try:

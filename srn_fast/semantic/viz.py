@@ -71,6 +71,7 @@ def _atomic_bytes(path: str, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -165,7 +166,7 @@ def line_plot_png(path: str, series: Dict[str, List[Tuple[float, float]]], xlabe
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     font = ImageFont.load_default()
-    L, R, T, B = 60, 20, 34, 50
+    L, R, T, B = 60, 44, 40, 50
     xs = [x for pts in series.values() for x, _ in pts]
     fx = (lambda v: math.log(v)) if log_x else (lambda v: v)
     x0, x1 = fx(min(xs)), fx(max(xs))
@@ -177,7 +178,7 @@ def line_plot_png(path: str, series: Dict[str, List[Tuple[float, float]]], xlabe
     def px(x, y):
         return (L + (fx(x) - x0) / (x1 - x0) * (W - L - R), H - B - (y - ylim[0]) / (ylim[1] - ylim[0]) * (H - T - B))
 
-    d.text((L, 10), title, fill="black", font=font)
+    d.text((L, 8), title, fill="black", font=font)
     d.rectangle([L, T, W - R, H - B], outline="black")
     for k in range(6):
         y = ylim[0] + k * (ylim[1] - ylim[0]) / 5
@@ -190,7 +191,7 @@ def line_plot_png(path: str, series: Dict[str, List[Tuple[float, float]]], xlabe
         lab = (xticklabels or {}).get(x, f"{x:g}")
         d.text((xx - 3 * len(lab), H - B + 6), lab, fill="black", font=font)
     d.text(((L + W - R) / 2 - 3 * len(xlabel), H - 20), xlabel, fill="black", font=font)
-    d.text((4, T - 14), ylabel, fill="black", font=font)
+    d.text((L - 34, T - 20), ylabel, fill="black", font=font)
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     for j, (name, pts) in enumerate(series.items()):
         col = colours[j % len(colours)]
