@@ -151,9 +151,11 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 def prepare_batch(samples: Sequence[Dict[str, torch.Tensor]], indices: Sequence[int], seed: int, step: int,
-                  rays: Optional[int], device) -> (Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor):
+                  rays: Optional[int], device, extra_keys: Sequence[str] = ()
+                  ) -> (Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor):
     """Collate samples, choose each view's random ray subset, draw initial depths; returns (model_input,
-    ground_truth, initial_depth ``[b, R, 1]``) on ``device``."""
+    ground_truth, initial_depth ``[b, R, 1]``) on ``device``. ``extra_keys`` (per-ray sample entries such as
+    ``semantic [N]``) go into ground_truth, cut to the same ray subset."""
     batch = collate(samples)
     N = batch["uv"].shape[1]
     R = N if rays is None or rays >= N else rays
@@ -170,19 +172,53 @@ def prepare_batch(samples: Sequence[Dict[str, torch.Tensor]], indices: Sequence[
         rgb = torch.gather(rgb, 1, s[..., None].expand(-1, -1, 3))
     inp = {"instance_idx": batch["instance_idx"].to(device), "pose": batch["pose"].to(device),
            "intrinsics": batch["intrinsics"].to(device), "uv": uv.to(device)}
-    return inp, {"rgb": rgb.to(device)}, torch.stack(d0).to(device)
+    gt = {"rgb": rgb.to(device)}
+    for k in extra_keys:
+        if k not in batch:
+            raise ValueError(f"training needs '{k}' in every sample (e.g. a semantic/ folder per instance)")
+        t = batch[k]
+        if sel:
+            idx = torch.stack(sel)
+            t = torch.gather(t, 1, idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+        gt[k] = t.to(device)
+    return inp, gt, torch.stack(d0).to(device)
 
 
 class _Renderer(nn.Module):
-    """The forward that DDP wraps: render with given initial depths; returns (rgb, depth, z)."""
+    """The forward that DDP wraps: render with given initial depths; returns (rgb, depth, z) and, with an
+    ``extra`` module (see :class:`ExtraLoss`), also ``extra(features)``."""
 
-    def __init__(self, model: SRNModel):
+    def __init__(self, model: SRNModel, extra: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
+        self.extra = extra
 
     def forward(self, model_input, initial_depth):
         out = self.model.render(model_input, initial_depth=initial_depth)
-        return out["rgb"], out["depth"], out["z"]
+        if self.extra is None:
+            return out["rgb"], out["depth"], out["z"]
+        return out["rgb"], out["depth"], out["z"], self.extra(out["features"])
+
+
+class ExtraLoss:
+    """Hook for training an extra module jointly with the SRN (e.g. Semantic SRN's part classifier).
+
+    ``module`` is applied to phi's surface features ``[b, R, F]`` inside the forward; its parameters join the
+    optimiser and its state is saved in (and resumed from) the checkpoints under ``srn_fast["extra_module"]``.
+    ``keys`` are per-ray sample entries the loss needs (cut to the same ray subset as ``rgb``);
+    ``loss(module_output, ground_truth)`` returns a dict of scalar tensors whose ``"total"`` is added to the SRN
+    loss (the other entries are logged). ``dataset_kwargs`` go to the training SRNDataset.
+    """
+
+    name = "extra"
+    keys: Sequence[str] = ()
+    dataset_kwargs: Dict = {}
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def loss(self, output: torch.Tensor, gt: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
 def _autocast(cfg: TrainConfig, model: SRNModel, device: torch.device):
@@ -276,7 +312,7 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None, progress: bool = True,
-          log=print) -> Dict:
+          log=print, extra_loss: Optional[ExtraLoss] = None) -> Dict:
     """Run (or with ``resume`` continue) the training described by ``cfg`` into ``cfg.out``.
 
     ``stop_at``: stop with a checkpoint after this global step (to split a run across jobs). Returns a summary
@@ -299,7 +335,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
 
     ds = SRNDataset(train_root, sidelength=cfg.sidelengths[0], max_num_instances=cfg.max_num_instances,
                     max_observations=cfg.max_observations, specific_observation_idcs=cfg.specific_observation_idcs,
-                    with_depth=False, with_semantic=False)
+                    **dict(dict(with_depth=False, with_semantic=False), **(extra_loss.dataset_kwargs if extra_loss
+                                                                          else {})))
     val_ds = val_idx = val_map = None
     if val_root and cfg.val_every > 0 and main:
         val_ds = SRNDataset(val_root, sidelength=cfg.sidelengths[0], with_depth=False, with_semantic=False)
@@ -324,13 +361,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
             model.matmul_dtype = torch.bfloat16
         elif device.type == "cpu" and not hasattr(torch, "autocast"):
             raise ValueError("--bf16 needs torch.autocast or the fused backend")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    params = list(model.parameters())
+    if extra_loss is not None:
+        extra_loss.module.to(device)
+        params += list(extra_loss.module.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
     step = pos = 0
     extra_static = {"config": cfg.to_json(), "instance_names": ds.instance_names,
                     "camera": _camera_facts(ds)}
     if resume:
         ck = ckpt_io.load(ckpt_io.latest(out))
         ckpt_io.load_model_state(model, ck)
+        if extra_loss is not None:
+            if "extra_module" not in ck["srn_fast"]:
+                raise ckpt_io.CheckpointError(f"{ck['path']}: has no '{extra_loss.name}' module state to resume")
+            extra_loss.module.load_state_dict(ck["srn_fast"]["extra_module"])
         optimizer.load_state_dict(ck["optimizer"])
         meta = ck["srn_fast"]
         step, pos = int(meta["step"]), int(meta["stream_pos"])
@@ -348,7 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
         if main:
             log(f"initialised from {ck['path']}")
 
-    net = _Renderer(model)
+    net = _Renderer(model, extra_loss.module if extra_loss is not None else None)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = None
@@ -367,6 +412,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
         if not main:
             return
         extra = dict(extra_static, step=step_now, stream_pos=pos, rng=rng_state(), world_size=world)
+        if extra_loss is not None:
+            extra.update(extra_module=extra_loss.module.state_dict(), extra_name=extra_loss.name)
         path = os.path.join(ckpt_dir, f"step_{step_now:08d}.pth")
         ckpt_io.save(path, model, optimizer, extra)
         last_ckpt = path
@@ -402,10 +449,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
                 b = B // world
             gidx = stream.take(pos, B)
             mine = gidx[rank * b:(rank + 1) * b]
-            inp, gt, d0 = prepare_batch([ds[i] for i in mine], mine, cfg.seed, step, cfg.rays_per_view, device)
+            inp, gt, d0 = prepare_batch([ds[i] for i in mine], mine, cfg.seed, step, cfg.rays_per_view, device,
+                                        extra_keys=extra_loss.keys if extra_loss is not None else ())
             with _autocast(cfg, model, device):
-                rgb, depth, z = net(inp, d0)
+                outs = net(inp, d0)
+            rgb, depth, z = outs[:3]
             losses = model.losses((rgb.float(), depth.float()), gt, z=None if z is None else z.float())
+            if extra_loss is not None:
+                xl = extra_loss.loss(outs[3].float(), gt)
+                losses["total"] = losses["total"] + xl["total"]
+                extra_logs = {f"{extra_loss.name}_{k}": v for k, v in xl.items()}
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -425,6 +478,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
                 rec = {"kind": "train", "step": step, "stage": stage, "sidelength": S, "loss": vals[0],
                        "img_loss": vals[1], "depth_reg": vals[2], "latent_loss": vals[3],
                        "train_psnr": float(10 * np.log10(4.0 / max(vals[1], 1e-12))), "time": time.time() - t0}
+                if extra_loss is not None:  # rank 0's values (not averaged over processes)
+                    rec.update({k: float(v.detach()) for k, v in extra_logs.items()})
                 metrics.write(rec)
                 bar.set_postfix(loss=f"{vals[0]:.4f}", img=f"{vals[1]:.4f}", psnr=f"{rec['train_psnr']:.1f}",
                                 refresh=False)

@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": "srn_fast.cli.eval",
     "render": "srn_fast.cli.render",
     "demo": "srn_fast.cli.demo",
+    "semantic-train": "srn_fast.semantic.cli_train",
+    "semantic-eval": "srn_fast.semantic.cli_eval",
 }
 
 
