@@ -177,7 +177,7 @@ def evaluate(model: TatarchenkoNet, data_root: str, input_view: int = 0, max_tar
              max_instances: int = -1, device: str = "cpu", progress: bool = True) -> Dict:
     """Mean PSNR / SSIM / foreground depth error of the baseline on the held-out views of every object under
     ``data_root``, each predicted from the object's ``input_view`` alone."""
-    from .. import metrics
+    from ..compare import image_scores
     ds = SRNDataset(data_root, sidelength=model.sidelength, max_num_instances=max_instances, with_semantic=False)
     rows = []
     for i, iv, targets in tqdm(eval_pairs(ds, input_view, max_targets), desc="baseline-eval", disable=not progress):
@@ -185,8 +185,7 @@ def evaluate(model: TatarchenkoNet, data_root: str, input_view: int = 0, max_tar
         for k, t in enumerate(targets):
             gt = image_sample(ds, i, t)
             row = {"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
-                   "psnr": float(metrics.psnr(pred["rgb"][k], gt["rgb"])),
-                   "ssim": float(metrics.ssim(pred["rgb"][k], gt["rgb"]))}
+                   **image_scores(pred["rgb"][k], gt["rgb"])}
             if "depth" in gt:
                 row["depth_abs_error"] = depth_abs_error(pred["depth"][k], gt["depth"])
             rows.append(row)

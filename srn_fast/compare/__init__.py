@@ -27,45 +27,46 @@ METHODS = ("baseline", "srn")
 METHOD_NAMES = {"baseline": "Tatarchenko et al. 2016 (encoder-decoder)", "srn": "SRN (few-shot latent fit)"}
 
 
-@torch.no_grad()
-def srn_render_views(model, z: torch.Tensor, ds: SRNDataset, instance: int, views: List[int],
-                     chunk: int = 4) -> Dict[str, torch.Tensor]:
-    """Render ``views`` of ``instance`` with latent code ``z [D]``: ``rgb [T, 3, S, S]``, ``depth [T, 1, S, S]``."""
-    model.eval()
-    device = next(model.parameters()).device
+def load_srn_model(path: str, device: str = "cpu", backend: str = "auto"):
+    """The SRN model of a `train` checkpoint (file or run folder), on ``device``."""
+    from .. import checkpoint
+    return checkpoint.build_model(checkpoint.load(path), backend=backend).to(device)
+
+
+def srn_render_views(model, ds: SRNDataset, instance: int, views: List[int], chunk: int = 4
+                     ) -> Dict[str, torch.Tensor]:
+    """Render ``views`` of ``instance`` (an index into ``model``'s latent codes and into ``ds``) with a fitted SRN:
+    ``rgb [T, 3, S, S]``, ``depth [T, 1, S, S]``. Initial depths come from the evaluation's fixed seed."""
+    from ..evaluation import collate, render_full
     S = ds.sidelength
     rgbs, depths = [], []
     for k in range(0, len(views), chunk):
         samples = [ds[_flat_index(ds, instance, t)] for t in views[k:k + chunk]]
-        T = len(samples)
-        inp = {"pose": torch.stack([s["pose"] for s in samples]).to(device),
-               "intrinsics": torch.stack([s["intrinsics"] for s in samples]).to(device),
-               "uv": torch.stack([s["uv"] for s in samples]).to(device),
-               "instance_idx": torch.zeros(T, dtype=torch.int64, device=device)}
-        rgb, depth = model(inp, z=z.reshape(1, -1).to(device).expand(T, -1))
-        rgbs.append(to_image(rgb.cpu(), S))
-        depths.append(to_image(depth.cpu(), S))
+        batch = collate([{key: s[key] for key in ("pose", "intrinsics", "uv")} for s in samples])
+        batch["instance_idx"] = torch.full((len(samples),), instance, dtype=torch.int64)
+        out = render_full(model, batch)
+        rgbs.append(to_image(out["rgb"], S))
+        depths.append(to_image(out["depth"], S))
     return {"rgb": torch.cat(rgbs), "depth": torch.cat(depths)}
 
 
 def fit_srn_latents(srn_model, data_root: str, input_view: int, sidelength: int, steps: int,
-                    max_instances: int = -1, **fit_kwargs) -> torch.Tensor:
-    """Few-shot: fit one latent code per object of ``data_root`` to its single ``input_view``, networks frozen.
-
-    Returns ``[num_objects, latent_dim]``.
-    """
-    from .. import training
+                    max_instances: int = -1, **fit_kwargs):
+    """Few-shot: a copy of ``srn_model`` with one new latent code per object of ``data_root`` (in sorted order),
+    fitted to that object's single ``input_view`` with every network frozen
+    (:func:`srn_fast.training.fit_latents`)."""
+    from ..training import fit_latents
     ds = SRNDataset(data_root, sidelength=sidelength, max_num_instances=max_instances,
                     specific_observation_idcs=[input_view], with_semantic=False)
-    z = training.fit_latents(srn_model, ds, steps, **fit_kwargs)
-    if isinstance(z, dict):
-        z = z["latents"]
-    if isinstance(z, torch.nn.Embedding):
-        z = z.weight
-    z = z.detach()
-    if z.dim() != 2 or z.shape[0] != ds.num_instances:
-        raise RuntimeError(f"fit_latents returned shape {list(z.shape)}, expected [{ds.num_instances}, D]")
-    return z
+    return fit_latents(srn_model, ds, steps, **fit_kwargs)
+
+
+def image_scores(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor) -> Dict[str, float]:
+    """PSNR / SSIM (the reference's definitions, :func:`srn_fast.metrics.srn_psnr_ssim`) of ``[3, S, S]``
+    colours in [-1, 1]."""
+    from ..metrics import srn_psnr_ssim
+    p, s = srn_psnr_ssim(pred_rgb.permute(1, 2, 0), gt_rgb.permute(1, 2, 0))
+    return {"psnr": float(p), "ssim": float(s)}
 
 
 def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int = 0,
@@ -74,25 +75,24 @@ def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int
             progress: bool = True) -> Dict:
     """Run the comparison; returns ``{"summary": {method: {...}}, "per_view": [...], "grid": uint8 image,
     "depth_grid": uint8 image, "setup": {...}}``. See the module docstring for the protocol."""
-    from .. import metrics
     S = baseline.sidelength
     t0 = time.time()
-    srn_model.to(device)
-    z = fit_srn_latents(srn_model, data_root, input_view, S, fit_steps, max_instances, **(fit_kwargs or {}))
-    t_fit = time.time() - t0
     ds = SRNDataset(data_root, sidelength=S, max_num_instances=max_instances, with_semantic=False)
+    pairs = eval_pairs(ds, input_view, max_targets)  # checks input_view before the (long) latent fit
+    srn_model.to(device)
+    fitted = fit_srn_latents(srn_model, data_root, input_view, S, fit_steps, max_instances,
+                             progress=progress, **(fit_kwargs or {}))
+    t_fit = time.time() - t0
     rows: Dict[str, List[Dict]] = {m: [] for m in METHODS}
     grid_rows, depth_rows, labels = [], [], []
-    pairs = eval_pairs(ds, input_view, max_targets)
     for i, iv, targets in tqdm(pairs, desc="compare", disable=not progress):
         preds = {"baseline": predict_views(baseline, ds, i, iv, targets, device),
-                 "srn": srn_render_views(srn_model, z[i], ds, i, targets)}
+                 "srn": srn_render_views(fitted, ds, i, targets)}
         gts = [image_sample(ds, i, t) for t in targets]
         for m in METHODS:
             for k, gt in enumerate(gts):
                 row = {"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
-                       "psnr": float(metrics.psnr(preds[m]["rgb"][k], gt["rgb"])),
-                       "ssim": float(metrics.ssim(preds[m]["rgb"][k], gt["rgb"]))}
+                       **image_scores(preds[m]["rgb"][k], gt["rgb"])}
                 if "depth" in gt:
                     row["depth_abs_error"] = depth_abs_error(preds[m]["depth"][k], gt["depth"])
                 rows[m].append(row)
