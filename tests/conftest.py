@@ -12,3 +12,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A generated SRN-format dataset: 2 chairs x 6 views (+2 held-out views each), 1 unseen chair x 4 views, 16 px."""
+    from srn_fast.data import generate
+
+    out = tmp_path_factory.mktemp("tiny") / "chairs"
+    return generate("chairs", instances=2, views=6, size=16, seed=0, out=str(out), test_views=2,
+                    unseen_instances=1, unseen_views=4, progress=False)

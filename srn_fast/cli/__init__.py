@@ -15,6 +15,10 @@ from typing import List, Optional
 # name -> module path. Add a command by adding a module and a line here.
 COMMANDS = {
     "make-data": "srn_fast.data.cli",
+    "train": "srn_fast.cli.train",
+    "eval": "srn_fast.cli.eval",
+    "render": "srn_fast.cli.render",
+    "demo": "srn_fast.cli.demo",
     "baseline-train": "srn_fast.baseline.cli_train",
     "baseline-eval": "srn_fast.baseline.cli_eval",
     "compare": "srn_fast.compare.cli",

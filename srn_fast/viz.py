@@ -1,0 +1,141 @@
+"""Pictures: colour-mapped depth, normal maps, image grids, orbit cameras, PNG/GIF writing (imageio).
+
+Images here are numpy ``uint8 [H, W, 3]`` unless said otherwise. Files are written to a temporary name and
+renamed, so an interrupted run never leaves a half-written picture under the real name.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import List, Optional, Sequence
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+from . import geometry
+from .checkpoint import atomic_write
+
+# A perceptual colour ramp (dark blue -> teal -> yellow), 6 anchors, linearly interpolated.
+_RAMP = np.array([[0.07, 0.04, 0.30], [0.20, 0.25, 0.55], [0.13, 0.50, 0.56], [0.20, 0.70, 0.45],
+                  [0.60, 0.85, 0.25], [0.99, 0.91, 0.15]])
+
+
+def colormap(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] ``[...]`` -> RGB float ``[..., 3]`` on a blue-to-yellow ramp."""
+    t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(_RAMP) - 1)
+    i = np.minimum(np.floor(t).astype(int), len(_RAMP) - 2)
+    f = (t - i)[..., None]
+    return _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
+
+
+def to_uint8(x) -> np.ndarray:
+    """Float image in [0, 1] -> uint8."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def rgb_image(rgb: torch.Tensor, S: int) -> np.ndarray:
+    """Model colours ``[S*S, 3]`` in [-1, 1] -> uint8 ``[S, S, 3]``."""
+    return to_uint8(((rgb.detach().float().cpu().reshape(S, S, 3) + 1.0) / 2.0))
+
+
+def depth_image(depth: torch.Tensor, S: int, lo: Optional[float] = None, hi: Optional[float] = None) -> np.ndarray:
+    """Depth ``[S*S, 1]`` -> colour-mapped uint8 ``[S, S, 3]`` (near = yellow, far = blue); range from the 2nd and
+    98th percentiles unless given."""
+    d = depth.detach().float().cpu().reshape(S, S).numpy()
+    if lo is None or hi is None:
+        lo, hi = np.percentile(d, 2), np.percentile(d, 98)
+    t = 1.0 - (d - lo) / max(hi - lo, 1e-6)
+    return to_uint8(colormap(t))
+
+
+def normal_image(uv: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, S: int) -> np.ndarray:
+    """Camera-space normals from a full depth map, ``(n + 1) / 2`` as colours, uint8 ``[S, S, 3]``."""
+    n = geometry.compute_normal_map(uv.reshape(1, -1, 2).float().cpu(), depth.reshape(1, -1, 1).float().cpu(),
+                                    K.reshape(1, *K.shape[-2:]).float().cpu(), S)
+    return to_uint8((n.reshape(S, S, 3) + 1.0) / 2.0)
+
+
+def hstack(images: Sequence[np.ndarray], gap: int = 2, fill: int = 255) -> np.ndarray:
+    H = max(im.shape[0] for im in images)
+    parts = []
+    for k, im in enumerate(images):
+        if im.shape[0] < H:
+            im = np.pad(im, ((0, H - im.shape[0]), (0, 0), (0, 0)), constant_values=fill)
+        parts.append(im)
+        if k + 1 < len(images) and gap:
+            parts.append(np.full((H, gap, 3), fill, np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def vstack(images: Sequence[np.ndarray], gap: int = 2, fill: int = 255) -> np.ndarray:
+    W = max(im.shape[1] for im in images)
+    parts = []
+    for k, im in enumerate(images):
+        if im.shape[1] < W:
+            im = np.pad(im, ((0, 0), (0, W - im.shape[1]), (0, 0)), constant_values=fill)
+        parts.append(im)
+        if k + 1 < len(images) and gap:
+            parts.append(np.full((gap, W, 3), fill, np.uint8))
+    return np.concatenate(parts, axis=0)
+
+
+def upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement (small renders are easier to see)."""
+    if factor <= 1:
+        return img
+    return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def write_png(path: str, img: np.ndarray) -> str:
+    def w(fh):
+        buf = io.BytesIO()
+        imageio.imwrite(buf, img, format="png")
+        fh.write(buf.getvalue())
+
+    atomic_write(path, w)
+    return path
+
+
+def write_gif(path: str, frames: List[np.ndarray], fps: float = 12.0) -> str:
+    def w(fh):
+        buf = io.BytesIO()
+        imageio.mimsave(buf, frames, format="gif", duration=1.0 / fps, loop=0)
+        fh.write(buf.getvalue())
+
+    atomic_write(path, w)
+    return path
+
+
+def orbit_poses(n: int, radius: float, elevation_deg: float, up=(0.0, 0.0, 1.0), centre=(0.0, 0.0, 0.0),
+                start_deg: float = 0.0) -> np.ndarray:
+    """``[n, 4, 4]`` cam2world poses (OpenCV) on a circle around ``up`` through ``centre``, looking at it."""
+    up = np.asarray(up, np.float64)
+    up = up / np.linalg.norm(up)
+    a = np.array([1.0, 0.0, 0.0]) if abs(up[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(up, a)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(up, e1)
+    el = math.radians(elevation_deg)
+    out = []
+    for k in range(n):
+        az = math.radians(start_deg) + 2 * math.pi * k / n
+        d = math.cos(el) * (math.cos(az) * e1 + math.sin(az) * e2) + math.sin(el) * up
+        out.append(geometry.look_at(np.asarray(centre) + radius * d, np.asarray(centre, np.float64), up))
+    return np.stack(out)
+
+
+def camera_facts(poses: Sequence[np.ndarray], K_rel: np.ndarray) -> dict:
+    """Orbit parameters from a dataset's cam2world poses: radius (median camera distance to the origin), up (mean
+    camera up, i.e. minus the OpenCV y axis), median elevation above the plane normal to up; ``K_rel`` = [f, cx,
+    cy] divided by the sidelength."""
+    P = np.stack([np.asarray(p, np.float64) for p in poses])
+    centres = P[:, :3, 3]
+    dist = np.linalg.norm(centres, axis=1)
+    up = -P[:, :3, 1].mean(axis=0)
+    up = up / max(np.linalg.norm(up), 1e-9)
+    el = np.degrees(np.arcsin(np.clip((centres @ up) / np.maximum(dist, 1e-9), -1, 1)))
+    return {"radius": float(np.median(dist)), "up": up.tolist(), "elevation_deg": float(np.median(el)),
+            "K_rel": [float(v) for v in K_rel]}
