@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from srn_fast.baseline import (PairDataset, TatarchenkoNet, baseline_loss, depth_abs_error, eval_pairs, load_checkpoint,
+from srn_fast.baseline import (PairDataset, locate, TatarchenkoNet, baseline_loss, depth_abs_error, eval_pairs, load_checkpoint,
                                save_checkpoint, to_flat, to_image, train, viewpoint_vector)
 from srn_fast.cli import main as cli_main
 from srn_fast.data import SRNDataset
@@ -111,12 +111,12 @@ def test_pairs_are_two_views_of_one_object(spheres):
     assert len(pairs) == 15
     for k in range(len(pairs)):
         p = pairs[k]
-        i, v = ds.index[k]
+        i, v = locate(ds, k)
         assert int(p["instance_idx"]) == i
         assert torch.equal(p["input_rgb"], to_image(ds[k]["rgb"], 16))
         assert not torch.equal(p["input_pose"], p["target_pose"])
         assert p["target_depth"].shape == (1, 16, 16)
-        assert any(torch.equal(p["target_pose"], ds[j]["pose"]) for j, (ii, _) in enumerate(ds.index) if ii == i)
+        assert any(torch.equal(p["target_pose"], ds[j]["pose"]) for j in range(len(ds)) if locate(ds, j)[0] == i)
     one = SRNDataset(str(spheres / "train"), sidelength=16, max_observations=1)
     with pytest.raises(ValueError, match="at least 2 views"):
         PairDataset(one)

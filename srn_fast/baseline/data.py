@@ -1,6 +1,7 @@
 """Image pairs (input view, target view) of the same object, from an SRN-format root, for the baseline."""
 from __future__ import annotations
 
+import bisect
 import random
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,17 +29,31 @@ def to_flat(image: torch.Tensor) -> torch.Tensor:
 _OFFSETS: "weakref.WeakKeyDictionary[SRNDataset, List[int]]" = weakref.WeakKeyDictionary()
 
 
+def _offsets(ds: SRNDataset) -> List[int]:
+    """``[num_instances + 1]`` position in ``ds`` of each instance's first (selected) view."""
+    off = _OFFSETS.get(ds)
+    if off is None:
+        off = np.concatenate([[0], np.cumsum([ds.num_views(i) for i in range(ds.num_instances)])]).tolist()
+        _OFFSETS[ds] = off
+    return off
+
+
 def _flat_index(ds: SRNDataset, instance: int, view: int) -> int:
     """Position in ``ds`` of view ``view`` (among the instance's selected views) of ``instance``."""
     if not 0 <= instance < ds.num_instances:
         raise IndexError(f"instance {instance} out of range for {ds.num_instances} instances")
     if not 0 <= view < ds.num_views(instance):
         raise IndexError(f"view {view} out of range for {ds.num_views(instance)} views of instance {instance}")
-    offsets = _OFFSETS.get(ds)
-    if offsets is None:
-        offsets = np.concatenate([[0], np.cumsum([ds.num_views(i) for i in range(ds.num_instances)])]).tolist()
-        _OFFSETS[ds] = offsets
-    return offsets[instance] + view
+    return _offsets(ds)[instance] + view
+
+
+def locate(ds: SRNDataset, index: int) -> Tuple[int, int]:
+    """``(instance, view position among the instance's selected views)`` of sample ``index`` of ``ds``."""
+    off = _offsets(ds)
+    if not 0 <= index < off[-1]:
+        raise IndexError(f"index {index} out of range for a dataset of {off[-1]} views")
+    i = bisect.bisect_right(off, index) - 1
+    return i, index - off[i]
 
 
 def image_sample(ds: SRNDataset, instance: int, view: int) -> Dict[str, torch.Tensor]:
@@ -75,7 +90,7 @@ class PairDataset(Dataset):
         return len(self.ds)
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
-        i, v = self.ds.index[idx]
+        i, v = locate(self.ds, idx)
         t = self.rng.randrange(self.ds.num_views(i) - 1)
         t = t + 1 if t >= v else t
         a, b = image_sample(self.ds, i, v), image_sample(self.ds, i, t)
