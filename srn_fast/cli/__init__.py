@@ -21,6 +21,9 @@ COMMANDS = {
     "demo": "srn_fast.cli.demo",
     "semantic-train": "srn_fast.semantic.cli_train",
     "semantic-eval": "srn_fast.semantic.cli_eval",
+    "baseline-train": "srn_fast.baseline.cli_train",
+    "baseline-eval": "srn_fast.baseline.cli_eval",
+    "compare": "srn_fast.compare.cli",
 }
 
 

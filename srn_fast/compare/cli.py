@@ -1,0 +1,72 @@
+"""``python -m srn_fast compare``: SRN (few-shot from one view) vs. the encoder-decoder baseline, side by side."""
+import json
+import os
+
+from ..cli import UserError
+
+HELP = ("compare SRN (latent fitted to one view of each unseen object) with the encoder-decoder baseline on the "
+        "same held-out views: table (JSON + markdown) and image grid (PNG)")
+
+
+def add_arguments(p):
+    p.add_argument("--srn-checkpoint", required=True, help="SRN checkpoint written by `train`")
+    p.add_argument("--baseline-checkpoint", required=True, help="baseline.pt (or its run folder) from "
+                   "`baseline-train`")
+    p.add_argument("--data", required=True, help="SRN-format root of objects unseen in training (e.g. DIR/unseen)")
+    p.add_argument("--input-view", type=int, default=0, help="index of the single view each object is seen from")
+    p.add_argument("--max-targets", type=int, default=None, help="evenly spaced held-out views per object "
+                   "(default: all but the input view)")
+    p.add_argument("--max-instances", type=int, default=-1, help="use the first N objects (-1: all)")
+    p.add_argument("--fit-steps", type=int, default=500, help="optimiser steps of the SRN latent fit")
+    p.add_argument("--fit-lr", type=float, default=None, help="learning rate of the latent fit "
+                   "(default: fit_latents' own)")
+    p.add_argument("--grid-objects", type=int, default=4, help="objects shown in the image grid")
+    p.add_argument("--grid-views", type=int, default=2, help="held-out views per object in the grid")
+    p.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare_grid.png, "
+                   "compare_depth_grid.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..baseline.train import load_checkpoint, write_json
+    from . import compare, load_srn_model, markdown_table
+    from .grid import save_png
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: folder not found (expected an SRN root such as DIR/unseen)")
+    for name in ("fit_steps", "grid_views"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_targets is not None and args.max_targets < 1:
+        raise UserError(f"--max-targets must be >= 1, got {args.max_targets}")
+    torch.manual_seed(args.seed)
+    baseline, _ = load_checkpoint(args.baseline_checkpoint)
+    srn = load_srn_model(args.srn_checkpoint, args.device)
+    fit_kwargs = {} if args.fit_lr is None else {"lr": args.fit_lr}
+    res = compare(srn, baseline, args.data, input_view=args.input_view, max_targets=args.max_targets,
+                  max_instances=args.max_instances, fit_steps=args.fit_steps, fit_kwargs=fit_kwargs,
+                  grid_objects=args.grid_objects, grid_views=args.grid_views, device=args.device,
+                  progress=not args.no_progress)
+    res["setup"].update(srn_checkpoint=os.path.abspath(args.srn_checkpoint),
+                        baseline_checkpoint=os.path.abspath(args.baseline_checkpoint), seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "compare.json"),
+               {k: res[k] for k in ("setup", "summary", "per_view")})
+    md = markdown_table(res)
+    from ..baseline.train import atomic_write_bytes_via
+
+    def w(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(md)
+    atomic_write_bytes_via(os.path.join(args.out, "compare.md"), w)
+    written = ["compare.json", "compare.md"]
+    for key, name in (("grid", "compare_grid.png"), ("depth_grid", "compare_depth_grid.png")):
+        if res[key] is not None:
+            save_png(os.path.join(args.out, name), res[key])
+            written.append(name)
+    print(md)
+    print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
