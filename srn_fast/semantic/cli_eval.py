@@ -47,7 +47,8 @@ def _head_files(items):
 
 
 def _sort_key(extra):
-    return (extra.get("joint", False), -int(extra.get("k", 0)))
+    k = extra.get("k", 0)
+    return (bool(extra.get("joint", False)), -(k if isinstance(k, int) else int(extra.get("num_views", 0))))
 
 
 def run(args) -> int:

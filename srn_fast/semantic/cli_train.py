@@ -119,7 +119,7 @@ def _run_joint(args, device) -> int:
         return 130
     ds = res["dataset"]
     path = os.path.join(args.out, "head_joint.pth")
-    save_head(path, res["head"], {"srn_checkpoint": os.path.abspath(res["checkpoint"]), "k": "all", "label": "joint",
+    save_head(path, res["head"], {"srn_checkpoint": os.path.abspath(res["checkpoint"]), "k": len(ds), "label": "joint",
                                   "joint": True, "class_names": names, "seed": cfg.seed, "data": train_root,
                                   "sidelength": cfg.sidelengths[-1], "num_views": len(ds),
                                   "semantic_weight": args.semantic_weight, "steps": cfg.total_steps})
