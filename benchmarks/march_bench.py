@@ -1,0 +1,277 @@
+"""srn_fast's headline benchmark: the ray march, a full render and a training step, fused vs the reference
+(pure-PyTorch) implementation, in one run on one machine.
+
+    python benchmarks/march_bench.py                 # CPU (or --device cuda), 64x64 and 128x128 views, B = 2
+    python benchmarks/march_bench.py --quick --json benchmarks/results/cpu.json
+
+Cases (per view size S, B scenes, N = S*S rays per scene, the reference architecture: width 256, 10 steps):
+  march       the ray march alone (no grad)
+  render      march + phi at the surface + pixel generator (no grad)
+  train_step  render + the reference losses + backward (gradients for every parameter)
+Backends: fused (recompute mode), fused-store (train step, activations kept), torch (the oracle: the reference's
+code path), torch+compile (torch.compile of the same, where it compiles), fused-bf16 (bf16 matmuls; render only,
+with the PSNR of its image against the float32 render).
+
+Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
+machine's batched-matmul rate measured in the same run (torch.bmm, float32, [B, 8192, 256] x [B, 256, 256]),
+and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident-set growth of a fresh
+child process that runs the case once (so every number includes the allocator's slack, for every backend alike).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
+
+import torch  # noqa: E402
+
+import srn_fast  # noqa: E402
+from srn_fast import geometry  # noqa: E402
+
+WIDTH, STEPS, LSTM_H = 256, 10, 16
+PHI_MACS = 3 * WIDTH + 3 * WIDTH * WIDTH
+LSTM_MACS = 4 * LSTM_H * (WIDTH + LSTM_H)
+PIX_MACS = 5 * WIDTH * WIDTH + WIDTH * 3
+
+
+def flops_per_ray(case: str) -> float:
+    march = STEPS * (PHI_MACS + LSTM_MACS) * 2
+    render = march + (PHI_MACS + PIX_MACS) * 2
+    return {"march": march, "render": render, "train_step": 3 * render}[case]
+
+
+def make_inputs(B: int, S: int, device):
+    eyes = [(1.2, -0.9, 0.6), (-0.8, 1.1, 0.9), (0.3, 1.4, -0.5), (1.0, 1.0, 1.0)]
+    pose = torch.stack([torch.tensor(geometry.look_at(eyes[b % 4]), dtype=torch.float32) for b in range(B)])
+    K = geometry.intrinsics_matrix(1.025 * S, S / 2, S / 2).expand(B, 3, 3).contiguous()
+    uv = geometry.uv_grid(S)[None].expand(B, -1, -1).contiguous()
+    inp = {"instance_idx": torch.arange(B), "pose": pose, "intrinsics": K, "uv": uv}
+    inp = {k: v.to(device) for k, v in inp.items()}
+    gt = {"rgb": torch.rand(B, S * S, 3, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1}
+    return inp, gt
+
+
+def make_model(B: int, backend: str, device, bf16: bool = False, mode: str = "recompute"):
+    torch.manual_seed(0)
+    m = srn_fast.SRNModel(B, backend="torch" if backend.startswith("torch") else "fused", march_mode=mode,
+                          matmul_dtype=torch.bfloat16 if bf16 else None).to(device)
+    return m
+
+
+def case_fn(case: str, model, inp, gt, d0, compiled=None):
+    if case == "march":
+        def run():
+            with torch.no_grad():
+                B, N = inp["uv"].shape[:2]
+                z = model.get_z(inp)
+                phi = model.phi_layers(z)
+                dirs = geometry.get_ray_directions(inp["uv"], inp["pose"], inp["intrinsics"])
+                x0 = geometry.world_from_xy_depth(inp["uv"], d0, inp["pose"], inp["intrinsics"])
+                march = compiled or model.backend.march
+                return march(x0, dirs, phi, model.ray_marcher.params(), STEPS)
+        return run
+    if case == "render":
+        def run():
+            with torch.no_grad():
+                return (compiled or model.render)(inp, initial_depth=d0)["rgb"]
+        return run
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = (compiled or model.render)(inp, initial_depth=d0)
+        loss = model.losses((out["rgb"], out["depth"]), gt, out["z"])["total"]
+        loss.backward()
+        return loss
+    return run
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, repeats: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bmm_gflops(device, repeats: int) -> float:
+    B, N, C = 2, 8192, WIDTH
+    a = torch.randn(B, N, C, device=device)
+    w = torch.randn(B, C, C, device=device)
+    t = timeit(lambda: torch.bmm(a, w), device, max(repeats, 5))
+    return 2 * B * N * C * C / t / 1e9
+
+
+def build(case, backend, B, S, device):
+    bf16 = backend == "fused-bf16"
+    mode = "store" if backend == "fused-store" else "recompute"
+    model = make_model(B, backend, device, bf16=bf16, mode=mode)
+    inp, gt = make_inputs(B, S, device)
+    d0 = model.initial_depth(B, S * S, device, generator=torch.Generator().manual_seed(2))
+    compiled = None
+    if backend == "torch+compile":
+        target = srn_fast.torch_impl.march if case == "march" else model.render
+        compiled = torch.compile(target)
+    return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled)
+
+
+def child_peak_mb(case, backend, B, S, device) -> float:
+    """Peak RSS growth (MB) of a fresh process running the case once (CPU memory)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, backend, str(B), str(S), str(device)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        return float(out.stdout.strip().splitlines()[-1])
+    except Exception as e:  # report, do not hide
+        print(f"  (memory measurement failed for {case}/{backend}: {e})", file=sys.stderr)
+        return float("nan")
+
+
+def child_main(case, backend, B, S, device):
+    device = torch.device(device)
+    model, inp, gt, d0, fn = build(case, backend, int(B), int(S), device)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - base) / 1024.0)
+
+
+def psnr01(a, b):
+    a = (a.clamp(-1, 1) + 1) / 2
+    b = (b.clamp(-1, 1) + 1) / 2
+    return float(10 * torch.log10(1.0 / torch.mean((a - b) ** 2)))
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2, help="scenes B")
+    p.add_argument("--sizes", default="64,128", help="view sizes S (N = S*S rays per scene)")
+    p.add_argument("--cases", default="march,render,train_step")
+    p.add_argument("--backends", default="fused,fused-store,torch,torch+compile,fused-bf16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared')")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    if args.quick:
+        args.sizes, args.repeats = "64", 2
+        args.backends = ",".join(b for b in args.backends.split(",") if b != "torch+compile")
+    device = torch.device(args.device)
+    if device.type == "cpu" and not srn_fast.fused_available():
+        sys.exit("the fused backend is not built: pip install --no-build-isolation . first")
+    yard = bmm_gflops(device, args.repeats)
+    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"batched-matmul rate {yard:.1f} GFLOP/s")
+    rows = []
+    for S in [int(s) for s in args.sizes.split(",")]:
+        for case in args.cases.split(","):
+            ref_ms = None
+            ref_img = None
+            for backend in args.backends.split(","):
+                if backend == "fused-store" and case != "train_step":
+                    continue
+                if backend == "fused-bf16" and case != "render":
+                    continue
+                row = {"name": f"{case}_{S}x{S}", "case": case, "size": S, "batch": args.batch, "backend": backend}
+                try:
+                    model, inp, gt, d0, fn = build(case, backend, args.batch, S, device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    t = timeit(fn, device, args.repeats, warmup=2 if backend == "torch+compile" else 1)
+                    if device.type == "cuda":
+                        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+                    elif args.no_memory:
+                        peak = float("nan")
+                    else:
+                        peak = child_peak_mb(case, backend, args.batch, S, device)
+                    n_rays = args.batch * S * S
+                    gflops = flops_per_ray(case) * n_rays / t / 1e9
+                    row.update(ms_median=t * 1e3, rays_per_s=n_rays / t, gflops=gflops,
+                               pct_of_bmm=100 * gflops / yard, peak_mem_mb=peak)
+                    if case == "render":
+                        img = fn().float()
+                        if backend == "torch":
+                            ref_img = img
+                        elif ref_img is not None:
+                            row["psnr_vs_torch_db"] = psnr01(img, ref_img)
+                    if backend == "torch":
+                        ref_ms = t * 1e3
+                    del model, fn
+                except Exception as e:  # torch.compile may not compile here: say so in the table
+                    row.update(ms_median=float("nan"), rays_per_s=float("nan"), gflops=float("nan"),
+                               pct_of_bmm=float("nan"), peak_mem_mb=float("nan"),
+                               error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+                rows.append(row)
+            for r in rows:
+                if r["name"] == f"{case}_{S}x{S}":
+                    r["speedup_vs_torch"] = (ref_ms / r["ms_median"]) if ref_ms and r["ms_median"] == r["ms_median"] \
+                        else float("nan")
+            for r in [r for r in rows if r["name"] == f"{case}_{S}x{S}"]:
+                print_row(r)
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "srn_fast": srn_fast.__version__, "cuda": torch.version.cuda},
+        "commit": git_commit(), "batched_matmul_gflops": yard, "note": args.note,
+        "cases": rows,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1, default=float)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+_HEADER = False
+
+
+def print_row(r):
+    global _HEADER
+    if not _HEADER:
+        print(f"{'case':<18}{'backend':<15}{'ms':>10}{'rays/s':>12}{'x torch':>9}{'GFLOP/s':>9}{'% bmm':>7}"
+              f"{'peak MB':>9}  notes")
+        _HEADER = True
+    notes = r.get("error", "")
+    if "psnr_vs_torch_db" in r:
+        notes = f"PSNR vs torch {r['psnr_vs_torch_db']:.1f} dB"
+    print(f"{r['name']:<18}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
+          f"{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gflops']:>9.1f}{r['pct_of_bmm']:>7.0f}"
+          f"{r['peak_mem_mb']:>9.0f}  {notes}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
