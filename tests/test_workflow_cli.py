@@ -70,7 +70,7 @@ def test_eval_heldout_and_few_shot(run, tiny_data, tmp_path, capsys):
 
 def test_render_orbit_gif_and_frames(run, tmp_path):
     out = str(tmp_path / "r")
-    assert main(["render", "--checkpoint", run, "--out", out, "--frames", "3", "--instance", "chair_0001",
+    assert main(["render", "--checkpoint", run, "--out", out, "--frames", "3", "--instance", "chairs_0001",
                  "--no-progress"]) == 0
     frames = imageio.mimread(os.path.join(out, "orbit.gif"))
     assert len(frames) == 3

@@ -160,6 +160,10 @@ class SRNDataset(Dataset):
                 idcs = np.arange(n, dtype=np.int64)
             self.view_indices.append(idcs)
         self._offsets = np.cumsum([0] + [len(v) for v in self.view_indices]).tolist()
+        for inst, idcs in zip(self.instances, self.view_indices):
+            inst.observation_idcs = [int(v) for v in idcs]  # file index of each selected view
+        # (instance, position among the instance's selected views) of every sample, in order
+        self.index = [(i, v) for i in range(len(self.instances)) for v in range(len(self.view_indices[i]))]
 
         if num_rays is not None and (int(num_rays) != num_rays or num_rays < 1):
             raise ValueError(f"num_rays must be a positive integer or None, got {num_rays!r}")

@@ -71,7 +71,9 @@ def class_names_for(data: str, labels_max: int = None):
             with open(f) as fh:
                 names = json.load(fh).get("part_names")
             if names:
-                return list(names)
+                names = list(names)
+                # the generator lists the parts 1..P; class 0 is the background
+                return names if names[0] == "background" else ["background"] + names
     if labels_max is None:
         raise UserError(f"{data}: no meta.json with part_names; cannot tell the number of classes")
     return ["background"] + [f"part_{c}" for c in range(1, labels_max + 1)]
