@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from .evaluation import collate, evaluate, remap_instances, write_grid
+from .evaluation import collate, evaluate, write_grid
 from .model import SRNModel
 
 
@@ -303,9 +303,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
     val_ds = val_idx = val_map = None
     if val_root and cfg.val_every > 0 and main:
         val_ds = SRNDataset(val_root, sidelength=cfg.sidelengths[0], with_depth=False, with_semantic=False)
-        n = len(val_ds)
-        val_idx = np.linspace(0, n - 1, num=min(n, cfg.val_views)).round().astype(int).tolist()
-        val_map = remap_instances(val_ds.instance_names, ds.instance_names, ds.num_instances, val_root)
+        known = {n: i for i, n in enumerate(ds.instance_names)}
+        # held-out views of the objects being trained (others, e.g. beyond --max-num-instances, are skipped)
+        cand = [k for k, (i, _) in enumerate(val_ds.index) if val_ds.instance_names[i] in known]
+        if cand:
+            pick = np.linspace(0, len(cand) - 1, num=min(len(cand), cfg.val_views)).round().astype(int)
+            val_idx = [cand[int(k)] for k in pick]
+            val_map = torch.tensor([known.get(n, 0) for n in val_ds.instance_names], dtype=torch.long)
+        else:
+            log(f"validation off: no instance of {val_root} is among the training instances")
+            val_ds = None
 
     torch.manual_seed(cfg.seed)
     model = SRNModel(num_instances=ds.num_instances, latent_dim=cfg.latent_dim, tracing_steps=cfg.tracing_steps,

@@ -19,6 +19,10 @@ def tiny_data(tmp_path_factory):
     """A generated SRN-format dataset: 2 chairs x 6 views (+2 held-out views each), 1 unseen chair x 4 views, 16 px."""
     from srn_fast.data import generate
 
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("tiny") / "chairs"
-    return generate("chairs", instances=2, views=6, size=16, seed=0, out=str(out), test_views=2,
-                    unseen_instances=1, unseen_views=4, progress=False)
+    out = generate("chairs", instances=2, views=6, size=16, seed=0, out=str(out), test_views=2,
+                   unseen_instances=1, unseen_views=4, progress=False)
+    torch.set_num_threads(n)
+    return out

@@ -33,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps'][0]})")
     p.add_argument("--frames", type=int, default=36, help="orbit frames in the GIF")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data and model)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the demo's small matmuls gain "
+                   "little from more, and slow down badly when other programs share the cores)")
     p.add_argument("--no-progress", action="store_true")
     add_backend(p)
 
@@ -51,11 +53,14 @@ def run(args) -> int:
     from ..data import SRNDataset, generate
     from ..evaluation import baseline_scores, evaluate, mean_colour, render_poses, write_frames, write_grid
     from ..checkpoint import atomic_write
-    from ..training import TrainConfig, train
+    from ..training import TrainConfig, _camera_facts, train
     from ..viz import orbit_poses
     from .. import geometry
 
     t_start = time.time()
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     out = os.path.abspath(args.out)
     _prepare_out(out)
     data_kw, train_kw = dict(DEMO_DATA), dict(DEMO_TRAIN)
@@ -91,9 +96,6 @@ def run(args) -> int:
     grid = write_grid(os.path.join(out, "eval", "grid.png"), ev["images"], upscale=max(1, 96 // S))
 
     print("[4/4] rendering an orbit")
-    cam = res["camera"] if "camera" in res else None
-    from ..training import _camera_facts
-
     cam = _camera_facts(train_ds)
     f, cx, cy = (v * S for v in cam["K_rel"])
     poses = orbit_poses(args.frames, cam["radius"], max(cam["elevation_deg"], 15.0), up=cam["up"])
