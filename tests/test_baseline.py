@@ -141,6 +141,7 @@ def test_training_reduces_loss_and_checkpoints(spheres, tmp_path):
     rep2 = train(str(spheres / "train"), str(tmp_path / "run"), sidelength=16, steps=90, batch_size=8, lr=2e-3,
                  log_every=10, progress=False, resume=True, **TINY)
     assert rep2["step"] == 90 and len(rep2["history"]) == 9
+    assert rep2["seconds"] > rep["seconds"] and rep2["seconds_this_run"] < rep2["seconds"]  # time accumulates
 
 
 def test_checkpoint_roundtrip_and_errors(tmp_path, rng):

@@ -47,7 +47,7 @@ def run(args) -> int:
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                 device=args.device, resume=args.resume, progress=not args.no_progress)
     f = rep["final"] or {}
-    print(f"trained {rep['step']} steps in {rep['seconds']:.1f} s; final loss {f.get('total', float('nan')):.4f} "
+    print(f"trained {rep['step']} steps in {rep['seconds']:.1f} s (this run {rep['seconds_this_run']:.1f} s); final loss {f.get('total', float('nan')):.4f} "
           f"(rgb {f.get('rgb', float('nan')):.4f}, depth {f.get('depth', float('nan')):.4f}); "
           f"wrote {os.path.join(args.out, 'baseline.pt')} and train_report.json")
     return 0

@@ -29,6 +29,9 @@ def atomic_write_bytes_via(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -96,12 +99,13 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
         print(f"note: {data_root} has no depth/ folders; training on colour only")
     pairs = PairDataset(ds, seed=seed)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    start, history = 0, []
+    start, history, before = 0, [], 0.0
     if resume and os.path.isfile(ckpt_path):
         model, ckpt = load_checkpoint(ckpt_path)
         if model.sidelength != sidelength:
             raise ValueError(f"{ckpt_path}: trained at sidelength {model.sidelength}, asked for {sidelength}")
         start, history = ckpt["step"], ckpt["extra"].get("history", [])
+        before = float(ckpt["extra"].get("seconds", 0.0))
     else:
         ckpt = None
         model = TatarchenkoNet(sidelength=sidelength, width=width, code_dim=code_dim, pose_mode=pose_mode)
@@ -116,8 +120,8 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
                   max_observations=max_observations, seed=seed, num_instances=ds.num_instances, num_views=len(ds))
 
     def report(step, elapsed):
-        return {"config": config, "step": step, "seconds": elapsed, "history": history,
-                "final": history[-1] if history else None}
+        return {"config": config, "step": step, "seconds": before + elapsed, "seconds_this_run": elapsed,
+                "history": history, "final": history[-1] if history else None}
 
     t0 = time.time()
     step = start
@@ -143,7 +147,8 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
                 bar.set_postfix(loss=f"{entry['total']:.4f}", rgb=f"{entry['rgb']:.4f}", depth=f"{entry['depth']:.4f}")
             bar.update(1)
             if step % checkpoint_every == 0 or step == steps:
-                save_checkpoint(ckpt_path, model, opt, step, {"history": history, "config": config})
+                save_checkpoint(ckpt_path, model, opt, step, {"history": history, "config": config,
+                                                             "seconds": before + time.time() - t0})
             if step >= steps:
                 break
     bar.close()

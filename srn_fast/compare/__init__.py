@@ -10,7 +10,6 @@ truth's foreground pixels.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Dict, List, Optional
 
@@ -28,9 +27,10 @@ METHOD_NAMES = {"baseline": "Tatarchenko et al. 2016 (encoder-decoder)", "srn": 
 
 
 def load_srn_model(path: str, device: str = "cpu", backend: str = "auto"):
-    """The SRN model of a `train` checkpoint (file or run folder), on ``device``."""
+    """``(model, training step or None)`` of a `train` checkpoint (file or run folder), model on ``device``."""
     from .. import checkpoint
-    return checkpoint.build_model(checkpoint.load(path), backend=backend).to(device)
+    ckpt = checkpoint.load(path)
+    return checkpoint.build_model(ckpt, backend=backend).to(device), (ckpt.get("srn_fast") or {}).get("step")
 
 
 def srn_render_views(model, ds: SRNDataset, instance: int, views: List[int], chunk: int = 4
@@ -117,7 +117,7 @@ def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int
         "per_view": {m: rows[m] for m in METHODS},
         "grid": make_grid(grid_rows, headers, row_labels=labels) if grid_rows else None,
         "depth_grid": make_grid(depth_rows, headers, row_labels=labels) if depth_rows else None,
-        "setup": {"data": os.path.abspath(data_root), "input_view": input_view, "sidelength": S,
+        "setup": {"data": data_root, "input_view": input_view, "sidelength": S,
                   "num_objects": ds.num_instances, "max_targets": max_targets, "fit_steps": fit_steps,
                   "fit_kwargs": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
                                  for k, v in (fit_kwargs or {}).items()},
@@ -136,7 +136,10 @@ def markdown_table(result: Dict, title: str = "SRN vs. encoder-decoder baseline"
     lines = [f"### {title}", "",
              f"Single input view (index {st['input_view']}) per object; {st['num_objects']} objects from "
              f"`{st['data']}`; {result['summary']['srn']['num_views']} held-out views scored; {st['sidelength']} px; "
-             f"SRN latent fit: {st['fit_steps']} steps.", "",
+             f"SRN latent fit: {st['fit_steps']} steps."
+             + (f" Training: SRN {st['srn_train_steps']} steps, baseline {st['baseline_train_steps']} steps."
+                if st.get("srn_train_steps") is not None and st.get("baseline_train_steps") is not None else ""),
+             "",
              "| method | PSNR (dB) ↑ | SSIM ↑ | depth abs. error, foreground ↓ | views |",
              "|---|---|---|---|---|"]
     for m in METHODS:

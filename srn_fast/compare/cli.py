@@ -1,5 +1,4 @@
 """``python -m srn_fast compare``: SRN (few-shot from one view) vs. the encoder-decoder baseline, side by side."""
-import json
 import os
 
 from ..cli import UserError
@@ -20,6 +19,8 @@ def add_arguments(p):
     p.add_argument("--fit-steps", type=int, default=500, help="optimiser steps of the SRN latent fit")
     p.add_argument("--fit-lr", type=float, default=None, help="learning rate of the latent fit "
                    "(default: fit_latents' own)")
+    p.add_argument("--fit-rays-per-view", type=int, default=None, help="random rays per view in each step of "
+                   "the latent fit (default: every pixel)")
     p.add_argument("--grid-objects", type=int, default=4, help="objects shown in the image grid")
     p.add_argument("--grid-views", type=int, default=2, help="held-out views per object in the grid")
     p.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare_grid.png, "
@@ -43,15 +44,22 @@ def run(args) -> int:
     if args.max_targets is not None and args.max_targets < 1:
         raise UserError(f"--max-targets must be >= 1, got {args.max_targets}")
     torch.manual_seed(args.seed)
-    baseline, _ = load_checkpoint(args.baseline_checkpoint)
-    srn = load_srn_model(args.srn_checkpoint, args.device)
-    fit_kwargs = {} if args.fit_lr is None else {"lr": args.fit_lr}
+    baseline, bckpt = load_checkpoint(args.baseline_checkpoint)
+    srn, srn_step = load_srn_model(args.srn_checkpoint, args.device)
+    if args.fit_rays_per_view is not None and args.fit_rays_per_view < 1:
+        raise UserError(f"--fit-rays-per-view must be >= 1, got {args.fit_rays_per_view}")
+    fit_kwargs = {"seed": args.seed}
+    if args.fit_lr is not None:
+        fit_kwargs["lr"] = args.fit_lr
+    if args.fit_rays_per_view is not None:
+        fit_kwargs["rays_per_view"] = args.fit_rays_per_view
     res = compare(srn, baseline, args.data, input_view=args.input_view, max_targets=args.max_targets,
                   max_instances=args.max_instances, fit_steps=args.fit_steps, fit_kwargs=fit_kwargs,
                   grid_objects=args.grid_objects, grid_views=args.grid_views, device=args.device,
                   progress=not args.no_progress)
-    res["setup"].update(srn_checkpoint=os.path.abspath(args.srn_checkpoint),
-                        baseline_checkpoint=os.path.abspath(args.baseline_checkpoint), seed=args.seed)
+    res["setup"].update(srn_checkpoint=args.srn_checkpoint, srn_train_steps=srn_step,
+                        baseline_checkpoint=args.baseline_checkpoint, baseline_train_steps=bckpt["step"],
+                        baseline_train_seconds=bckpt["extra"].get("seconds"), seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "compare.json"),
                {k: res[k] for k in ("setup", "summary", "per_view")})
