@@ -18,10 +18,10 @@ from .common import add_backend, check_writable_dir
 HELP = "generate a small dataset, train, evaluate held-out views and render an orbit GIF (CPU, minutes)"
 
 MARKER = "demo.json"
-DEMO_DATA = dict(kind="chairs", instances=3, views=40, test_views=4, unseen_instances=0, size=32, seed=0)
-DEMO_TRAIN = dict(sidelengths=[32], batch_sizes=[8], steps=[1500], lr=1e-3, latent_dim=32, tracing_steps=8,
+DEMO_DATA = dict(kind="chairs", instances=2, views=40, test_views=6, unseen_instances=0, size=32, seed=0)
+DEMO_TRAIN = dict(sidelengths=[32], batch_sizes=[8], steps=[3000], lr=1e-3, latent_dim=32, tracing_steps=8,
                   phi_hidden=64, phi_layers=4, rendering_layers=2, lstm_hidden=16, rays_per_view=256,
-                  val_every=500, val_views=8, checkpoint_every=250, keep_checkpoints=2, log_every=10, seed=0)
+                  val_every=1000, val_views=8, checkpoint_every=500, keep_checkpoints=2, log_every=10, seed=0)
 QUICK = dict(data=dict(instances=2, views=6, test_views=2, size=16),
              train=dict(sidelengths=[16], batch_sizes=[2], steps=[4], latent_dim=8, phi_hidden=16,
                         tracing_steps=3, rays_per_view=32, val_every=4, checkpoint_every=2, log_every=1))
