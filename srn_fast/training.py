@@ -82,6 +82,9 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be positive integers, got {vals}")
         if self.rays_per_view is not None and self.rays_per_view < 1:
             raise ValueError(f"--rays-per-view must be >= 1, got {self.rays_per_view}")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
 
@@ -357,8 +360,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
                      phi_layers=cfg.phi_layers, rendering_layers=cfg.rendering_layers, lstm_hidden=cfg.lstm_hidden,
                      march_mode=cfg.march_mode).to(device)
     if cfg.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; train in fp32")
         if model.backend_name == "fused":
-            model.matmul_dtype = torch.bfloat16
+            model.matmul_dtype = torch.bfloat16  # bf16 matmuls inside the fused kernels, fp32 accumulation
         elif device.type == "cpu" and not hasattr(torch, "autocast"):
             raise ValueError("--bf16 needs torch.autocast or the fused backend")
     params = list(model.parameters())
@@ -380,6 +385,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
         meta = ck["srn_fast"]
         step, pos = int(meta["step"]), int(meta["stream_pos"])
         set_rng_state(meta["rng"])
+        resumed_from = ck["path"]
         if main:
             log(f"resuming {out} at step {step} from {ck['path']}")
     elif cfg.init_checkpoint:
@@ -405,7 +411,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
         metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after=step if resume else None)
 
     stream = BatchStream(len(ds), cfg.seed)
-    last_ckpt, last_val, interrupted = None, None, False
+    last_ckpt, last_val, interrupted = (resumed_from if resume else None), None, False
 
     def save(step_now):
         nonlocal last_ckpt
