@@ -14,8 +14,9 @@ with the PSNR of its image against the float32 render).
 
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
 machine's batched-matmul rate measured in the same run (torch.bmm, float32, [B, 8192, 256] x [B, 256, 256]),
-and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident-set growth of a fresh
-child process that runs the case once (so every number includes the allocator's slack, for every backend alike).
+and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident-set growth (VmHWM after
+resetting it, minus VmRSS before) of a fresh child process running the case once (so every number includes the
+allocator's slack, and for torch+compile the compiler's own memory).
 """
 from __future__ import annotations
 
@@ -145,13 +146,28 @@ def child_peak_mb(case, backend, B, S, device) -> float:
         return float("nan")
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child_main(case, backend, B, S, device):
     device = torch.device(device)
     model, inp, gt, d0, fn = build(case, backend, int(B), int(S), device)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024.0)
+    try:  # Linux: reset the peak-RSS mark (VmHWM) so that only the measured run counts
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    except OSError:  # elsewhere: the process-lifetime peak
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(max(peak - base, 0) / 1024.0)
 
 
 def psnr01(a, b):
