@@ -58,7 +58,7 @@ def _extension():
     if dup:
         sys.exit(f"csrc: source files share a base name {sorted(dup)}; object files would collide")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not _flag("SRN_FAST_NO_NATIVE"):
         cxx.append("-march=native")
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]

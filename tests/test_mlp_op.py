@@ -7,6 +7,8 @@ from srn_fast import ops, torch_impl
 from srn_fast.torch_impl import Layer
 
 from .conftest import cuda
+from .op_utils import assert_close, layer_tensors
+from .op_utils import make_layers as make_case_layers
 
 ext = pytest.importorskip("srn_fast._C", reason="extension not built")
 if not hasattr(ext, "mlp_forward"):
@@ -87,6 +89,33 @@ def test_forward_backward_match_oracle(kind, dtype, tol, save, gemm_backend):
         assert g.shape == r.shape, i
         scale = max(1.0, r.abs().max().item())
         assert max_err(g, r) < tol * 50 * scale, (i, max_err(g, r))
+
+
+CASES = [
+    dict(per_scene=True, affine=False, last_linear=False),   # phi
+    dict(per_scene=False, affine=True, last_linear=True),    # pixel generator
+    dict(per_scene=True, affine=True, last_linear=True),
+    dict(per_scene=False, affine=False, last_linear=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 2e-4, 2e-4)])
+def test_layer_kinds_match_oracle_default_tiles(case, dtype, rtol, atol):
+    """Default tile size, several tiles and a partial one; element-wise tolerances."""
+    gen = torch.Generator().manual_seed(0)
+    B, N = 2, 333
+    layers = make_case_layers(B, [3, 24, 24, 5], dtype=dtype, gen=gen, **case)
+    x = torch.randn(B, N, 3, dtype=dtype, generator=gen).requires_grad_()
+    ref = torch_impl.mlp(x, layers)
+    out = ops.mlp(x, layers)
+    assert_close(out, ref, rtol, atol, "forward")
+    v = torch.randn(ref.shape, dtype=dtype, generator=gen)
+    inputs = [x] + layer_tensors(layers)
+    grads = torch.autograd.grad(out, inputs, v, allow_unused=True)
+    grads_ref = torch.autograd.grad(ref, inputs, v, allow_unused=True)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert_close(a, b, rtol * 10, atol * 10, f"grad of input {i}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

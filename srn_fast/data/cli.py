@@ -1,33 +1,48 @@
-"""``python -m srn_fast make-data``: render a multi-view dataset with exact depth and part labels."""
-import time
+"""``python -m srn_fast make-data``: render a procedural multi-view dataset in the SRN format."""
+from __future__ import annotations
 
-from .generate import DEFAULT_FOCAL, DEFAULT_RADIUS, generate
-from .shapes import MAKERS
+import argparse
 
-HELP = "generate procedural multi-view scenes (SRN format + depth + part labels)"
-
-
-def add_arguments(p):
-    p.add_argument("--kind", default="chairs", choices=sorted(MAKERS), help="shape family")
-    p.add_argument("--instances", type=int, default=8, help="training objects")
-    p.add_argument("--views", type=int, default=50, help="training views per object")
-    p.add_argument("--test-views", type=int, default=None, help="held-out views per training object "
-                   "(default max(4, views // 5))")
-    p.add_argument("--unseen-instances", type=int, default=None, help="objects for few-shot (default "
-                   "max(2, instances // 4))")
-    p.add_argument("--unseen-views", type=int, default=None, help="views per unseen object (default --views)")
-    p.add_argument("--size", type=int, default=64, help="image side length in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--radius", type=float, default=DEFAULT_RADIUS, help="camera distance from the object centre")
-    p.add_argument("--focal", type=float, default=DEFAULT_FOCAL, help="focal length in units of the image size")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+HELP = "generate a multi-view dataset of procedural objects (SRN format + depth + part labels)"
 
 
-def run(args) -> int:
-    t0 = time.time()
-    out = generate(args.kind, args.instances, args.views, args.size, args.seed, args.out,
-                   test_views=args.test_views, unseen_instances=args.unseen_instances,
-                   unseen_views=args.unseen_views, radius=args.radius, focal=args.focal, overwrite=args.overwrite)
-    print(f"wrote {out} (train/, test/, unseen/, meta.json) in {time.time() - t0:.1f} s")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .shapes import KINDS
+    p.add_argument("--kind", default="chairs", choices=sorted(KINDS), help="shape family (default: chairs)")
+    p.add_argument("--instances", type=int, default=8, help="training objects (default: 8)")
+    p.add_argument("--views", type=int, default=50, help="training views per object (default: 50)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the output is a function of it (default: 0)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--test-views", type=int, default=10,
+                   help="held-out views per training object, written to OUT/test (default: 10)")
+    p.add_argument("--unseen-instances", type=int, default=2,
+                   help="new objects for few-shot, written to OUT/unseen (default: 2)")
+    p.add_argument("--unseen-views", type=int, default=None, help="views per unseen object (default: --views)")
+    p.add_argument("--distance", type=float, default=1.5, help="camera distance from the origin (default: 1.5)")
+    p.add_argument("--focal", type=float, default=1.025, help="focal length as a multiple of --size "
+                   "(default: 1.025, as SRN's ShapeNet renders)")
+    p.add_argument("--upper-hemisphere", action="store_true", help="training cameras above the object only")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT once the new dataset is complete")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    from .generator import generate
+    t = time.time()
+    out = generate(kind=args.kind, instances=args.instances, views=args.views, size=args.size, seed=args.seed,
+                   out=args.out, test_views=args.test_views, unseen_instances=args.unseen_instances,
+                   unseen_views=args.unseen_views, distance=args.distance, focal=args.focal,
+                   upper_hemisphere=args.upper_hemisphere, overwrite=args.overwrite, workers=args.workers,
+                   progress=not args.quiet)
+    with open(os.path.join(out, "meta.json")) as fh:
+        stats = json.load(fh)["stats"]
+    print(f"wrote {out} in {time.time() - t:.1f} s ({args.instances} x {args.views} train views, "
+          f"{args.test_views} test views each, {args.unseen_instances} unseen objects; {args.size}px; "
+          f"max |SDF| at a depth sample {stats['hit_sdf_max']:.2e}, {stats['unfinished_rays']} rays unconverged)")
     return 0

@@ -1,265 +1,293 @@
-"""Reader for the SRN dataset format (Sitzmann et al.'s ShapeNet renderings, and our generated scenes).
+"""``SRNDataset``: every (instance, view) pair of an SRN-format folder, with the reference's conventions.
 
-A root holds one folder per object instance (sorted by name); each has ``rgb/`` images, ``pose/`` cam2world text
-files (sorted; the i-th pose belongs to the i-th image), ``intrinsics.txt``, and optionally ``depth/`` (16-bit
-PNG, camera z times ``depth_scale``, 0 = background) and ``semantic/`` (8-bit part ids, 0 = background).
-Conventions are the reference's: square centre crop, area resize to the sidelength, colours in [-1, 1], flattened
-row-major; uv = (column, row); intrinsics rescaled to the sidelength. Depth and labels are resized with nearest
-neighbour (exact only at the native size).
+Layout of ``root`` (as SRN's ShapeNet sets)::
+
+    root/<instance>/rgb/*.png|jpg       views (sorted by file name)
+    root/<instance>/pose/*.txt          cam2world 4x4, one per view, same count as rgb/
+    root/<instance>/intrinsics.txt      f cx cy _ / barycenter / scale / height width [/ world2cam flag]
+    root/<instance>/depth/*.png|npy     optional: camera z (16-bit PNG counts of 1e-4, or float .npy)
+    root/<instance>/semantic/*.png      optional: part ids (0 = background)
+
+Instances are the sorted sub-folders of ``root``. Images are centre-cropped to a square, area-resized to the
+sidelength and mapped to [-1, 1]; intrinsics are rescaled to the sidelength (:func:`srn_fast.geometry.
+parse_intrinsics`); depth and part ids are nearest-resized (see :mod:`srn_fast.data.io`).
 """
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Dict, List, Optional, Sequence
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from .. import geometry
+from ..geometry import load_pose, parse_intrinsics
+from . import io
+from .io import DataError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-
-
-class DatasetError(ValueError):
-    """A dataset folder or file that does not follow the SRN format."""
+DEPTH_EXTS = (".png", ".npy")
 
 
-def _list(folder: str, exts) -> List[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts))
+def _listdir(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 
-def square_crop(img: np.ndarray) -> np.ndarray:
-    """The reference's centre crop to a square (``min_dim // 2`` on each side of the centre)."""
-    h, w = img.shape[:2]
-    m = min(h, w)
-    ch, cw = h // 2, w // 2
-    return img[ch - m // 2:ch + m // 2, cw - m // 2:cw + m // 2]
+def _files(folder: str, exts: Sequence[str], what: str) -> List[str]:
+    """Sorted files of ``folder`` with one of ``exts``; any other (non-hidden) file is an error."""
+    names = _listdir(folder)
+    bad = [n for n in names if not n.lower().endswith(tuple(exts)) or os.path.isdir(os.path.join(folder, n))]
+    if bad:
+        raise DataError(f"{os.path.join(folder, bad[0])}: unexpected entry in {what}/ (expected only "
+                        f"{'/'.join(exts)} files; {len(bad)} such entr{'y' if len(bad) == 1 else 'ies'})")
+    return [os.path.join(folder, n) for n in names]
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of area averaging (OpenCV INTER_AREA when shrinking)."""
-    scale = n_in / n_out
-    A = np.zeros((n_out, n_in), dtype=np.float64)
-    for i in range(n_out):
-        lo, hi = i * scale, (i + 1) * scale
-        j0, j1 = int(np.floor(lo)), int(np.ceil(hi))
-        for j in range(j0, min(j1, n_in)):
-            A[i, j] = max(0.0, min(hi, j + 1) - max(lo, j))
-        A[i] /= A[i].sum()
-    return A
+class _Instance:
+    """File lists and poses of one instance folder (validated on construction)."""
 
-
-def area_resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Area-filtered resize of ``[H, W, C]`` float image to ``[size, size, C]``."""
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    Ay = _area_matrix(img.shape[0], size)
-    Ax = _area_matrix(img.shape[1], size)
-    return np.einsum("ij,jkc,lk->ilc", Ay, img, Ax).astype(np.float32)
-
-
-def nearest_resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    ys = np.minimum(((np.arange(size) + 0.5) * img.shape[0] / size).astype(int), img.shape[0] - 1)
-    xs = np.minimum(((np.arange(size) + 0.5) * img.shape[1] / size).astype(int), img.shape[1] - 1)
-    return img[ys][:, xs]
-
-
-def _read_image(path: str) -> np.ndarray:
-    try:
-        img = imageio.imread(path)
-    except Exception as e:  # imageio raises many types
-        raise DatasetError(f"{path}: cannot read image ({e})") from None
-    if img.ndim not in (2, 3) or img.size == 0:
-        raise DatasetError(f"{path}: expected an image of shape [H, W] or [H, W, C], got {img.shape}")
-    return np.asarray(img)
-
-
-def load_rgb(path: str, sidelength: int) -> np.ndarray:
-    """``[S*S, 3]`` float32 in [-1, 1]."""
-    img = _read_image(path)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, -1)
-    img = img[..., :3]
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, -1)
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    img = img.astype(np.float32) / scale
-    img = area_resize(square_crop(img), sidelength)
-    return ((img - 0.5) * 2.0).reshape(-1, 3)
-
-
-def load_depth(path: str, sidelength: int, depth_scale: float) -> np.ndarray:
-    """``[S*S, 1]`` float32 camera z (0 = background)."""
-    img = _read_image(path)
-    if img.ndim != 2:
-        raise DatasetError(f"{path}: depth image must have one channel, got shape {img.shape}")
-    d = img.astype(np.float32) / depth_scale
-    return nearest_resize(square_crop(d), sidelength).reshape(-1, 1)
-
-
-def load_semantic(path: str, sidelength: int) -> np.ndarray:
-    img = _read_image(path)
-    if img.ndim == 3:
-        img = img[..., 0]
-    return nearest_resize(square_crop(img), sidelength).reshape(-1).astype(np.int64)
-
-
-class SceneInstance:
-    """The files of one object instance, validated."""
-
-    def __init__(self, folder: str, max_observations: int = -1,
-                 specific_observation_idcs: Optional[Sequence[int]] = None):
+    def __init__(self, folder: str, want_depth: bool, want_semantic: bool):
         self.folder = folder
-        self.name = os.path.basename(folder.rstrip("/"))
+        self.name = os.path.basename(folder.rstrip(os.sep))
         rgb_dir, pose_dir = os.path.join(folder, "rgb"), os.path.join(folder, "pose")
-        for d in (rgb_dir, pose_dir):
+        for d, what in ((rgb_dir, "rgb"), (pose_dir, "pose")):
             if not os.path.isdir(d):
-                raise DatasetError(f"{folder}: missing folder '{os.path.basename(d)}/' (an SRN instance needs rgb/, "
-                                   f"pose/ and intrinsics.txt)")
+                raise DataError(f"{d}: missing {what}/ folder (an SRN instance needs rgb/, pose/ and "
+                                f"intrinsics.txt)")
         self.intrinsics_path = os.path.join(folder, "intrinsics.txt")
         if not os.path.isfile(self.intrinsics_path):
-            raise DatasetError(f"{folder}: missing intrinsics.txt")
-        rgb = _list(rgb_dir, IMAGE_EXTS)
-        pose = _list(pose_dir, (".txt",))
-        if not rgb:
-            raise DatasetError(f"{rgb_dir}: no images (.png/.jpg)")
-        if len(rgb) != len(pose):
-            raise DatasetError(f"{folder}: {len(rgb)} images in rgb/ but {len(pose)} poses in pose/; they must pair up")
-        extra = {}
-        for sub, exts in (("depth", IMAGE_EXTS), ("semantic", IMAGE_EXTS)):
-            d = os.path.join(folder, sub)
-            if os.path.isdir(d):
-                files = _list(d, exts)
-                if len(files) != len(rgb):
-                    raise DatasetError(f"{folder}: {len(files)} files in {sub}/ but {len(rgb)} images in rgb/")
-                extra[sub] = files
-        n = len(rgb)
-        if specific_observation_idcs is not None:
-            idcs = list(specific_observation_idcs)
-            bad = [i for i in idcs if not -n <= i < n]
-            if bad:
-                raise DatasetError(f"{folder}: specific_observation_idcs {bad} out of range for {n} views")
-            idcs = [i % n for i in idcs]
-        elif max_observations is not None and 0 < max_observations < n:
-            idcs = np.linspace(0, n, num=max_observations, endpoint=False, dtype=int).tolist()
-        else:
-            idcs = list(range(n))
-        self.observation_idcs = idcs
-        self.rgb = [rgb[i] for i in idcs]
-        self.pose = [pose[i] for i in idcs]
-        self.depth = [extra["depth"][i] for i in idcs] if "depth" in extra else None
-        self.semantic = [extra["semantic"][i] for i in idcs] if "semantic" in extra else None
-        self.poses = [geometry.load_pose(p).astype(np.float32) for p in self.pose]
-        self._intr: Dict[int, np.ndarray] = {}
-        self.intrinsics(64)  # validate now, not in a worker
+            raise DataError(f"{self.intrinsics_path}: missing intrinsics file")
+        self.rgb = _files(rgb_dir, io.IMAGE_EXTS, "rgb")
+        self.pose_paths = _files(pose_dir, (".txt",), "pose")
+        if not self.rgb:
+            raise DataError(f"{rgb_dir}: no images (.png/.jpg) in rgb/")
+        if len(self.rgb) != len(self.pose_paths):
+            raise DataError(f"{folder}: {len(self.rgb)} images in rgb/ but {len(self.pose_paths)} pose files in "
+                            f"pose/ (need one pose per image)")
+        self.depth = self._optional("depth", DEPTH_EXTS) if want_depth else None
+        self.semantic = self._optional("semantic", (".png",)) if want_semantic else None
+        # parse everything small now, so a bad file fails at construction and names itself
+        self.info = parse_intrinsics(self.intrinsics_path)
+        poses = np.stack([load_pose(p) for p in self.pose_paths])
+        if self.info.world2cam_poses:  # the flag says the files hold world2cam: invert to cam2world
+            poses = np.linalg.inv(poses)
+        self.poses = poses.astype(np.float32)
+        self.K = {}
+
+    def _optional(self, sub: str, exts) -> Optional[List[str]]:
+        d = os.path.join(self.folder, sub)
+        if not os.path.isdir(d):
+            return None
+        files = _files(d, exts, sub)
+        if len(files) != len(self.rgb):
+            raise DataError(f"{d}: {len(files)} files in {sub}/ but {len(self.rgb)} images in rgb/ "
+                            f"(need one per image)")
+        return files
 
     def intrinsics(self, sidelength: int) -> np.ndarray:
-        if sidelength not in self._intr:
-            self._intr[sidelength] = geometry.parse_intrinsics(self.intrinsics_path, sidelength).K.astype(np.float32)
-        return self._intr[sidelength]
-
-    def __len__(self):
-        return len(self.rgb)
+        if sidelength not in self.K:
+            self.K[sidelength] = parse_intrinsics(self.intrinsics_path, sidelength).K.astype(np.float32)
+        return self.K[sidelength]
 
 
 class SRNDataset(Dataset):
-    """All (instance, view) pairs of an SRN-format root; ``ds[i]`` is a dict the model takes after collation.
+    """All (instance, view) pairs of an SRN-format ``root``; ``ds[i]`` is a dict SRNModel takes after collate.
 
     Args:
-        root: folder of instance folders.
-        sidelength: image size S the views are resized to (``set_sidelength`` changes it between stages).
-        max_num_instances: use the first that many instances (sorted), -1 for all.
-        max_observations: evenly spaced views per instance (the reference's ``np.linspace`` pick), -1 for all.
-        specific_observation_idcs: exactly these view indices of every instance (few-shot).
-        num_rays: if given, each sample holds that many random rays of the view (the same rays for every key).
-        cache: keep decoded, resized arrays in memory (decode each image once).
-        with_depth, with_semantic: load ``depth/`` and ``semantic/`` when present.
-        depth_scale: depth PNG units per scene unit (10000 for generated data).
+        root: folder whose sorted sub-folders are the instances.
+        sidelength: images are square-cropped and resized to ``sidelength`` (change it with
+            :meth:`set_sidelength` between training stages).
+        max_num_instances: keep only the first this many instances (-1: all).
+        max_observations: keep this many evenly spaced views per instance, indices
+            ``np.linspace(0, n, k, endpoint=False).astype(int)`` as the reference (-1 or >= n: all).
+        specific_observation_idcs: keep exactly these view indices of every instance (overrides
+            ``max_observations``; e.g. ``[64]`` or ``[64, 104]`` for few-shot).
+        num_rays: if given, each sample holds this many random pixels (the same subset for every key) instead
+            of the whole image; drawn afresh at every access.
+        cache: keep every decoded and resized view in memory (keyed by sidelength), so each file is decoded
+            once. DataLoader workers each fill their own copy: call :meth:`preload` before creating the
+            loader (workers inherit the filled cache) or use ``persistent_workers=True``.
+        with_depth, with_semantic: include ``depth`` / ``semantic`` when every instance has the folder
+            (an error if only some have it).
+        seed: seed of the random ray subsets (mixed with the DataLoader worker seed inside workers).
 
-    Sample keys: ``instance_idx``, ``observation_idx`` (int64 scalars), ``rgb [N, 3]``, ``pose [4, 4]``,
-    ``intrinsics [4, 4]``, ``uv [N, 2]``, and when available ``depth [N, 1]``, ``semantic [N]``.
+    Sample keys: ``instance_idx`` int64 scalar, ``observation_idx`` int64 scalar (index of the view among the
+    instance's sorted files), ``rgb`` [N, 3] float32 in [-1, 1], ``pose`` [4, 4] float32 cam2world,
+    ``intrinsics`` [4, 4] float32, ``uv`` [N, 2] float32 (column, row), and when present ``depth`` [N, 1]
+    float32 (camera z, 0 = background) and ``semantic`` [N] int64 (0 = background). N = sidelength^2 in
+    row-major pixel order, or ``num_rays``.
     """
 
     def __init__(self, root: str, sidelength: int = 64, max_num_instances: int = -1, max_observations: int = -1,
                  specific_observation_idcs: Optional[Sequence[int]] = None, num_rays: Optional[int] = None,
-                 cache: bool = True, with_depth: bool = True, with_semantic: bool = True,
-                 depth_scale: float = 10000.0, seed: int = 0):
+                 cache: bool = True, with_depth: bool = True, with_semantic: bool = True, seed: int = 0):
         root = os.fspath(root)
         if not os.path.isdir(root):
-            raise DatasetError(f"{root}: data folder not found")
-        folders = sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if not folders:
-            raise DatasetError(f"{root}: no instance folders (expected <root>/<instance>/rgb, pose, intrinsics.txt)")
-        if max_num_instances is not None and max_num_instances > 0:
-            folders = folders[:max_num_instances]
+            raise DataError(f"{root}: dataset root folder not found")
+        dirs = [os.path.join(root, n) for n in _listdir(root) if os.path.isdir(os.path.join(root, n))]
+        if not dirs:
+            raise DataError(f"{root}: no instance folders in the dataset root (expected <instance>/rgb, "
+                            f"<instance>/pose, <instance>/intrinsics.txt)")
+        names = {os.path.basename(d) for d in dirs}
+        if {"train"} <= names and not os.path.isdir(os.path.join(root, "train", "rgb")) and \
+                not os.path.isdir(os.path.join(root, "train", "pose")):
+            raise DataError(f"{root}: this looks like a generated dataset's top folder (it has train/); pass "
+                            f"{os.path.join(root, 'train')} (or test/, unseen/) as the root")
+        if max_num_instances is not None and max_num_instances != -1:
+            if max_num_instances < 1:
+                raise ValueError(f"max_num_instances must be -1 (all) or >= 1, got {max_num_instances}")
+            dirs = dirs[:max_num_instances]
         self.root = root
-        self.instances = [SceneInstance(f, max_observations, specific_observation_idcs) for f in folders]
+        self.instances = [_Instance(d, with_depth, with_semantic) for d in dirs]
         self.instance_names = [inst.name for inst in self.instances]
         self.num_instances = len(self.instances)
-        self.index = [(i, v) for i, inst in enumerate(self.instances) for v in range(len(inst))]
-        self.sidelength = int(sidelength)
+        self.has_depth = self._all_or_none("depth", with_depth)
+        self.has_semantic = self._all_or_none("semantic", with_semantic)
+
+        self.view_indices: List[np.ndarray] = []
+        for inst in self.instances:
+            n = len(inst.rgb)
+            if specific_observation_idcs is not None:
+                idcs = np.atleast_1d(np.asarray(specific_observation_idcs, dtype=np.int64))
+                if idcs.size == 0 or idcs.min() < 0 or idcs.max() >= n:
+                    raise DataError(f"{inst.folder}: specific_observation_idcs {idcs.tolist()} out of range for "
+                                    f"its {n} views")
+            elif max_observations is not None and max_observations != -1 and max_observations < n:
+                if max_observations < 1:
+                    raise ValueError(f"max_observations must be -1 (all) or >= 1, got {max_observations}")
+                idcs = np.linspace(0, n, num=max_observations, endpoint=False).astype(np.int64)
+            else:
+                idcs = np.arange(n, dtype=np.int64)
+            self.view_indices.append(idcs)
+        self._offsets = np.cumsum([0] + [len(v) for v in self.view_indices]).tolist()
+
+        if num_rays is not None and (int(num_rays) != num_rays or num_rays < 1):
+            raise ValueError(f"num_rays must be a positive integer or None, got {num_rays!r}")
         self.num_rays = num_rays
         self.cache = cache
-        self.with_depth = with_depth
-        self.with_semantic = with_semantic
-        self.depth_scale = depth_scale
-        self._cache: Dict[tuple, np.ndarray] = {}
-        self.has_depth = all(inst.depth is not None for inst in self.instances)
-        self.has_semantic = all(inst.semantic is not None for inst in self.instances)
-        self._uv = {}
+        self.seed = seed
+        self._cache: Dict = {}
+        self._uv: Dict[int, torch.Tensor] = {}
+        self._rng = None
+        self._rng_owner = None
+        self.sidelength = None
+        self.set_sidelength(sidelength)
+
+    def _all_or_none(self, sub: str, wanted: bool) -> bool:
+        if not wanted:
+            return False
+        have = [getattr(inst, sub) is not None for inst in self.instances]
+        if any(have) and not all(have):
+            missing = self.instances[have.index(False)].folder
+            raise DataError(f"{os.path.join(missing, sub)}: missing {sub}/ folder while other instances have one "
+                            f"(pass with_{sub}=False to ignore {sub} everywhere)")
+        return all(have)
+
+    # ------------------------------------------------------------------------------------------ API
+    def set_sidelength(self, sidelength: int) -> None:
+        """Resize to ``sidelength`` from now on (multi-resolution training); cached sizes are kept."""
+        if int(sidelength) != sidelength or sidelength < 1:
+            raise ValueError(f"sidelength must be a positive integer, got {sidelength!r}")
+        sidelength = int(sidelength)
+        if self.num_rays is not None and self.num_rays > sidelength * sidelength:
+            raise ValueError(f"num_rays={self.num_rays} exceeds the {sidelength}x{sidelength} = "
+                             f"{sidelength * sidelength} pixels of a view")
+        self.sidelength = sidelength
 
     def num_views(self, i: int) -> int:
-        return len(self.instances[i])
+        """Number of (selected) views of instance ``i``."""
+        return len(self.view_indices[i])
 
-    def set_sidelength(self, sidelength: int) -> None:
-        self.sidelength = int(sidelength)
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self._offsets[-1]
 
-    def _get(self, kind: str, i: int, v: int) -> np.ndarray:
-        key = (kind, self.sidelength, i, v)
-        if self.cache and key in self._cache:
-            return self._cache[key]
+    def locate(self, index: int):
+        """``(instance index, view index among the instance's sorted files)`` of sample ``index``."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} views")
+        i = bisect.bisect_right(self._offsets, index) - 1
+        return i, int(self.view_indices[i][index - self._offsets[i]])
+
+    def preload(self, progress: bool = True) -> None:
+        """Decode and resize every view at the current sidelength into the cache (needs ``cache=True``)."""
+        if not self.cache:
+            raise ValueError("preload() needs cache=True")
+        from tqdm import tqdm
+        for i in tqdm(range(len(self)), desc=f"loading {self.sidelength}px", disable=not progress):
+            self._arrays(*self.locate(i))
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _arrays(self, i: int, v: int) -> Dict[str, np.ndarray]:
+        S = self.sidelength
+        key = (S, i, v)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         inst = self.instances[i]
-        if kind == "rgb":
-            arr = load_rgb(inst.rgb[v], self.sidelength)
-        elif kind == "depth":
-            arr = load_depth(inst.depth[v], self.sidelength, self.depth_scale)
-        else:
-            arr = load_semantic(inst.semantic[v], self.sidelength)
+        arr = {"rgb": io.load_rgb(inst.rgb[v], S).reshape(-1, 3)}
+        if self.has_depth:
+            arr["depth"] = self._checked(inst.depth[v], io.load_depth(inst.depth[v], S), S).reshape(-1, 1)
+        if self.has_semantic:
+            sem = self._checked(inst.semantic[v], io.load_semantic(inst.semantic[v], S), S).reshape(-1)
+            if sem.min() < 0:
+                raise DataError(f"{inst.semantic[v]}: negative part id")
+            arr["semantic"] = sem
         if self.cache:
             self._cache[key] = arr
         return arr
 
-    def uv(self) -> torch.Tensor:
-        if self.sidelength not in self._uv:
-            self._uv[self.sidelength] = geometry.uv_grid(self.sidelength)
-        return self._uv[self.sidelength]
+    @staticmethod
+    def _checked(path: str, a: np.ndarray, S: int) -> np.ndarray:
+        if a.shape[:2] != (S, S):
+            raise DataError(f"{path}: image is too small or empty after cropping ({list(a.shape)})")
+        return a
 
-    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
-        i, v = self.index[idx]
+    def _generator(self) -> np.random.Generator:
+        info = get_worker_info()
+        owner = (os.getpid(), None if info is None else info.id)
+        if self._rng is None or self._rng_owner != owner:
+            extra = [] if info is None else [info.seed % (2 ** 63), info.id]
+            self._rng = np.random.default_rng(np.random.SeedSequence([self.seed] + extra))
+            self._rng_owner = owner
+        return self._rng
+
+    def _uv_grid(self, S: int) -> torch.Tensor:
+        if S not in self._uv:
+            rows, cols = np.meshgrid(np.arange(S), np.arange(S), indexing="ij")
+            self._uv[S] = torch.from_numpy(np.stack([cols.ravel(), rows.ravel()], -1).astype(np.float32))
+        return self._uv[S]
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        i, v = self.locate(int(index))
         inst = self.instances[i]
         S = self.sidelength
+        arr = self._arrays(i, v)
+        uv = self._uv_grid(S)
         sample = {
             "instance_idx": torch.tensor(i, dtype=torch.int64),
-            "observation_idx": torch.tensor(inst.observation_idcs[v], dtype=torch.int64),
-            "rgb": torch.from_numpy(self._get("rgb", i, v)),
-            "pose": torch.from_numpy(inst.poses[v]),
-            "intrinsics": torch.from_numpy(inst.intrinsics(S)),
-            "uv": self.uv(),
+            "observation_idx": torch.tensor(v, dtype=torch.int64),
+            "pose": torch.from_numpy(inst.poses[v].copy()),
+            "intrinsics": torch.from_numpy(inst.intrinsics(S).copy()),
         }
-        if self.with_depth and inst.depth is not None:
-            sample["depth"] = torch.from_numpy(self._get("depth", i, v))
-        if self.with_semantic and inst.semantic is not None:
-            sample["semantic"] = torch.from_numpy(self._get("semantic", i, v))
-        if self.num_rays is not None and self.num_rays < S * S:
-            sel = torch.randperm(S * S)[: self.num_rays]
-            for k in ("rgb", "uv", "depth", "semantic"):
-                if k in sample:
-                    sample[k] = sample[k][sel]
+        if self.num_rays is not None:
+            sel = self._generator().choice(S * S, size=self.num_rays, replace=False)
+            sample["uv"] = uv[torch.from_numpy(sel)]
+            for k, a in arr.items():
+                sample[k] = torch.from_numpy(a[sel])
+        else:
+            sample["uv"] = uv.clone()
+            for k, a in arr.items():
+                sample[k] = torch.from_numpy(a.copy())
         return sample
+
+    def __repr__(self) -> str:
+        if not hasattr(self, "_offsets"):
+            return "SRNDataset(<not constructed>)"
+        return (f"SRNDataset({self.root!r}, {self.num_instances} instances, {len(self)} views, "
+                f"sidelength={self.sidelength}, num_rays={self.num_rays}, depth={self.has_depth}, "
+                f"semantic={self.has_semantic})")

@@ -1,0 +1,44 @@
+"""Helpers for the fused-op tests: random layer stacks, and comparisons that report where they fail."""
+import torch
+
+from srn_fast.torch_impl import Layer, LSTMParams
+
+
+def assert_close(actual, expected, rtol, atol, name=""):
+    """Like torch.testing.assert_close, naming the tensor and reporting max abs / rel error."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    tol = atol + rtol * expected.abs()
+    if not bool((diff <= tol).all()):
+        i = int((diff - tol).argmax())
+        raise AssertionError(f"{name}: max abs err {diff.max().item():.3e}, worst at flat index {i}: "
+                             f"{actual.reshape(-1)[i].item():.6e} vs {expected.reshape(-1)[i].item():.6e}")
+
+
+def make_layers(B, widths, per_scene=True, affine=False, last_linear=False, dtype=torch.float64, gen=None,
+                requires_grad=True):
+    layers = []
+    for i, (ci, co) in enumerate(zip(widths[:-1], widths[1:])):
+        shape = (B, co, ci) if per_scene else (co, ci)
+        W = torch.randn(*shape, dtype=dtype, generator=gen) * (2.0 / ci) ** 0.5
+        b = torch.randn(*shape[:-1], dtype=dtype, generator=gen) * 0.1
+        linear = last_linear and i == len(widths) - 2
+        g = be = None
+        if affine and not linear:
+            g = 1 + 0.2 * torch.randn(co, dtype=dtype, generator=gen)
+            be = 0.1 * torch.randn(co, dtype=dtype, generator=gen)
+        tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (W, b, g, be)]
+        layers.append(Layer(tensors[0], tensors[1], not linear, tensors[2], tensors[3]))
+    return layers
+
+
+def layer_tensors(layers):
+    return [t for layer in layers for t in (layer.weight, layer.bias, layer.ln_weight, layer.ln_bias)
+            if isinstance(t, torch.Tensor)]
+
+
+def make_lstm(F, H=16, dtype=torch.float64, gen=None, scale=1.0):
+    k = 1.0 / H ** 0.5
+    def u(*s):
+        return ((torch.rand(*s, dtype=dtype, generator=gen) * 2 - 1) * k * scale).requires_grad_()
+    return LSTMParams(u(4 * H, F), u(4 * H, H), u(4 * H), u(4 * H), u(1, H), u(1))

@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+import srn_fast
+from srn_fast import ops, torch_impl
+from srn_fast.torch_impl import Layer, LSTMParams
+
+from .conftest import cuda
+from .op_utils import assert_close, layer_tensors, make_layers, make_lstm
+
+pytest.importorskip("srn_fast._C", reason="extension not built")
+
+
+def setup(B=2, N=150, widths=(3, 16, 16), H=16, dtype=torch.float64, seed=0, per_scene=True, affine=False,
+          lstm_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    phi = make_layers(B, list(widths), per_scene=per_scene, affine=affine, dtype=dtype, gen=gen)
+    lstm = make_lstm(widths[-1], H, dtype=dtype, gen=gen, scale=lstm_scale)
+    x0 = (torch.randn(B, N, 3, dtype=dtype, generator=gen) * 0.3).requires_grad_()
+    dirs = torch.nn.functional.normalize(torch.randn(B, N, 3, dtype=dtype, generator=gen), dim=-1).requires_grad_()
+    return x0, dirs, phi, lstm
+
+
+def all_inputs(x0, dirs, phi, lstm):
+    return [x0, dirs] + layer_tensors(phi) + list(lstm)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "store"])
+@pytest.mark.parametrize("per_scene,affine", [(True, False), (False, True)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_points_depth_and_every_gradient_match_oracle(mode, per_scene, affine, dtype, tol):
+    x0, dirs, phi, lstm = setup(dtype=dtype, per_scene=per_scene, affine=affine)
+    T = 4
+    ref = torch_impl.march(x0, dirs, phi, lstm, T)
+    out = ops.march(x0, dirs, phi, lstm, T, mode=mode)
+    assert_close(out, ref, tol, tol, "x_T")
+    cam = torch.eye(4, dtype=dtype).expand(2, 4, 4).clone()
+    cam[:, :3, 3] = torch.tensor([0.1, -0.2, -2.0], dtype=dtype)
+    assert_close(srn_fast.geometry.get_depth(out, cam), srn_fast.geometry.get_depth(ref, cam), tol, tol, "depth")
+    v = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    ga = torch.autograd.grad(out, inputs, v)
+    gb = torch.autograd.grad(ref, inputs, v)
+    names = ["x0", "dirs"] + [f"phi tensor {i}" for i in range(len(layer_tensors(phi)))] + list(LSTMParams._fields)
+    for name, a, b in zip(names, ga, gb):
+        assert_close(a, b, tol * 10, tol * 10, name)
+
+
+def test_gradcheck_tiny_float64():
+    x0, dirs, phi, lstm = setup(B=2, N=3, widths=(3, 8, 8), H=4)
+    flat = layer_tensors(phi)
+
+    def f(x0, dirs, *ts):
+        it = iter(ts)
+        ls = [Layer(next(it), next(it), True) for _ in phi]
+        lp = LSTMParams(*[next(it) for _ in range(6)])
+        return ops.march(x0, dirs, ls, lp, 2, tile_rows=2)
+
+    assert torch.autograd.gradcheck(f, (x0, dirs, *flat, *lstm), eps=1e-6, atol=1e-5)
+
+
+def test_gradient_clamp_is_active_and_matches():
+    # a large cotangent makes the gradient reaching h exceed 10: the clamp must change the result
+    x0, dirs, phi, lstm = setup(seed=3, lstm_scale=3.0)
+    T = 3
+    v = torch.full((2, 150, 3), 500.0, dtype=torch.float64)
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    g_ref = torch.autograd.grad(torch_impl.march(x0, dirs, phi, lstm, T), inputs, v)
+    g_noclamp = torch.autograd.grad(torch_impl.march(x0, dirs, phi, lstm, T, grad_clamp=None), inputs, v)
+    g_fused = torch.autograd.grad(ops.march(x0, dirs, phi, lstm, T), inputs, v)
+    w_ih = 2 + len(layer_tensors(phi))
+    assert (g_ref[w_ih] - g_noclamp[w_ih]).abs().max() > 1e-3 * g_noclamp[w_ih].abs().max()
+    for i, (a, b) in enumerate(zip(g_fused, g_ref)):
+        assert_close(a, b, 1e-8, 1e-8, f"input {i}")
+    g_fused_noclamp = torch.autograd.grad(ops.march(x0, dirs, phi, lstm, T, grad_clamp=None), inputs, v)
+    assert_close(g_fused_noclamp[w_ih], g_noclamp[w_ih], 1e-8, 1e-8, "no clamp")
+
+
+def test_zero_rays_and_zero_steps():
+    x0, dirs, phi, lstm = setup(N=0)
+    out = ops.march(x0, dirs, phi, lstm, 3)
+    assert out.shape == (2, 0, 3)
+    out.sum().backward()
+    assert torch.all(lstm.weight_ih.grad == 0)
+    x0, dirs, phi, lstm = setup(N=5)
+    out = ops.march(x0, dirs, phi, lstm, 0)
+    assert torch.equal(out, x0)
+
+
+def test_return_steps_and_inference_path():
+    x0, dirs, phi, lstm = setup()
+    ref, ref_steps = torch_impl.march(x0, dirs, phi, lstm, 3, return_steps=True)
+    with torch.no_grad():
+        out, steps = ops.march(x0, dirs, phi, lstm, 3, return_steps=True)
+    assert not out.requires_grad
+    assert steps.shape == (4, 2, 150, 3)
+    assert_close(steps, ref_steps, 1e-10, 1e-10, "steps")
+    assert_close(out, ref.detach(), 1e-10, 1e-10, "inference x_T")
+
+
+def test_bf16_option_close():
+    x0, dirs, phi, lstm = setup(dtype=torch.float32, widths=(3, 64, 64))
+    with torch.no_grad():
+        ref = torch_impl.march(x0, dirs, phi, lstm, 3)
+        out = ops.march(x0, dirs, phi, lstm, 3, matmul_dtype=torch.bfloat16)
+    err = (out - ref).abs().max().item()
+    assert 0 < err < 0.05, err
+
+
+def test_bad_input_names_argument():
+    x0, dirs, phi, lstm = setup(N=4)
+    with pytest.raises(ValueError, match=r"x0 must be a tensor of shape \[B, N, 3\]"):
+        ops.march(x0[..., :2], dirs, phi, lstm, 2)
+    with pytest.raises(RuntimeError, match=r"dirs must have shape \[B, N, 3\] like x0"):
+        ops.march(x0, dirs[:, :3], phi, lstm, 2)
+    with pytest.raises(RuntimeError, match=r"lstm.weight_ih must have shape \[4H, F\]"):
+        ops.march(x0, dirs, phi, lstm._replace(weight_ih=torch.zeros(64, 7, dtype=torch.float64)), 2)
+    with pytest.raises(ValueError, match="mode must be"):
+        ops.march(x0, dirs, phi, lstm, 2, mode="fast")
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        ops.march(x0, dirs, phi, lstm, -1)
+    with pytest.raises(RuntimeError, match="dirs has dtype Float but x0 has dtype Double"):
+        ops.march(x0, dirs.float(), phi, lstm, 2)
+    with pytest.raises(TypeError, match="lstm must be a srn_fast.LSTMParams"):
+        ops.march(x0, dirs, phi, tuple(lstm), 2)
+
+
+def small_models(fit_single_srn=False):
+    torch.manual_seed(0)
+    kw = dict(latent_dim=16, phi_hidden=32, tracing_steps=3, fit_single_srn=fit_single_srn)
+    a = srn_fast.SRNModel(3, backend="torch", **kw).double()
+    b = srn_fast.SRNModel(3, backend="fused", **kw).double()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("fit_single_srn", [False, True])
+def test_whole_model_fused_matches_torch(fit_single_srn):
+    from .test_model import make_input
+    a, b = small_models(fit_single_srn)
+    inp = make_input(dtype=torch.float64)
+    d0 = a.initial_depth(2, 36, "cpu", torch.float64)
+    ra, rb = a.render(inp, initial_depth=d0), b.render(inp, initial_depth=d0)
+    for k in ("rgb", "depth", "features", "points"):
+        assert_close(rb[k], ra[k], 1e-9, 1e-9, k)
+    gt = {"rgb": torch.rand(2, 36, 3, dtype=torch.float64)}
+    for m, r in ((a, ra), (b, rb)):
+        m.losses((r["rgb"], r["depth"]), gt, r["z"])["total"].backward()
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    for name in pa:
+        assert pb[name].grad is not None, name
+        assert_close(pb[name].grad, pa[name].grad, 1e-8, 1e-9, name)
+
+
+@cuda
+def test_cuda_matches_cpu():
+    x0, dirs, phi, lstm = setup(dtype=torch.float32, N=300)
+    v = torch.randn(2, 300, 3)
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    cpu_out = ops.march(x0, dirs, phi, lstm, 4)
+    cpu_g = torch.autograd.grad(cpu_out, inputs, v)
+    gi = [t.detach().cuda().requires_grad_() for t in inputs]
+    nphi = len(layer_tensors(phi))
+    it = iter(gi[2:2 + nphi])
+    phig = [Layer(next(it), next(it), True) for _ in phi]
+    out = ops.march(gi[0], gi[1], phig, LSTMParams(*gi[2 + nphi:]), 4)
+    assert_close(out.cpu(), cpu_out, 1e-3, 1e-3, "cuda x_T")
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, gi, v.cuda()), cpu_g)):
+        assert_close(a.cpu(), b, 1e-2, 1e-2, f"cuda grad {i}")
