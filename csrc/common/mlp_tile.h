@@ -73,6 +73,21 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
 // "recompute" mode).
 // =============================================================================================================
 namespace srn {
+
+// float -> bf16 with round-to-nearest-even on the bits (NaN handling aside, as c10::BFloat16), written so
+// that the compiler vectorises the conversion loops (c10's constructor does not).
+template <>
+inline c10::BFloat16 to_storage<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+template <>
+inline c10::BFloat16 to_storage<c10::BFloat16, double>(double v) {
+  return to_storage<c10::BFloat16, float>(static_cast<float>(v));
+}
+
 namespace tile {
 
 constexpr double kLayerNormEps = 1e-5;
@@ -148,7 +163,7 @@ namespace detail {
 template <typename T>
 void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* dst) {
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = 0; k < C; ++k) dst[r * C + k] = c10::BFloat16(static_cast<float>(src[r * ld_src + k]));
+    for (int64_t k = 0; k < C; ++k) dst[r * C + k] = to_storage<c10::BFloat16, T>(src[r * ld_src + k]);
 }
 
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
@@ -278,8 +293,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           for (int64_t r = 0; r < R; ++r) {
             const T* xr = act[l - 1] + r * ci;
             for (int64_t k = 0; k < ci; ++k)
-              a_mm[r * ci + k] = c10::BFloat16(static_cast<float>(
-                  p.norm ? ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k)) : xr[k]));
+              a_mm[r * ci + k] = to_storage<c10::BFloat16, T>(
+                  p.norm ? ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k)) : xr[k]);
           }
         }
         c10::BFloat16* vz_mm = ws.buf_mm(1);

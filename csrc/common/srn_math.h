@@ -123,6 +123,13 @@ SRN_HD void ln_relu_row_vjp(const T* xhat, const T* y, const T* v_y, int n, T rs
 #define SRN_SIMD
 #endif
 
+// Conversion of an activation to the storage type Y of the next matmul's input (overloaded for bf16 in
+// common/mlp_tile.h with a vectorisable rounding).
+template <typename Y, typename T>
+SRN_HD Y to_storage(T v) {
+  return static_cast<Y>(v);
+}
+
 // ReLU(xhat * gamma + beta); gamma/beta null = no affine.
 template <typename T>
 SRN_HD T ln_affine_relu(T xhat, const T* gamma, const T* beta, int k) {
@@ -157,11 +164,11 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
     for (int k = 0; k < n; ++k) {
       const T xh = (z[k] - mean) * rstd;
       xhat[k] = xh;
-      y[k] = static_cast<Y>(ln_affine_relu(xh, gamma, beta, k));
+      y[k] = to_storage<Y>(ln_affine_relu(xh, gamma, beta, k));
     }
   } else {
     SRN_SIMD
-    for (int k = 0; k < n; ++k) y[k] = static_cast<Y>(ln_affine_relu((z[k] - mean) * rstd, gamma, beta, k));
+    for (int k = 0; k < n; ++k) y[k] = to_storage<Y>(ln_affine_relu((z[k] - mean) * rstd, gamma, beta, k));
   }
   return rstd;
 }
