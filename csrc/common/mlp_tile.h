@@ -10,7 +10,12 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
+
+#include "common/cpu_gemm.h"
+#include "common/srn_math.h"
 
 namespace srn {
 
@@ -51,4 +56,287 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
                             const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
                             const at::Tensor& x_like, int64_t B, int64_t C_in, int64_t mm_dtype);
 
+}  // namespace srn
+
+// =============================================================================================================
+// CPU tile routines on raw pointers (namespace srn::tile). Used by the fused MLP op's CPU path (csrc/mlp) and
+// meant for the fused march (csrc/march), which evaluates phi inside its own tile loop: keep this interface
+// stable. One call handles one scene's weights on a tile of R rays (R ~ 64-256, so that activations and weights
+// stay in L2) and runs every layer before returning; the caller parallelises over tiles (at::parallel_for) and
+// gives each thread its own Workspace and gradient accumulators. T = float or double. Matmuls go through
+// csrc/common/cpu_gemm.h (MKL when torch exports it, else ATen); LayerNorm/ReLU through srn_math.h.
+//
+// Saved activations ("act"): per layer l < L - 1 (and for the last layer when it has a LayerNorm) a row-major
+// [R, cout_l] block: xhat_l (the normalised pre-activation) for norm layers, the output itself for plain linear
+// layers; plus rstd_l [R] for norm layers. forward() fills them when given; backward() needs them (from a stored
+// forward, or recompute them into Workspace::act()/rstd() by calling forward() first: that is the march's
+// "recompute" mode).
+// =============================================================================================================
+namespace srn {
+
+// float -> bf16 with round-to-nearest-even on the bits (NaN handling aside, as c10::BFloat16), written so
+// that the compiler vectorises the conversion loops (c10's constructor does not).
+template <>
+inline c10::BFloat16 to_storage<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+template <>
+inline c10::BFloat16 to_storage<c10::BFloat16, double>(double v) {
+  return to_storage<c10::BFloat16, float>(static_cast<float>(v));
+}
+
+namespace tile {
+
+constexpr double kLayerNormEps = 1e-5;
+
+// One layer, one scene. Shapes are per scene.
+template <typename T>
+struct Layer {
+  const T* weight = nullptr;                  // [cout, cin] row-major
+  const T* bias = nullptr;                    // [cout]
+  const T* ln_weight = nullptr;               // [cout] LayerNorm gamma, or nullptr (no affine)
+  const T* ln_bias = nullptr;                 // [cout] LayerNorm beta (given together with ln_weight)
+  const c10::BFloat16* weight_mm = nullptr;   // [cout, cin] bf16 copy of weight: this layer's matmuls then run
+                                              // in bf16 with float32 accumulation (T = float only); else nullptr
+  int64_t cin = 0, cout = 0;
+  bool norm = true;                           // false: plain linear layer
+};
+
+// Gradient accumulators of one layer (added into, +=); nullptr where not needed.
+template <typename T>
+struct LayerGrad {
+  T* weight = nullptr;     // [cout, cin]
+  T* bias = nullptr;       // [cout]
+  T* ln_weight = nullptr;  // [cout]
+  T* ln_bias = nullptr;    // [cout]
+};
+
+// Per-thread scratch for up to R rays: reuse it across tiles. With `with_act`, it also holds storage for the
+// saved activations (act(l), rstd(l)) for recompute-style backward.
+template <typename T>
+class Workspace {
+ public:
+  Workspace(const Layer<T>* layers, int L, int64_t R, bool with_act) : R_(R) {
+    int64_t cmax = 1;
+    for (int l = 0; l < L; ++l) cmax = std::max({cmax, layers[l].cin, layers[l].cout});
+    const int64_t n = std::max<int64_t>(R, 1) * cmax;
+    f_.assign(3 * n, T(0));
+    h_.assign(2 * n, c10::BFloat16(0.f));
+    for (int k = 0; k < 3; ++k) fp_[k] = f_.data() + k * n;
+    hp_[0] = h_.data();
+    hp_[1] = h_.data() + n;
+    if (with_act) {
+      int64_t total = 0;
+      for (int l = 0; l < L; ++l) total += layers[l].cout;
+      act_store_.assign(std::max<int64_t>(R, 1) * (total + L), T(0));
+      T* p = act_store_.data();
+      for (int l = 0; l < L; ++l) {
+        act_.push_back(p);
+        p += R * layers[l].cout;
+      }
+      for (int l = 0; l < L; ++l) {
+        rstd_.push_back(p);
+        p += R;
+      }
+    }
+  }
+  int64_t rows() const { return R_; }
+  T* buf(int k) { return fp_[k]; }                  // 3 float buffers of R * max channels
+  c10::BFloat16* buf_mm(int k) { return hp_[k]; }  // 2 bf16 buffers of R * max channels
+  T* const* act() { return act_.empty() ? nullptr : act_.data(); }
+  T* const* rstd() { return rstd_.empty() ? nullptr : rstd_.data(); }
+
+ private:
+  int64_t R_;
+  std::vector<T> f_, act_store_;
+  std::vector<c10::BFloat16> h_;
+  T* fp_[3];
+  c10::BFloat16* hp_[2];
+  std::vector<T*> act_, rstd_;
+};
+
+namespace detail {
+
+template <typename T>
+void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* dst) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < C; ++k) dst[r * C + k] = to_storage<c10::BFloat16, T>(src[r * ld_src + k]);
+}
+
+inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                    const c10::BFloat16* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  TORCH_CHECK(false, "srn_fast: bf16 matmuls need float32 tensors");
+}
+inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                    const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace detail
+
+// Forward of L layers on R rays.
+//   x   [R, cin_0], row stride ldx;   out [R, cout_{L-1}], row stride ldo (written).
+//   act, rstd: arrays of L pointers (see "Saved activations" above) to fill, or nullptr to keep nothing.
+template <typename T>
+void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, T* out, int64_t ldo,
+             T* const* act, T* const* rstd, Workspace<T>& ws) {
+  if (R <= 0) return;
+  const T eps = T(kLayerNormEps);
+  const T* in = x;          // this layer's input (float) ...
+  int64_t ld_in = ldx;
+  const c10::BFloat16* in_mm = nullptr;  // ... or its bf16 copy when the previous layer wrote one
+  int spare = 0;            // float buffer not holding `in`
+  for (int l = 0; l < L; ++l) {
+    const Layer<T>& ly = layers[l];
+    const bool last = l == L - 1;
+    const int64_t ci = ly.cin, co = ly.cout;
+    T* z;
+    int64_t ldz = co;
+    if (last && !ly.norm) {
+      z = out, ldz = ldo;
+    } else if (act) {
+      z = act[l];
+    } else {
+      z = ws.buf(spare);
+    }
+    if (ly.weight_mm) {
+      if (!in_mm) {
+        detail::to_bf16(in, ld_in, R, ci, ws.buf_mm(0));
+        in_mm = ws.buf_mm(0);
+      }
+      detail::gemm_mm(false, true, R, co, ci, in_mm, ci, ly.weight_mm, ci, T(0), z, ldz);
+    } else {
+      cpu::gemm(false, true, R, co, ci, in, ld_in, ly.weight, ci, T(0), z, ldz);
+    }
+    in_mm = nullptr;
+    if (!ly.norm) {
+      for (int64_t r = 0; r < R; ++r) {
+        T* zr = z + r * ldz;
+        SRN_SIMD
+        for (int64_t k = 0; k < co; ++k) zr[k] += ly.bias[k];
+      }
+      in = z, ld_in = ldz;
+      if (z == ws.buf(spare)) spare = 1 - spare;
+      continue;
+    }
+    const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
+    if (next_mm) {  // the next layer reads bf16: write the activation as bf16 directly
+      c10::BFloat16* y = ws.buf_mm(1);
+      for (int64_t r = 0; r < R; ++r) {
+        const T rs = layernorm_relu_row<T, c10::BFloat16>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias,
+                                                          eps, act ? z + r * ldz : nullptr, y + r * co);
+        if (rstd) rstd[l][r] = rs;
+      }
+      in_mm = y;
+      in = nullptr;
+      continue;
+    }
+    // float activation: into `out` (last layer), in place (nothing saved), or into the spare buffer
+    T* y = last ? out : (act ? ws.buf(spare) : z);
+    const int64_t ldy = last ? ldo : co;
+    for (int64_t r = 0; r < R; ++r) {
+      const T rs = layernorm_relu_row<T, T>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias, eps,
+                                            act ? z + r * ldz : nullptr, y + r * ldy);
+      if (rstd) rstd[l][r] = rs;
+    }
+    in = y, ld_in = ldy;
+    if (y == ws.buf(spare)) spare = 1 - spare;
+  }
+}
+
+// Backward of forward() on the same tile.
+//   x [R, cin_0] (ldx); act, rstd: the saved activations of forward() (required).
+//   v_out [R, cout_{L-1}] (ldv): gradient of the output.
+//   v_x [R, cin_0] (ldvx): gradient of x, written (or added when accumulate_vx); nullptr = not needed.
+//   grads: L accumulators (+=); entries may be null.
+template <typename T>
+void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, const T* const* act,
+              const T* const* rstd, const T* v_out, int64_t ldv, T* v_x, int64_t ldvx, bool accumulate_vx,
+              const LayerGrad<T>* grads, Workspace<T>& ws) {
+  if (R <= 0) return;
+  int cur = 0;  // ws.buf(cur) holds v_z of the current layer; buf(1 - cur) receives the gradient of its input
+  T* a_buf = ws.buf(2);
+  const T* v = v_out;
+  int64_t ld_v = ldv;
+  for (int l = L - 1; l >= 0; --l) {
+    const Layer<T>& ly = layers[l];
+    const LayerGrad<T>& g = grads[l];
+    const int64_t ci = ly.cin, co = ly.cout;
+    T* vz = ws.buf(cur);
+    // gradient of the (biased) pre-activation z_l
+    if (ly.norm) {
+      for (int64_t r = 0; r < R; ++r) {
+        layernorm_relu_row_vjp<T>(act[l] + r * co, v + r * ld_v, int(co), rstd[l][r], ly.ln_weight, ly.ln_bias,
+                                  vz + r * co, g.ln_weight, g.ln_bias);
+      }
+    } else if (v != vz || ld_v != co) {
+      for (int64_t r = 0; r < R; ++r) std::memcpy(vz + r * co, v + r * ld_v, sizeof(T) * co);
+    }
+    if (g.bias) {
+      for (int64_t r = 0; r < R; ++r) {
+        const T* vr = vz + r * co;
+        SRN_SIMD
+        for (int64_t k = 0; k < co; ++k) g.bias[k] += vr[k];
+      }
+    }
+    const bool need_prev = l > 0 || v_x != nullptr;
+    if (g.weight) {  // v_W += v_z^T a_{l-1}
+      if (ly.weight_mm) {
+        c10::BFloat16* a_mm = ws.buf_mm(0);
+        if (l == 0) {
+          detail::to_bf16(x, ldx, R, ci, a_mm);
+        } else {
+          const Layer<T>& p = layers[l - 1];
+          for (int64_t r = 0; r < R; ++r) {
+            const T* xr = act[l - 1] + r * ci;
+            for (int64_t k = 0; k < ci; ++k)
+              a_mm[r * ci + k] = to_storage<c10::BFloat16, T>(
+                  p.norm ? ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k)) : xr[k]);
+          }
+        }
+        c10::BFloat16* vz_mm = ws.buf_mm(1);
+        detail::to_bf16(vz, co, R, co, vz_mm);
+        detail::gemm_mm(true, false, co, ci, R, vz_mm, co, a_mm, ci, T(1), g.weight, ci);
+      } else {
+        const T* a = x;
+        int64_t lda = ldx;
+        if (l > 0) {
+          const Layer<T>& p = layers[l - 1];
+          lda = ci;
+          if (p.norm) {
+            for (int64_t r = 0; r < R; ++r) {
+              const T* xr = act[l - 1] + r * ci;
+              T* ar = a_buf + r * ci;
+              SRN_SIMD
+              for (int64_t k = 0; k < ci; ++k) ar[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));
+            }
+            a = a_buf;
+          } else {
+            a = act[l - 1];
+          }
+        }
+        cpu::gemm(true, false, co, ci, R, vz, co, a, lda, T(1), g.weight, ci);
+      }
+    }
+    if (!need_prev) break;
+    // gradient of the input: v_z @ W
+    T* dst = l > 0 ? ws.buf(1 - cur) : v_x;
+    const int64_t ld_dst = l > 0 ? ci : ldvx;
+    const T beta = (l == 0 && accumulate_vx) ? T(1) : T(0);
+    if (ly.weight_mm) {
+      c10::BFloat16* vz_mm = ws.buf_mm(1);
+      if (!g.weight) detail::to_bf16(vz, co, R, co, vz_mm);
+      detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst);
+    } else {
+      cpu::gemm(false, false, R, ci, co, vz, co, ly.weight, ci, beta, dst, ld_dst);
+    }
+    v = dst, ld_v = ld_dst;
+    cur = 1 - cur;
+  }
+}
+
+}  // namespace tile
 }  // namespace srn

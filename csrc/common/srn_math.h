@@ -117,6 +117,92 @@ SRN_HD void ln_relu_row_vjp(const T* xhat, const T* y, const T* v_y, int n, T rs
 }
 
 // ---------------------------------------------------------------------------------------------
+// LayerNorm + ReLU rows in the form the fused MLP's CPU tiles use (csrc/common/mlp_tile.h): the linear
+// layer's bias is added here, the normalised row xhat is kept (it is all the backward needs: the ReLU mask
+// is xhat * gamma + beta > 0), and the activation may be written in another type (bf16 for the next
+// layer's reduced-precision matmul). Reductions are vectorised on the CPU (omp simd).
+#if !defined(__CUDACC__) && defined(_OPENMP)
+#define SRN_PRAGMA(x) _Pragma(#x)
+#define SRN_SIMD_SUM(...) SRN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define SRN_SIMD _Pragma("omp simd")
+#else
+#define SRN_SIMD_SUM(...)
+#define SRN_SIMD
+#endif
+
+// Conversion of an activation to the storage type Y of the next matmul's input (overloaded for bf16 in
+// common/mlp_tile.h with a vectorisable rounding).
+template <typename Y, typename T>
+SRN_HD Y to_storage(T v) {
+  return static_cast<Y>(v);
+}
+
+// ReLU(xhat * gamma + beta); gamma/beta null = no affine.
+template <typename T>
+SRN_HD T ln_affine_relu(T xhat, const T* gamma, const T* beta, int k) {
+  const T a = gamma ? xhat * gamma[k] + beta[k] : xhat;
+  return a > T(0) ? a : T(0);
+}
+
+// z: one row of n pre-activations without bias (bias may be null). Adds the bias in place, then writes
+// xhat = (z - mean) * rstd to `xhat` (may be z itself, or null) and y = ReLU(xhat * gamma + beta) to `y`
+// (may be z itself only when xhat is null or z). Returns rstd.
+template <typename T, typename Y>
+SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T* beta, T eps, T* xhat, Y* y) {
+  using std::sqrt;
+  T s = T(0);
+  if (bias) {
+    SRN_SIMD_SUM(s)
+    for (int k = 0; k < n; ++k) {
+      z[k] += bias[k];
+      s += z[k];
+    }
+  } else {
+    SRN_SIMD_SUM(s)
+    for (int k = 0; k < n; ++k) s += z[k];
+  }
+  const T mean = s / T(n);
+  T v = T(0);
+  SRN_SIMD_SUM(v)
+  for (int k = 0; k < n; ++k) v += (z[k] - mean) * (z[k] - mean);
+  const T rstd = T(1) / sqrt(v / T(n) + eps);
+  if (xhat) {
+    SRN_SIMD
+    for (int k = 0; k < n; ++k) {
+      const T xh = (z[k] - mean) * rstd;
+      xhat[k] = xh;
+      y[k] = to_storage<Y>(ln_affine_relu(xh, gamma, beta, k));
+    }
+  } else {
+    SRN_SIMD
+    for (int k = 0; k < n; ++k) y[k] = to_storage<Y>(ln_affine_relu((z[k] - mean) * rstd, gamma, beta, k));
+  }
+  return rstd;
+}
+
+// VJP of layernorm_relu_row from its saved xhat and rstd. v_y: gradient of y; writes the gradient of the
+// (biased) pre-activation z to v_z (may alias v_y); accumulates v_gamma / v_beta when non-null (affine only).
+template <typename T>
+SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
+                                   T* v_z, T* v_gamma, T* v_beta) {
+  T sum_g = T(0), sum_gx = T(0);
+  SRN_SIMD_SUM(sum_g, sum_gx)
+  for (int k = 0; k < n; ++k) {
+    const T a = gamma ? xhat[k] * gamma[k] + beta[k] : xhat[k];
+    const T vy = a > T(0) ? v_y[k] : T(0);
+    if (v_gamma) v_gamma[k] += vy * xhat[k];
+    if (v_beta) v_beta[k] += vy;
+    const T g = gamma ? vy * gamma[k] : vy;
+    v_z[k] = g;
+    sum_g += g;
+    sum_gx += g * xhat[k];
+  }
+  const T mg = sum_g / T(n), mgx = sum_gx / T(n);
+  SRN_SIMD
+  for (int k = 0; k < n; ++k) v_z[k] = rstd * (v_z[k] - mg - xhat[k] * mgx);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Lifting a pixel to a world-space ray (reference geometry.world_from_xy_depth /
 // get_ray_directions). c2w is a 3x4 row-major camera-to-world matrix (OpenCV camera).
 //   p(z)  = c2w @ [(u - cx) / fx * z, (v - cy) / fy * z, z, 1]

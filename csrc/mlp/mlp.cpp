@@ -1,10 +1,16 @@
 // srn_fast.ops.mlp: a stack of Linear -> LayerNorm(+affine) -> ReLU layers on points with per-scene or shared
-// weights, forward and hand-written backward. CPU: tiles of rays that stay in cache through every layer, in
-// parallel over tiles; CUDA: the whole batch as one tile (batched GEMMs + fused LayerNorm/ReLU kernels).
+// weights, forward and hand-written backward (see mlp.h for the arguments).
+//   CPU: tiles of rays that stay in cache through every layer (srn::tile in common/mlp_tile.h), in parallel over
+//        tiles; per-thread gradient accumulators summed at the end.
+//   CUDA: the whole batch as one tile: batched GEMMs through ATen (cuBLAS) with the fused LayerNorm/ReLU kernels
+//        of common/elementwise_kernels.cu between them.
+#include "mlp/mlp.h"
+
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "common/checks.h"
+#include "common/cpu_gemm.h"
 #include "common/mlp_tile.h"
 
 namespace srn {
@@ -12,6 +18,9 @@ namespace srn {
 namespace {
 
 constexpr const char* kOp = "srn_fast.ops.mlp";
+// Layers narrower than this (the 3-wide input layer, the 3-wide rgb layer) keep float32 matmuls under
+// matmul_dtype=bf16: they cost nothing and rounding point coordinates to bf16 would shift them by ~0.4%.
+constexpr int64_t kMinBf16Width = 16;
 
 struct Tiles {
   int64_t B, N, R, per_scene;
@@ -22,31 +31,142 @@ struct Tiles {
 };
 
 Tiles make_tiles(int64_t B, int64_t N, int64_t R) {
-  R = std::max<int64_t>(1, R);
+  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
   return Tiles{B, N, R, (N + R - 1) / R};
 }
 
-// rows [r0, r0 + n) of scene b of a [B, N, C] tensor, as a [1, n, C] view
-at::Tensor tile_of(const at::Tensor& t, int64_t b, int64_t r0, int64_t n) {
-  return t.select(0, b).narrow(0, r0, n).unsqueeze(0);
-}
-
-void check_x(const at::Tensor& x) {
+void check_x(const at::Tensor& x, int64_t mm_dtype) {
   check_float(kOp, "x", x);
   TORCH_CHECK(x.dim() == 3, kOp, ": x must have shape [B, N, C_in], got ", shape_str(x));
+  TORCH_CHECK(mm_dtype == 0 || mm_dtype == 1, kOp, ": mm_dtype must be 0 (input dtype) or 1 (bfloat16)");
+  TORCH_CHECK(mm_dtype == 0 || x.scalar_type() == at::kFloat, kOp,
+              ": matmul_dtype=torch.bfloat16 needs float32 x, got ", x.scalar_type());
+}
+
+// The CPU tile layers of scene b.
+template <typename T>
+std::vector<tile::Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
+  std::vector<tile::Layer<T>> out(w.size());
+  for (size_t l = 0; l < w.size(); ++l) {
+    tile::Layer<T>& t = out[l];
+    const bool ps = w.per_scene(l);
+    t.cout = w.W[l].size(-2);
+    t.cin = w.W[l].size(-1);
+    t.weight = w.W[l].data_ptr<T>() + (ps ? b * t.cout * t.cin : 0);
+    t.bias = w.b[l].data_ptr<T>() + (w.b[l].dim() == 2 ? b * t.cout : 0);
+    t.ln_weight = w.gamma[l].defined() ? w.gamma[l].data_ptr<T>() : nullptr;
+    t.ln_bias = w.beta[l].defined() ? w.beta[l].data_ptr<T>() : nullptr;
+    t.norm = w.norm[l];
+    if (bf16 && std::min(t.cin, t.cout) >= kMinBf16Width) {
+      t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
+    }
+  }
+  return out;
+}
+
+// act/rstd saved for backward on the CPU: per layer [B, N, C_l] / [B, N] (see tile::forward).
+template <typename T>
+void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std::vector<at::Tensor>& act,
+                 std::vector<at::Tensor>& rstd, int64_t tile_rows, bool bf16) {
+  const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = out.size(2);
+  const int L = static_cast<int>(w.size());
+  const Tiles tiles = make_tiles(B, N, tile_rows);
+  std::vector<std::vector<tile::Layer<T>>> layers;
+  for (int64_t b = 0; b < B; ++b) layers.push_back(scene_layers<T>(w, b, bf16));
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const bool save = !act.empty();
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
+    tile::Workspace<T> ws(layers[0].data(), L, tiles.R, false);
+    std::vector<T*> ap(L), rp(L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
+      const int64_t row = s * N + r0;
+      if (save) {
+        for (int l = 0; l < L; ++l) {
+          ap[l] = act[l].data_ptr<T>() + row * act[l].size(2);
+          rp[l] = rstd[l].data_ptr<T>() + row;
+        }
+      }
+      tile::forward<T>(layers[s].data(), L, n, xp + row * C0, C0, op + row * CL, CL, save ? ap.data() : nullptr,
+                       save ? rp.data() : nullptr, ws);
+    }
+  });
+}
+
+// Accumulators [threads, ...] of one parameter's gradient, or undefined when not needed.
+at::Tensor thread_acc(int64_t T, const at::Tensor& like, bool need) {
+  if (!need || !like.defined()) return at::Tensor();
+  std::vector<int64_t> shape{T};
+  for (auto s : like.sizes()) shape.push_back(s);
+  return at::zeros(shape, like.options());
+}
+
+template <typename T>
+T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_numel, bool per_scene) {
+  if (!acc.defined()) return nullptr;
+  const int64_t numel = acc.numel() / acc.size(0);
+  return acc.data_ptr<T>() + tid * numel + (per_scene ? b * per_scene_numel : 0);
+}
+
+template <typename T>
+void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_out, const std::vector<at::Tensor>& act,
+                  const std::vector<at::Tensor>& rstd, at::Tensor& v_x, std::vector<at::Tensor>& gW,
+                  std::vector<at::Tensor>& gb, std::vector<at::Tensor>& gg, std::vector<at::Tensor>& gbe,
+                  int64_t tile_rows, bool bf16) {
+  const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = v_out.size(2);
+  const int L = static_cast<int>(w.size());
+  const Tiles tiles = make_tiles(B, N, tile_rows);
+  const bool recompute = act.empty();
+  std::vector<std::vector<tile::Layer<T>>> layers;
+  for (int64_t b = 0; b < B; ++b) layers.push_back(scene_layers<T>(w, b, bf16));
+  const T* xp = x.data_ptr<T>();
+  const T* vp = v_out.data_ptr<T>();
+  T* vxp = v_x.defined() ? v_x.data_ptr<T>() : nullptr;
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
+    const int64_t tid = at::get_thread_num();
+    tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute);
+    std::vector<const T*> ap(L), rp(L);
+    std::vector<tile::LayerGrad<T>> grads(L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
+      const int64_t row = s * N + r0;
+      const auto& ly = layers[s];
+      for (int l = 0; l < L; ++l) {
+        const int64_t co = ly[l].cout;
+        grads[l].weight = acc_ptr<T>(gW[l], tid, s, co * ly[l].cin, w.per_scene(l));
+        grads[l].bias = acc_ptr<T>(gb[l], tid, s, co, w.b[l].dim() == 2);
+        grads[l].ln_weight = acc_ptr<T>(gg[l], tid, s, co, false);
+        grads[l].ln_bias = acc_ptr<T>(gbe[l], tid, s, co, false);
+      }
+      if (recompute) {
+        // rerun the forward on this tile, keeping the activations in the workspace; its output is not needed
+        // but must go somewhere: the third float buffer is free until backward() starts.
+        tile::forward<T>(ly.data(), L, n, xp + row * C0, C0, ws.buf(2), CL, ws.act(), ws.rstd(), ws);
+        for (int l = 0; l < L; ++l) {
+          ap[l] = ws.act()[l];
+          rp[l] = ws.rstd()[l];
+        }
+      } else {
+        for (int l = 0; l < L; ++l) {
+          ap[l] = act[l].data_ptr<T>() + row * act[l].size(2);
+          rp[l] = rstd[l].data_ptr<T>() + row;
+        }
+      }
+      tile::backward<T>(ly.data(), L, n, xp + row * C0, C0, ap.data(), rp.data(), vp + row * CL, CL,
+                        vxp ? vxp + row * C0 : nullptr, C0, false, grads.data(), ws);
+    }
+  });
 }
 
 }  // namespace
 
-// x [B, N, C_0]; weights: per layer [B, C_out, C_in] or [C_out, C_in]; biases [B, C_out] or [C_out];
-// ln weights / biases [C_out] or None; norm flags. save: return the pre-norm activations for backward.
-// mm_dtype: 0 = the input dtype, 1 = bfloat16 matmuls. Returns [out [B, N, C_L], z_0, ..., z_{L-1} (if save)].
 std::vector<at::Tensor> mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W,
                                     const std::vector<at::Tensor>& b,
                                     const std::vector<c10::optional<at::Tensor>>& gamma,
                                     const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
                                     bool save, int64_t tile_rows, int64_t mm_dtype) {
-  check_x(x_);
+  check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
   const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
@@ -60,97 +180,73 @@ std::vector<at::Tensor> mlp_forward(const at::Tensor& x_, const std::vector<at::
     return result;
   }
   auto out = at::empty({B, N, w.W[L - 1].size(-2)}, x.options());
-  std::vector<at::Tensor> zs_full;
+  std::vector<at::Tensor> act, rstd;
   if (save) {
-    for (size_t l = 0; l < L; ++l) zs_full.push_back(at::empty({B, N, w.W[l].size(-2)}, x.options()));
+    for (size_t l = 0; l < L; ++l) act.push_back(at::empty({B, N, w.W[l].size(-2)}, x.options()));
+    for (size_t l = 0; l < L; ++l) rstd.push_back(at::empty({B, N}, x.options()));
   }
-  const Tiles tiles = make_tiles(B, N, tile_rows);
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
-      if (n <= 0) continue;
-      std::vector<at::Tensor> zs;
-      at::Tensor y = mlp_tile_forward(w.scenes(s, 1), tile_of(x, s, r0, n), save ? &zs : nullptr);
-      tile_of(out, s, r0, n).copy_(y);
-      for (size_t l = 0; l < zs.size(); ++l) tile_of(zs_full[l], s, r0, n).copy_(zs[l]);
-    }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
+    forward_cpu<scalar_t>(w, x, out, act, rstd, tile_rows, mm_dtype == 1);
   });
   result.push_back(out);
-  for (auto& z : zs_full) result.push_back(z);
+  for (auto& t : act) result.push_back(t);
+  for (auto& t : rstd) result.push_back(t);
   return result;
 }
 
-// Backward of mlp_forward. v_out [B, N, C_L]; zs: the saved pre-norm activations.
-// needs: [x, weights, biases, ln weights, ln biases]. Returns [v_x, v_W..., v_b..., v_gamma..., v_beta...]
-// (undefined where not needed).
-std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vector<at::Tensor>& zs,
-                                     const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
+std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_,
+                                     const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& W,
+                                     const std::vector<at::Tensor>& b,
                                      const std::vector<c10::optional<at::Tensor>>& gamma,
                                      const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                                     const std::vector<bool>& needs, int64_t tile_rows) {
-  check_x(x_);
+                                     const std::vector<bool>& needs, int64_t tile_rows, int64_t mm_dtype) {
+  check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous(), v_out = v_out_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
-  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), 0);
+  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
   const size_t L = w.size();
-  TORCH_CHECK(zs.size() == L, kOp, ": backward needs the ", L, " saved activations, got ", zs.size());
-  TORCH_CHECK(needs.size() == 5, kOp, ": needs must have 5 flags");
-  const bool need_x = needs[0], need_W = needs[1], need_b = needs[2], need_g = needs[3], need_be = needs[4];
+  check_same(kOp, "grad_output", v_out, x, "x");
+  check_shape(kOp, "grad_output", v_out, {B, N, w.W[L - 1].size(-2)}, "[B, N, C_out] (the output's shape)");
+  TORCH_CHECK(needs.size() == 5, kOp, ": needs must have 5 flags (x, weights, biases, ln weights, ln biases)");
   const bool on_cuda = x.is_cuda();
+  TORCH_CHECK(saved.empty() || saved.size() == (on_cuda ? L : 2 * L), kOp, ": backward got ", saved.size(),
+              " saved activations, expected none (recompute) or ", on_cuda ? L : 2 * L);
+  const bool need_x = needs[0], need_W = needs[1], need_b = needs[2], need_g = needs[3], need_be = needs[4];
   const int64_t T = on_cuda ? 1 : at::get_num_threads();
-
-  // Accumulators: [T, ...] per thread on the CPU (summed at the end), the gradient itself on CUDA.
-  auto acc = [&](const at::Tensor& like, bool need) {
-    if (!need) return at::Tensor();
-    std::vector<int64_t> shape{T};
-    for (auto s : like.sizes()) shape.push_back(s);
-    return at::zeros(shape, like.options());
-  };
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
-    gW[l] = acc(w.W[l], need_W);
-    gb[l] = acc(w.b[l], need_b);
-    if (w.gamma[l].defined()) {
-      gg[l] = acc(w.gamma[l], need_g);
-      gbe[l] = acc(w.beta[l], need_be);
-    }
+    gW[l] = thread_acc(T, w.W[l], need_W);
+    gb[l] = thread_acc(T, w.b[l], need_b);
+    gg[l] = thread_acc(T, w.gamma[l], need_g);
+    gbe[l] = thread_acc(T, w.beta[l], need_be);
   }
-  auto thread_grads = [&](int64_t tid) {
-    MLPGrads g;
-    for (size_t l = 0; l < L; ++l) {
-      g.W.push_back(gW[l].defined() ? gW[l][tid] : at::Tensor());
-      g.b.push_back(gb[l].defined() ? gb[l][tid] : at::Tensor());
-      g.gamma.push_back(gg[l].defined() ? gg[l][tid] : at::Tensor());
-      g.beta.push_back(gbe[l].defined() ? gbe[l][tid] : at::Tensor());
-    }
-    return g;
-  };
   at::Tensor v_x;
   if (on_cuda) {
     c10::DeviceGuard guard(x.device());
-    MLPGrads g = thread_grads(0);
+    MLPGrads g;
+    auto first = [](const at::Tensor& t) { return t.defined() ? t[0] : t; };
+    for (size_t l = 0; l < L; ++l) {
+      g.W.push_back(first(gW[l]));
+      g.b.push_back(first(gb[l]));
+      g.gamma.push_back(first(gg[l]));
+      g.beta.push_back(first(gbe[l]));
+    }
+    std::vector<at::Tensor> zs = saved;
+    if (zs.empty()) mlp_tile_forward(w, x, &zs);
     v_x = mlp_tile_backward(w, x, zs, {}, v_out, g, need_x);
   } else {
     if (need_x) v_x = at::empty_like(x);
-    std::vector<at::Tensor> zc;
-    for (const auto& z : zs) zc.push_back(z.contiguous());
-    const Tiles tiles = make_tiles(B, N, tile_rows);
-    at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
-      MLPGrads g_all = thread_grads(at::get_thread_num());
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
-        if (n <= 0) continue;
-        std::vector<at::Tensor> zt;
-        for (size_t l = 0; l < L; ++l) zt.push_back(tile_of(zc[l], s, r0, n));
-        MLPGrads g = g_all.scenes(s, 1, w);
-        at::Tensor vx = mlp_tile_backward(w.scenes(s, 1), tile_of(x, s, r0, n), zt, {}, tile_of(v_out, s, r0, n),
-                                          g, need_x);
-        if (need_x) tile_of(v_x, s, r0, n).copy_(vx);
-      }
+    std::vector<at::Tensor> act, rstd;
+    for (size_t l = 0; l < saved.size() / 2; ++l) {
+      act.push_back(saved[l].contiguous());
+      rstd.push_back(saved[L + l].contiguous());
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_backward", [&] {
+      backward_cpu<scalar_t>(w, x, v_out, act, rstd, v_x, gW, gb, gg, gbe, tile_rows, mm_dtype == 1);
     });
   }
   std::vector<at::Tensor> out{v_x};
-  auto reduce = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
+  auto reduce = [&](const at::Tensor& t) { return !t.defined() ? t : (T == 1 ? t[0] : t.sum(0)); };
   for (size_t l = 0; l < L; ++l) out.push_back(reduce(gW[l]));
   for (size_t l = 0; l < L; ++l) out.push_back(reduce(gb[l]));
   for (size_t l = 0; l < L; ++l) out.push_back(reduce(gg[l]));
@@ -159,12 +255,17 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
 }
 
 void register_mlp(pybind11::module& m) {
-  m.def("mlp_forward", &mlp_forward, "Fused MLP forward", pybind11::arg("x"), pybind11::arg("weights"),
-        pybind11::arg("biases"), pybind11::arg("ln_weights"), pybind11::arg("ln_biases"), pybind11::arg("norm"),
-        pybind11::arg("save"), pybind11::arg("tile_rows") = 128, pybind11::arg("mm_dtype") = 0);
-  m.def("mlp_backward", &mlp_backward, "Fused MLP backward", pybind11::arg("v_out"), pybind11::arg("x"),
-        pybind11::arg("zs"), pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("ln_weights"),
-        pybind11::arg("ln_biases"), pybind11::arg("norm"), pybind11::arg("needs"), pybind11::arg("tile_rows") = 128);
+  namespace py = pybind11;
+  m.def("mlp_forward", &mlp_forward, "Fused MLP forward (see csrc/mlp/mlp.h)", py::arg("x"), py::arg("weights"),
+        py::arg("biases"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("norm"), py::arg("save"),
+        py::arg("tile_rows") = 128, py::arg("mm_dtype") = 0);
+  m.def("mlp_backward", &mlp_backward, "Fused MLP backward (see csrc/mlp/mlp.h)", py::arg("v_out"), py::arg("x"),
+        py::arg("saved"), py::arg("weights"), py::arg("biases"), py::arg("ln_weights"), py::arg("ln_biases"),
+        py::arg("norm"), py::arg("needs"), py::arg("tile_rows") = 128, py::arg("mm_dtype") = 0);
+  m.def("cpu_gemm_backend", [] { return std::string(cpu::gemm_backend()); },
+        "The CPU matmul backend of the tile loops: 'blas' (torch's MKL) or 'aten'");
+  m.def("set_cpu_gemm_backend", [](const std::string& name) { cpu::set_gemm_backend(name); },
+        "Select the CPU matmul backend: 'auto', 'blas' or 'aten' (for tests and benchmarks)");
 }
 
 }  // namespace srn

@@ -1,0 +1,203 @@
+"""Benchmark of the fused MLP op (issue 4): phi forward and forward+backward, fused vs the torch backend.
+
+Measures, in one run on one device:
+  * the yardstick: the machine's own batched-matmul rate (torch.bmm, [B, N, W] x [B, W, W]) in float32 (and
+    bfloat16 on the CPU);
+  * phi (3 -> W -> W -> W -> W, per-scene weights, LayerNorm without affine + ReLU) at B scenes x N rays:
+    forward (no grad) and forward+backward (gradients for x and every weight/bias), for backend torch
+    (srn_fast.torch_impl.mlp), fused (srn_fast.ops.mlp; activations kept, or recomputed in backward; CPU
+    matmuls through torch's MKL symbols or through at::mm) and fused with bf16 matmuls (with its output error).
+Median times, GFLOP/s (forward 2 * B * N * sum(C_in * C_out); forward+backward 3x that), speed-up vs torch
+and the share of the bmm rate. Prints a table; --json writes the rows with device, versions and commit.
+
+    python benchmarks/mlp_bench.py [--quick] [--device cpu|cuda] [--json out.json]
+
+`run_mlp_cases(device, quick)` returns the rows (benchmarks/march_bench.py reuses it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from srn_fast import _ext, ops, torch_impl  # noqa: E402
+from srn_fast.torch_impl import Layer  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds (after warm-up; synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def phi_layers(B: int, width: int, device: str, requires_grad: bool, seed: int = 0) -> List[Layer]:
+    gen = torch.Generator().manual_seed(seed)
+    dims = [3, width, width, width, width]
+    layers = []
+    for ci, co in zip(dims[:-1], dims[1:]):
+        W = torch.randn(B, co, ci, generator=gen) * (2.0 / ci) ** 0.5
+        b = torch.randn(B, co, generator=gen) * 0.1
+        layers.append(Layer(W.to(device).requires_grad_(requires_grad), b.to(device).requires_grad_(requires_grad),
+                            True))
+    return layers
+
+
+def _flops_forward(B: int, N: int, width: int) -> float:
+    dims = [3, width, width, width, width]
+    return 2.0 * B * N * sum(ci * co for ci, co in zip(dims[:-1], dims[1:]))
+
+
+def run_mlp_cases(device: str = "cpu", quick: bool = False, B: int = 2, N: int = 8192, width: int = 256
+                  ) -> List[Dict]:
+    """Rows of the MLP benchmark (see the module docstring). quick: N / 4 and fewer repetitions."""
+    if quick:
+        N = max(256, N // 4)
+    reps = 3 if quick else 7
+    ext = _ext.load()
+    rows: List[Dict] = []
+    fwd_flops = _flops_forward(B, N, width)
+
+    # yardstick: the machine's batched matmul on the same shape
+    a = torch.randn(B, N, width, device=device)
+    w = torch.randn(B, width, width, device=device)
+    bmm_flops = 2.0 * B * N * width * width
+    t = median_time(lambda: torch.bmm(a, w.transpose(1, 2)), device, reps)
+    bmm_rate = bmm_flops / t / 1e9
+    rows.append(dict(case="yardstick", impl="torch.bmm float32", phase="matmul", ms=t * 1e3, gflops=bmm_rate))
+    ab, wb = a.bfloat16(), w.bfloat16()
+    t = median_time(lambda: torch.bmm(ab, wb.transpose(1, 2)), device, reps)
+    rows.append(dict(case="yardstick", impl="torch.bmm bfloat16", phase="matmul", ms=t * 1e3,
+                     gflops=bmm_flops / t / 1e9))
+
+    x = torch.randn(B, N, 3, device=device) * 0.5
+    case = f"phi B={B} N={N} W={width}"
+    have_fused = ext is not None and hasattr(ext, "mlp_forward")
+
+    impls = [("torch", lambda x, L: torch_impl.mlp(x, L), None)]
+    if have_fused:
+        impls += [
+            ("fused", lambda x, L: ops.mlp(x, L, save_activations=True), "auto"),
+            ("fused recompute-bwd", lambda x, L: ops.mlp(x, L, save_activations=False), "auto"),
+            ("fused bf16", lambda x, L: ops.mlp(x, L, matmul_dtype=torch.bfloat16), "auto"),
+        ]
+        if device == "cpu":
+            impls.append(("fused (at::mm gemm)", lambda x, L: ops.mlp(x, L), "aten"))
+
+    # forward, no grad
+    layers = phi_layers(B, width, device, requires_grad=False)
+    with torch.no_grad():
+        ref = torch_impl.mlp(x, layers)
+        base = None
+        for name, fn, gemm in impls:
+            if name == "fused recompute-bwd":
+                continue
+            if gemm and device == "cpu":
+                ext.set_cpu_gemm_backend(gemm)
+            t = median_time(lambda: fn(x, layers), device, reps)
+            out = fn(x, layers)
+            err = ((out - ref).norm() / ref.norm()).item()
+            base = t if name == "torch" else base
+            rows.append(dict(case=case, impl=name, phase="forward", ms=t * 1e3, gflops=fwd_flops / t / 1e9,
+                             speedup_vs_torch=base / t, pct_of_bmm=100 * fwd_flops / t / 1e9 / bmm_rate,
+                             rel_err_vs_torch=err))
+    # forward + backward
+    layers = phi_layers(B, width, device, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    v = torch.randn(B, N, width, device=device)
+    base = None
+    for name, fn, gemm in impls:
+        if gemm and device == "cpu":
+            ext.set_cpu_gemm_backend(gemm)
+
+        def step():
+            out = fn(xg, layers)
+            return torch.autograd.grad(out, [xg] + [t for L in layers for t in (L.weight, L.bias)], v)
+
+        t = median_time(step, device, reps)
+        base = t if name == "torch" else base
+        rows.append(dict(case=case, impl=name, phase="forward+backward", ms=t * 1e3, gflops=3 * fwd_flops / t / 1e9,
+                         speedup_vs_torch=base / t, pct_of_bmm=100 * 3 * fwd_flops / t / 1e9 / bmm_rate))
+    if have_fused and device == "cpu":
+        ext.set_cpu_gemm_backend("auto")
+    return rows
+
+
+def print_table(rows: List[Dict]) -> None:
+    head = f"{'case':<24} {'impl':<22} {'phase':<17} {'ms':>9} {'GFLOP/s':>8} {'x torch':>8} {'% bmm':>6} {'rel err':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else ""
+        print(f"{r['case']:<24} {r['impl']:<22} {r['phase']:<17} {f('ms', '9.2f'):>9} {f('gflops', '8.1f'):>8} "
+              f"{f('speedup_vs_torch', '8.2f'):>8} {f('pct_of_bmm', '6.0f'):>6} {f('rel_err_vs_torch', '8.1e'):>8}")
+
+
+def environment(device: str) -> Dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    env = dict(device=device, torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               processor=platform.processor(), threads=torch.get_num_threads(), commit=commit,
+               cpu_gemm=_ext.load().cpu_gemm_backend() if _ext.load() is not None and
+               hasattr(_ext.load(), "cpu_gemm_backend") else None,
+               load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="N / 4 and 3 repetitions")
+    p.add_argument("--N", type=int, default=8192)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write rows and environment to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is available")
+    rows = run_mlp_cases(args.device, args.quick, B=args.B, N=args.N, width=args.width)
+    env = environment(args.device)
+    print(f"# {env['device']}  torch {env['torch']}  threads {env['threads']}  cpu gemm {env['cpu_gemm']}  "
+          f"load {env['load_average']}")
+    print_table(rows)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+// Row-major matrix products on raw pointers for the CPU tile loops (csrc/common/mlp_tile.h).
+//
+//   C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C        (beta 0 or 1; op = transpose when ta / tb)
+//
+// A is stored [M, K] (or [K, M] when ta) with row stride lda; likewise B and C. Called from inside
+// at::parallel_for, so each call runs on the calling thread only.
+//
+// Backends (chosen once, overridable with SRN_FAST_GEMM=aten|blas or set_gemm_backend):
+//   "blas": the BLAS that torch itself links (MKL's sgemm_/dgemm_ and cblas_gemm_bf16bf16f32, which uses
+//           AMX on CPUs that have it), resolved as weak symbols: no per-call tensor or dispatcher overhead.
+//   "aten": at::mm_out on from_blob views (portable; used when torch exports no BLAS symbols).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <string>
+
+namespace srn {
+namespace cpu {
+
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+          int64_t ldb, double beta, double* C, int64_t ldc);
+// bf16 inputs, float32 accumulation and output.
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+          const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// "blas" or "aten": the backend in use.
+const char* gemm_backend();
+// Selects "blas" (error if unavailable), "aten", or "auto" (blas when available).
+void set_gemm_backend(const std::string& name);
+
+}  // namespace cpu
+}  // namespace srn
