@@ -44,6 +44,7 @@ def atomic_write(path: str, write_fn) -> None:
             write_fn(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -7,13 +7,14 @@ the head predicts all ``num_classes = P + 1`` classes, background included.
 """
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+
 import torch.nn as nn
+
+from ..checkpoint import atomic_write
 
 
 class SemanticInputError(ValueError):
@@ -95,24 +96,8 @@ class SemanticHead(nn.Module):
 
 def _atomic_save(path: str, obj: Any) -> None:
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_head(path: str, head: SemanticHead, extra: Optional[Dict[str, Any]] = None) -> str:

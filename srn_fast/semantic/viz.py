@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..checkpoint import atomic_write
 
 # class 0 (background) dark grey, then distinct part colours
 PALETTE = np.array([[40, 40, 40], [228, 26, 28], [55, 126, 184], [77, 175, 74], [255, 127, 0], [152, 78, 163],
@@ -65,20 +67,8 @@ def vstack(images: Sequence[np.ndarray], gap: int = 2, fill: int = 255) -> np.nd
 
 
 def _atomic_bytes(path: str, data: bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
