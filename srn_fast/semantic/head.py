@@ -11,7 +11,6 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-
 import torch.nn as nn
 
 from ..checkpoint import atomic_write
