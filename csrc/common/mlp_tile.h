@@ -338,5 +338,46 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   }
 }
 
+// The tile layers of scene b of w (per-scene weights sliced, shared ones as they are). With bf16, layers at least
+// min_bf16_width wide on both sides get their bf16 weight copy (w.W_mm) for reduced-precision matmuls; narrower
+// ones (phi's 3-wide input layer, the 3-wide rgb layer) stay in T: they cost nothing and rounding point
+// coordinates to bf16 would shift them by ~0.4%.
+constexpr int64_t kMinBf16Width = 16;
+template <typename T>
+std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
+  std::vector<Layer<T>> out(w.size());
+  for (size_t l = 0; l < w.size(); ++l) {
+    Layer<T>& t = out[l];
+    const bool ps = w.per_scene(l);
+    t.cout = w.W[l].size(-2);
+    t.cin = w.W[l].size(-1);
+    t.weight = w.W[l].data_ptr<T>() + (ps ? b * t.cout * t.cin : 0);
+    t.bias = w.b[l].data_ptr<T>() + (w.b[l].dim() == 2 ? b * t.cout : 0);
+    t.ln_weight = w.gamma[l].defined() ? w.gamma[l].data_ptr<T>() : nullptr;
+    t.ln_bias = w.beta[l].defined() ? w.beta[l].data_ptr<T>() : nullptr;
+    t.norm = w.norm[l];
+    if (bf16 && std::min(t.cin, t.cout) >= kMinBf16Width) {
+      t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
+    }
+  }
+  return out;
+}
+
+// Per-thread gradient accumulators: [threads, ...like], zeroed; undefined when not needed.
+inline at::Tensor thread_acc(int64_t threads, const at::Tensor& like, bool need) {
+  if (!need || !like.defined()) return at::Tensor();
+  std::vector<int64_t> shape{threads};
+  for (auto s : like.sizes()) shape.push_back(s);
+  return at::zeros(shape, like.options());
+}
+
+// Thread tid's accumulator of thread_acc(), at scene b when per_scene (per_scene_numel values per scene).
+template <typename T>
+T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_numel, bool per_scene) {
+  if (!acc.defined()) return nullptr;
+  const int64_t numel = acc.numel() / acc.size(0);
+  return acc.data_ptr<T>() + tid * numel + (per_scene ? b * per_scene_numel : 0);
+}
+
 }  // namespace tile
 }  // namespace srn

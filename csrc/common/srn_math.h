@@ -185,17 +185,34 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
 template <typename T>
 SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
                                    T* v_z, T* v_gamma, T* v_beta) {
+  // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select).
   T sum_g = T(0), sum_gx = T(0);
-  SRN_SIMD_SUM(sum_g, sum_gx)
-  for (int k = 0; k < n; ++k) {
-    const T a = gamma ? xhat[k] * gamma[k] + beta[k] : xhat[k];
-    const T vy = a > T(0) ? v_y[k] : T(0);
-    if (v_gamma) v_gamma[k] += vy * xhat[k];
-    if (v_beta) v_beta[k] += vy;
-    const T g = gamma ? vy * gamma[k] : vy;
-    v_z[k] = g;
-    sum_g += g;
-    sum_gx += g * xhat[k];
+  if (gamma) {
+    if (v_gamma || v_beta) {
+      for (int k = 0; k < n; ++k) {
+        const T xh = xhat[k];
+        const T vy = xh * gamma[k] + beta[k] > T(0) ? v_y[k] : T(0);
+        if (v_gamma) v_gamma[k] += vy * xh;
+        if (v_beta) v_beta[k] += vy;
+      }
+    }
+    SRN_SIMD_SUM(sum_g, sum_gx)
+    for (int k = 0; k < n; ++k) {
+      const T xh = xhat[k];
+      const T g = xh * gamma[k] + beta[k] > T(0) ? v_y[k] * gamma[k] : T(0);
+      v_z[k] = g;
+      sum_g += g;
+      sum_gx += g * xh;
+    }
+  } else {
+    SRN_SIMD_SUM(sum_g, sum_gx)
+    for (int k = 0; k < n; ++k) {
+      const T xh = xhat[k];
+      const T g = xh > T(0) ? v_y[k] : T(0);
+      v_z[k] = g;
+      sum_g += g;
+      sum_gx += g * xh;
+    }
   }
   const T mg = sum_g / T(n), mgx = sum_gx / T(n);
   SRN_SIMD

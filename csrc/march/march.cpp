@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/elementwise.h"
 #include "common/mlp_tile.h"
+#include "march/march_cpu.h"
 
 namespace srn {
 
@@ -36,7 +37,9 @@ struct Saved {  // full-size buffers; undefined in inference mode
   at::Tensor xs;                        // [T, B, N, 3]   x_t, t < T
   at::Tensor hs, cs;                    // [T + 1, B, N, H]
   at::Tensor gates;                     // [T, B, N, 4H]  activated gates
-  std::vector<at::Tensor> zs;           // store mode: T * L tensors [B, N, C_l]
+  std::vector<at::Tensor> zs;           // store mode: T * L tensors [B, N, C_l] (CUDA: pre-norm z; CPU: the
+                                        // tile::forward activation, see march_cpu.h)
+  std::vector<at::Tensor> rstd;         // store mode, CPU: T * L tensors [B, N]
   at::Tensor steps;                     // [T + 1, B, N, 3] when return_steps
 };
 
@@ -145,7 +148,109 @@ void check_rays(const at::Tensor& x0, const at::Tensor& dirs) {
 struct TileGrid {
   int64_t B, N, R, per;
   int64_t count() const { return B * per; }
+  int64_t scene(int64_t i) const { return i / per; }
+  int64_t row0(int64_t i) const { return (i % per) * R; }
+  int64_t rows(int64_t i) const { return std::min(R, N - row0(i)); }
 };
+
+TileGrid make_grid(int64_t B, int64_t N, int64_t R) {
+  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
+  return TileGrid{B, N, R, (N + R - 1) / R};
+}
+
+// Gradient accumulators, [threads, ...] (undefined = not needed).
+struct Accumulators {
+  std::vector<at::Tensor> W, b, gamma, beta;
+  at::Tensor w_ih, w_hh, bias, w_out, b_out;
+};
+
+// ---- CPU: tiles on raw pointers (march_cpu.h) ----------------------------------------------------------------
+
+template <typename T>
+march_cpu::Lstm<T> lstm_ptrs(const LSTMWeights& lw, int64_t F) {
+  return march_cpu::Lstm<T>{lw.w_ih.data_ptr<T>(), lw.w_hh.data_ptr<T>(), lw.bias.data_ptr<T>(),
+                            lw.w_out.data_ptr<T>(), lw.b_out.data_ptr<T>(), lw.w_hh.size(1), F};
+}
+
+template <typename T>
+march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
+  march_cpu::Saved<T> p;
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  p.xs = ptr(sv.xs);
+  p.hs = ptr(sv.hs);
+  p.cs = ptr(sv.cs);
+  p.gates = ptr(sv.gates);
+  p.steps = ptr(sv.steps);
+  for (auto& a : sv.zs) p.act.push_back(a.data_ptr<T>());
+  for (auto& r : sv.rstd) p.rstd.push_back(r.data_ptr<T>());
+  p.BN = BN;
+  return p;
+}
+
+template <typename T>
+void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0, const at::Tensor& dirs,
+                 int64_t steps, Saved& sv, at::Tensor& xT, int64_t tile_rows, bool bf16) {
+  const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
+  const int L = static_cast<int>(phi.size());
+  const TileGrid grid = make_grid(B, N, tile_rows);
+  std::vector<std::vector<tile::Layer<T>>> layers;
+  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, bf16));
+  const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
+  march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
+  const T* xp = x0.data_ptr<T>();
+  const T* dp = dirs.data_ptr<T>();
+  T* op = xT.data_ptr<T>();
+  at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
+    tile::Workspace<T> ws(layers[0].data(), L, grid.R, false);
+    march_cpu::Scratch<T> sc(grid.R, lp.H, F);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
+      march_cpu::tile_forward<T>(layers[s].data(), L, lp, n, row, xp + row * 3, dp + row * 3, steps, op + row * 3,
+                                 sp, ws, sc);
+    }
+  });
+}
+
+template <typename T>
+void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0, const at::Tensor& dirs,
+                  const at::Tensor& v_xT, int64_t steps, double clamp_v, const Saved& sv, Accumulators& acc,
+                  at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows) {
+  const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
+  const int L = static_cast<int>(phi.size());
+  const TileGrid grid = make_grid(B, N, tile_rows);
+  std::vector<std::vector<tile::Layer<T>>> layers;
+  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, false));
+  const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
+  const march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
+  const T* xp = x0.data_ptr<T>();
+  const T* dp = dirs.data_ptr<T>();
+  const T* vp = v_xT.data_ptr<T>();
+  T* vx0 = v_x0.data_ptr<T>();
+  T* vd = v_dirs.data_ptr<T>();
+  const bool recompute = sv.zs.empty();
+  at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
+    const int64_t tid = at::get_thread_num();
+    tile::Workspace<T> ws(layers[0].data(), L, grid.R, recompute);
+    march_cpu::Scratch<T> sc(grid.R, lp.H, F);
+    march_cpu::LstmGrad<T> gl{tile::acc_ptr<T>(acc.w_ih, tid, 0, 0, false), tile::acc_ptr<T>(acc.w_hh, tid, 0, 0, false),
+                              tile::acc_ptr<T>(acc.bias, tid, 0, 0, false), tile::acc_ptr<T>(acc.w_out, tid, 0, 0, false),
+                              tile::acc_ptr<T>(acc.b_out, tid, 0, 0, false)};
+    std::vector<tile::LayerGrad<T>> gp(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
+      const auto& ly = layers[s];
+      for (int l = 0; l < L; ++l) {
+        const int64_t co = ly[l].cout;
+        gp[l].weight = tile::acc_ptr<T>(acc.W[l], tid, s, co * ly[l].cin, phi.per_scene(l));
+        gp[l].bias = tile::acc_ptr<T>(acc.b[l], tid, s, co, phi.b[l].dim() == 2);
+        gp[l].ln_weight = tile::acc_ptr<T>(acc.gamma[l], tid, s, co, false);
+        gp[l].ln_bias = tile::acc_ptr<T>(acc.beta[l], tid, s, co, false);
+      }
+      march_cpu::tile_backward<T>(ly.data(), L, lp, n, row, xp + row * 3, dp + row * 3, steps, vp + row * 3,
+                                  T(clamp_v), sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
+    }
+  });
+}
 
 }  // namespace
 
@@ -179,8 +284,12 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
     sv.cs[0].zero_();
     sv.gates = at::empty({T, B, N, 4 * H}, opt);
     if (mode == kStore) {
-      for (int64_t t = 0; t < T; ++t)
-        for (size_t l = 0; l < L; ++l) sv.zs.push_back(at::empty({B, N, phi.W[l].size(-2)}, opt));
+      for (int64_t t = 0; t < T; ++t) {
+        for (size_t l = 0; l < L; ++l) {
+          sv.zs.push_back(at::empty({B, N, phi.W[l].size(-2)}, opt));
+          if (!x0.is_cuda()) sv.rstd.push_back(at::empty({B, N}, opt));
+        }
+      }
     }
   }
   if (return_steps) sv.steps = at::empty({T + 1, B, N, 3}, opt);
@@ -190,23 +299,17 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
     xT = march_tile_forward(phi, lw, x0, dirs, T, mode, sv, [](const at::Tensor& t) { return t; });
   } else {
     xT = at::empty_like(x0);
-    const int64_t R = std::max<int64_t>(1, tile_rows), per = (N + R - 1) / R;
-    at::parallel_for(0, B * per, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t s = i / per, r0 = (i % per) * R, n = std::min(R, N - r0);
-        if (n <= 0) continue;
-        TileView tv = [s, r0, n](const at::Tensor& t) { return t.narrow(0, s, 1).narrow(1, r0, n); };
-        at::Tensor y = march_tile_forward(phi.scenes(s, 1), lw, tv(x0), tv(dirs), T, mode, sv, tv);
-        tv(xT).copy_(y);
-      }
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_forward", [&] {
+      forward_cpu<scalar_t>(phi, lw, x0, dirs, T, sv, xT, tile_rows, mm_dtype == 1);
     });
   }
   std::vector<at::Tensor> out{xT, sv.steps, sv.xs, sv.hs, sv.cs, sv.gates};
   for (auto& z : sv.zs) out.push_back(z);
+  for (auto& r : sv.rstd) out.push_back(r);
   return out;
 }
 
-// Backward. saved = [xs, hs, cs, gates, zs...] from march_forward. needs = [x0, dirs, phi weights, phi biases,
+// Backward. saved = [xs, hs, cs, gates, zs..., rstd...] from march_forward (rstd: store mode on the CPU). needs = [x0, dirs, phi weights, phi biases,
 // phi ln weights, phi ln biases]. Returns [v_x0, v_dirs, v_W..., v_b..., v_gamma..., v_beta...,
 // v_w_ih, v_w_hh, v_bias, v_w_out [1, H], v_b_out [1]].
 std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Tensor& dirs_,
@@ -226,15 +329,20 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
   const size_t L = phi.size();
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, phi.W.back().size(-2));
   const int64_t T = steps;
-  TORCH_CHECK(saved.size() == 4 + (mode == kStore ? T * L : 0), kOp, ": wrong number of saved tensors");
-  Saved sv;
-  sv.xs = saved[0];
-  sv.hs = saved[1];
-  sv.cs = saved[2];
-  sv.gates = saved[3];
-  for (size_t i = 4; i < saved.size(); ++i) sv.zs.push_back(saved[i]);
-  TORCH_CHECK(needs.size() == 6, kOp, ": needs must have 6 flags");
   const bool on_cuda = x0.is_cuda();
+  const size_t n_store = mode == kStore ? (on_cuda ? 1 : 2) * T * L : 0;
+  TORCH_CHECK(saved.size() == 4 + n_store, kOp, ": wrong number of saved tensors: got ", saved.size(), ", expected ",
+              4 + n_store);
+  Saved sv;
+  sv.xs = saved[0].contiguous();
+  sv.hs = saved[1].contiguous();
+  sv.cs = saved[2].contiguous();
+  sv.gates = saved[3].contiguous();
+  for (size_t i = 0; i < size_t(mode == kStore ? T * L : 0); ++i) {
+    sv.zs.push_back(saved[4 + i].contiguous());
+    if (!on_cuda) sv.rstd.push_back(saved[4 + T * L + i].contiguous());
+  }
+  TORCH_CHECK(needs.size() == 6, kOp, ": needs must have 6 flags");
   const int64_t NT = on_cuda ? 1 : at::get_num_threads();
   auto acc = [&](const at::Tensor& like, bool need) {
     if (!need || !like.defined()) return at::Tensor();
@@ -273,23 +381,12 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
   } else {
     v_x0 = at::empty_like(x0);
     v_dirs = at::empty_like(x0);
-    const int64_t R = std::max<int64_t>(1, tile_rows), per = (N + R - 1) / R;
-    at::parallel_for(0, B * per, 1, [&](int64_t t0, int64_t t1) {
-      MLPGrads gp_all;
-      LSTMGrads gl;
-      grads_of(at::get_thread_num(), gp_all, gl);
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t s = i / per, r0 = (i % per) * R, n = std::min(R, N - r0);
-        if (n <= 0) continue;
-        TileView tv = [s, r0, n](const at::Tensor& t) { return t.narrow(0, s, 1).narrow(1, r0, n); };
-        MLPGrads gp = gp_all.scenes(s, 1, phi);
-        auto r = march_tile_backward(phi.scenes(s, 1), lw, tv(dirs), tv(v_xT), T, mode, clamp_v, sv, tv, gp, gl);
-        tv(v_x0).copy_(r.first);
-        tv(v_dirs).copy_(r.second);
-      }
+    Accumulators acc{gW, gb, gg, gbe, g_wih, g_whh, g_bias, g_wout, g_bout};
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_backward", [&] {
+      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, v_x0, v_dirs, tile_rows);
     });
   }
-  auto reduce = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
+  auto reduce = [NT](const at::Tensor& t) { return !t.defined() ? t : (NT == 1 ? t[0] : t.sum(0)); };
   std::vector<at::Tensor> out{needs[0] ? v_x0 : at::Tensor(), needs[1] ? v_dirs : at::Tensor()};
   for (size_t l = 0; l < L; ++l) out.push_back(reduce(gW[l]));
   for (size_t l = 0; l < L; ++l) out.push_back(reduce(gb[l]));

@@ -18,10 +18,6 @@ namespace srn {
 namespace {
 
 constexpr const char* kOp = "srn_fast.ops.mlp";
-// Layers narrower than this (the 3-wide input layer, the 3-wide rgb layer) keep float32 matmuls under
-// matmul_dtype=bf16: they cost nothing and rounding point coordinates to bf16 would shift them by ~0.4%.
-constexpr int64_t kMinBf16Width = 16;
-
 struct Tiles {
   int64_t B, N, R, per_scene;
   int64_t count() const { return B * per_scene; }
@@ -43,27 +39,6 @@ void check_x(const at::Tensor& x, int64_t mm_dtype) {
               ": matmul_dtype=torch.bfloat16 needs float32 x, got ", x.scalar_type());
 }
 
-// The CPU tile layers of scene b.
-template <typename T>
-std::vector<tile::Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
-  std::vector<tile::Layer<T>> out(w.size());
-  for (size_t l = 0; l < w.size(); ++l) {
-    tile::Layer<T>& t = out[l];
-    const bool ps = w.per_scene(l);
-    t.cout = w.W[l].size(-2);
-    t.cin = w.W[l].size(-1);
-    t.weight = w.W[l].data_ptr<T>() + (ps ? b * t.cout * t.cin : 0);
-    t.bias = w.b[l].data_ptr<T>() + (w.b[l].dim() == 2 ? b * t.cout : 0);
-    t.ln_weight = w.gamma[l].defined() ? w.gamma[l].data_ptr<T>() : nullptr;
-    t.ln_bias = w.beta[l].defined() ? w.beta[l].data_ptr<T>() : nullptr;
-    t.norm = w.norm[l];
-    if (bf16 && std::min(t.cin, t.cout) >= kMinBf16Width) {
-      t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
-    }
-  }
-  return out;
-}
-
 // act/rstd saved for backward on the CPU: per layer [B, N, C_l] / [B, N] (see tile::forward).
 template <typename T>
 void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std::vector<at::Tensor>& act,
@@ -72,7 +47,7 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std:
   const int L = static_cast<int>(w.size());
   const Tiles tiles = make_tiles(B, N, tile_rows);
   std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(scene_layers<T>(w, b, bf16));
+  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool save = !act.empty();
@@ -94,21 +69,6 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std:
   });
 }
 
-// Accumulators [threads, ...] of one parameter's gradient, or undefined when not needed.
-at::Tensor thread_acc(int64_t T, const at::Tensor& like, bool need) {
-  if (!need || !like.defined()) return at::Tensor();
-  std::vector<int64_t> shape{T};
-  for (auto s : like.sizes()) shape.push_back(s);
-  return at::zeros(shape, like.options());
-}
-
-template <typename T>
-T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_numel, bool per_scene) {
-  if (!acc.defined()) return nullptr;
-  const int64_t numel = acc.numel() / acc.size(0);
-  return acc.data_ptr<T>() + tid * numel + (per_scene ? b * per_scene_numel : 0);
-}
-
 template <typename T>
 void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_out, const std::vector<at::Tensor>& act,
                   const std::vector<at::Tensor>& rstd, at::Tensor& v_x, std::vector<at::Tensor>& gW,
@@ -119,7 +79,7 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   const Tiles tiles = make_tiles(B, N, tile_rows);
   const bool recompute = act.empty();
   std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(scene_layers<T>(w, b, bf16));
+  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
   const T* xp = x.data_ptr<T>();
   const T* vp = v_out.data_ptr<T>();
   T* vxp = v_x.defined() ? v_x.data_ptr<T>() : nullptr;
@@ -134,10 +94,10 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
       const auto& ly = layers[s];
       for (int l = 0; l < L; ++l) {
         const int64_t co = ly[l].cout;
-        grads[l].weight = acc_ptr<T>(gW[l], tid, s, co * ly[l].cin, w.per_scene(l));
-        grads[l].bias = acc_ptr<T>(gb[l], tid, s, co, w.b[l].dim() == 2);
-        grads[l].ln_weight = acc_ptr<T>(gg[l], tid, s, co, false);
-        grads[l].ln_bias = acc_ptr<T>(gbe[l], tid, s, co, false);
+        grads[l].weight = tile::acc_ptr<T>(gW[l], tid, s, co * ly[l].cin, w.per_scene(l));
+        grads[l].bias = tile::acc_ptr<T>(gb[l], tid, s, co, w.b[l].dim() == 2);
+        grads[l].ln_weight = tile::acc_ptr<T>(gg[l], tid, s, co, false);
+        grads[l].ln_bias = tile::acc_ptr<T>(gbe[l], tid, s, co, false);
       }
       if (recompute) {
         // rerun the forward on this tile, keeping the activations in the workspace; its output is not needed
@@ -215,10 +175,10 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
   const int64_t T = on_cuda ? 1 : at::get_num_threads();
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
-    gW[l] = thread_acc(T, w.W[l], need_W);
-    gb[l] = thread_acc(T, w.b[l], need_b);
-    gg[l] = thread_acc(T, w.gamma[l], need_g);
-    gbe[l] = thread_acc(T, w.beta[l], need_be);
+    gW[l] = tile::thread_acc(T, w.W[l], need_W);
+    gb[l] = tile::thread_acc(T, w.b[l], need_b);
+    gg[l] = tile::thread_acc(T, w.gamma[l], need_g);
+    gbe[l] = tile::thread_acc(T, w.beta[l], need_be);
   }
   at::Tensor v_x;
   if (on_cuda) {

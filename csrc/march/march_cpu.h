@@ -1,0 +1,255 @@
+// CPU path of the fused march (csrc/march/march.cpp): a tile of R rays of one scene goes through all T steps
+// (phi -> LSTM cell -> step) while its activations stay in cache; at::parallel_for runs tiles side by side.
+// Everything here works on raw pointers: phi through srn::tile (common/mlp_tile.h), the LSTM matmuls through
+// cpu::gemm (MKL), the cell and its VJP through the per-element functions of common/srn_math.h.
+//
+// Saved state (recompute / store modes), full-size buffers indexed [t, b, n, ...] so that a tile's rows are one
+// contiguous block per step:
+//   xs [T, B, N, 3] (x_t), hs, cs [T + 1, B, N, H] (h_t, c_t; index 0 = zeros), gates [T, B, N, 4H] (activated)
+//   store mode only, per step t and phi layer l: act [B, N, C_l] (tile::forward's saved activation) and
+//   rstd [B, N]; when phi's last layer is plain linear its act holds phi's output (the LSTM input) itself.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_gemm.h"
+#include "common/mlp_tile.h"
+#include "common/srn_math.h"
+
+namespace srn {
+namespace march_cpu {
+
+template <typename T>
+struct Lstm {
+  const T* w_ih;   // [4H, F]
+  const T* w_hh;   // [4H, H]
+  const T* bias;   // [4H] (b_ih + b_hh)
+  const T* w_out;  // [H]
+  const T* b_out;  // [1]
+  int64_t H, F;
+};
+
+template <typename T>
+struct LstmGrad {  // per-thread accumulators (+=)
+  T* w_ih;         // [4H, F]
+  T* w_hh;         // [4H, H]
+  T* bias;         // [4H]
+  T* w_out;        // [H]
+  T* b_out;        // [1]
+};
+
+// Pointers to the full-size saved buffers (null members = not kept); see the file comment.
+template <typename T>
+struct Saved {
+  T* xs = nullptr;
+  T* hs = nullptr;
+  T* cs = nullptr;
+  T* gates = nullptr;
+  std::vector<T*> act, rstd;  // store mode: T * L each, index t * L + l
+  T* steps = nullptr;         // [T + 1, B, N, 3] per-step points, when requested
+  int64_t BN = 0;             // B * N
+};
+
+// Per-thread scratch of the march (besides phi's tile::Workspace).
+template <typename T>
+struct Scratch {
+  std::vector<T> feat, pre, h[2], c[2], x[2], v_feat, v_h, v_c, v_x, v_dirs, v_s;
+  Scratch(int64_t R, int64_t H, int64_t F) {
+    const int64_t r = std::max<int64_t>(R, 1);
+    feat.resize(r * F);
+    pre.resize(r * 4 * H);
+    for (int k = 0; k < 2; ++k) {
+      h[k].resize(r * H);
+      c[k].resize(r * H);
+      x[k].resize(r * 3);
+    }
+    v_feat.resize(r * F);
+    v_h.resize(r * H);
+    v_c.resize(r * H);
+    v_x.resize(r * 3);
+    v_dirs.resize(r * 3);
+    v_s.resize(r);
+  }
+};
+
+// One LSTM cell + step for R rays. pre [R, 4H]: gate pre-activations without the bias, overwritten by the
+// activated gates (into `gates`, which may be pre). Writes c, h [R, H] and x_new [R, 3].
+template <typename T>
+void cell_forward(const Lstm<T>& lw, int64_t R, T* pre, T* gates, const T* c_prev, const T* x, const T* dirs, T* c,
+                  T* h, T* x_new) {
+  const int64_t H = lw.H;
+  for (int64_t r = 0; r < R; ++r) {
+    T* p = pre + r * 4 * H;
+    T* g = gates + r * 4 * H;
+    const T* cp = c_prev ? c_prev + r * H : nullptr;
+    T s = lw.b_out[0];
+    for (int64_t k = 0; k < H; ++k) {
+      T gi, gf, gg, go, cn, hn;
+      lstm_cell<T>(p[k] + lw.bias[k], p[H + k] + lw.bias[H + k], p[2 * H + k] + lw.bias[2 * H + k],
+                   p[3 * H + k] + lw.bias[3 * H + k], cp ? cp[k] : T(0), gi, gf, gg, go, cn, hn);
+      g[k] = gi;
+      g[H + k] = gf;
+      g[2 * H + k] = gg;
+      g[3 * H + k] = go;
+      c[r * H + k] = cn;
+      h[r * H + k] = hn;
+      s += hn * lw.w_out[k];
+    }
+    for (int j = 0; j < 3; ++j) x_new[r * 3 + j] = x[r * 3 + j] + dirs[r * 3 + j] * s;
+  }
+}
+
+// VJP of cell_forward for R rays (see lstm_step_backward in common/elementwise.h): v_x [R, 3] gradient of x_new,
+// v_h [R, H] in, v_c [R, H] in/out. Writes v_pre [R, 4H]; adds v_x * s into v_dirs and the step head's
+// gradients into g.
+template <typename T>
+void cell_backward(const Lstm<T>& lw, int64_t R, const T* gates, const T* c_prev, const T* c, const T* h,
+                   const T* dirs, const T* v_x, const T* v_h, T* v_c, T clamp_v, T* v_pre, T* v_dirs,
+                   LstmGrad<T>& g) {
+  const int64_t H = lw.H;
+  T v_bout = T(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* hr = h + r * H;
+    T s = lw.b_out[0];
+    for (int64_t k = 0; k < H; ++k) s += hr[k] * lw.w_out[k];
+    T vs = T(0);
+    for (int j = 0; j < 3; ++j) {
+      vs += v_x[r * 3 + j] * dirs[r * 3 + j];
+      v_dirs[r * 3 + j] += v_x[r * 3 + j] * s;
+    }
+    v_bout += vs;
+    const T* gr = gates + r * 4 * H;
+    T* vp = v_pre + r * 4 * H;
+    for (int64_t k = 0; k < H; ++k) {
+      g.w_out[k] += vs * hr[k];
+      T vh = v_h[r * H + k] + vs * lw.w_out[k];
+      if (clamp_v >= T(0)) vh = clamp<T>(vh, -clamp_v, clamp_v);
+      T vcp;
+      lstm_cell_vjp<T>(gr[k], gr[H + k], gr[2 * H + k], gr[3 * H + k], c_prev ? c_prev[r * H + k] : T(0),
+                       c[r * H + k], vh, v_c[r * H + k], vp[k], vp[H + k], vp[2 * H + k], vp[3 * H + k], vcp);
+      v_c[r * H + k] = vcp;
+    }
+  }
+  g.b_out[0] += v_bout;
+}
+
+// Forward of one tile: R rays of one scene starting at global row `row` (= b * N + n0).
+// x0, dirs: the tile's [R, 3] rows; xT [R, 3] written.
+template <typename T>
+void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* x0,
+                  const T* dirs, int64_t steps, T* xT, Saved<T>& sv, tile::Workspace<T>& ws, Scratch<T>& sc) {
+  if (R <= 0) return;
+  const int64_t H = lw.H, F = lw.F, BN = sv.BN;
+  const bool keep = sv.xs != nullptr;
+  const bool store = !sv.act.empty();
+  std::vector<T*> act(L), rstd(L);
+  const T* x = x0;
+  const T* h_prev = nullptr;
+  const T* c_prev = nullptr;
+  if (sv.steps) std::memcpy(sv.steps + row * 3, x0, sizeof(T) * R * 3);
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t o = t * BN + row, o1 = (t + 1) * BN + row;
+    if (keep) {
+      T* xs = sv.xs + o * 3;
+      if (xs != x) std::memcpy(xs, x, sizeof(T) * R * 3);
+    }
+    // phi
+    T* feat = sc.feat.data();
+    if (store) {
+      for (int l = 0; l < L; ++l) {
+        act[l] = sv.act[t * L + l] + row * phi[l].cout;
+        rstd[l] = sv.rstd[t * L + l] + row;
+      }
+      if (!phi[L - 1].norm) feat = act[L - 1];
+    }
+    tile::forward<T>(phi, L, R, x, 3, feat, F, store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws);
+    // LSTM gates: feat W_ih^T + h W_hh^T (+ bias in the cell)
+    T* pre = sc.pre.data();
+    cpu::gemm(false, true, R, 4 * H, F, feat, F, lw.w_ih, F, T(0), pre, 4 * H);
+    if (h_prev) cpu::gemm(false, true, R, 4 * H, H, h_prev, H, lw.w_hh, H, T(1), pre, 4 * H);
+    T* gates = keep ? sv.gates + o * 4 * H : pre;
+    T* c = keep ? sv.cs + o1 * H : sc.c[t & 1].data();
+    T* h = keep ? sv.hs + o1 * H : sc.h[t & 1].data();
+    T* x_new = (t == steps - 1) ? xT : (keep ? sv.xs + o1 * 3 : sc.x[t & 1].data());
+    cell_forward<T>(lw, R, pre, gates, c_prev, x, dirs, c, h, x_new);
+    if (sv.steps) std::memcpy(sv.steps + o1 * 3, x_new, sizeof(T) * R * 3);
+    x = x_new;
+    h_prev = h;
+    c_prev = c;
+  }
+  if (steps == 0) std::memcpy(xT, x0, sizeof(T) * R * 3);
+}
+
+// Backward of one tile. v_xT [R, 3]; writes v_x0, v_dirs [R, 3]; adds into the per-thread accumulators.
+template <typename T>
+void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* x0,
+                   const T* dirs, int64_t steps, const T* v_xT, T clamp_v, const Saved<T>& sv,
+                   const tile::LayerGrad<T>* g_phi, LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws,
+                   Scratch<T>& sc) {
+  if (R <= 0) return;
+  const int64_t H = lw.H, F = lw.F, BN = sv.BN;
+  const bool store = !sv.act.empty();
+  T* v_x = sc.v_x.data();
+  T* v_h = sc.v_h.data();
+  T* v_c = sc.v_c.data();
+  T* vd = sc.v_dirs.data();
+  T* v_pre = sc.pre.data();
+  T* v_feat = sc.v_feat.data();
+  std::memcpy(v_x, v_xT, sizeof(T) * R * 3);
+  std::fill(v_h, v_h + R * H, T(0));
+  std::fill(v_c, v_c + R * H, T(0));
+  std::fill(vd, vd + R * 3, T(0));
+  std::vector<const T*> act(L), rstd(L);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t o = t * BN + row, o1 = (t + 1) * BN + row;
+    const T* gates = sv.gates + o * 4 * H;
+    const T* c_prev = t > 0 ? sv.cs + o * H : nullptr;
+    const T* h_prev = t > 0 ? sv.hs + o * H : nullptr;
+    const T* c_new = sv.cs + o1 * H;
+    const T* h_new = sv.hs + o1 * H;
+    const T* x_t = sv.xs + o * 3;
+    cell_backward<T>(lw, R, gates, c_prev, c_new, h_new, dirs, v_x, v_h, v_c, clamp_v, v_pre, vd, g);
+    // phi's output at x_t: recomputed (keeping its activations in ws), or rebuilt from the stored ones
+    const T* feat = sc.feat.data();
+    if (store) {
+      for (int l = 0; l < L; ++l) {
+        act[l] = sv.act[t * L + l] + row * phi[l].cout;
+        rstd[l] = sv.rstd[t * L + l] + row;
+      }
+      const tile::Layer<T>& last = phi[L - 1];
+      if (last.norm) {
+        T* f = sc.feat.data();
+        for (int64_t i = 0; i < R * F; ++i) f[i] = ln_affine_relu<T>(act[L - 1][i], last.ln_weight, last.ln_bias, int(i % F));
+      } else {
+        feat = act[L - 1];
+      }
+    } else {
+      tile::forward<T>(phi, L, R, x_t, 3, sc.feat.data(), F, ws.act(), ws.rstd(), ws);
+      for (int l = 0; l < L; ++l) {
+        act[l] = ws.act()[l];
+        rstd[l] = ws.rstd()[l];
+      }
+    }
+    // gradients of the gate matmuls
+    cpu::gemm(true, false, 4 * H, F, R, v_pre, 4 * H, feat, F, T(1), g.w_ih, F);
+    if (h_prev) cpu::gemm(true, false, 4 * H, H, R, v_pre, 4 * H, h_prev, H, T(1), g.w_hh, H);
+    for (int64_t r = 0; r < R; ++r) {
+      const T* vp = v_pre + r * 4 * H;
+      SRN_SIMD
+      for (int64_t k = 0; k < 4 * H; ++k) g.bias[k] += vp[k];
+    }
+    cpu::gemm(false, false, R, F, 4 * H, v_pre, 4 * H, lw.w_ih, F, T(0), v_feat, F);
+    if (t > 0) cpu::gemm(false, false, R, H, 4 * H, v_pre, 4 * H, lw.w_hh, H, T(0), v_h, H);
+    // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
+    tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_feat, F, v_x, 3, true, g_phi, ws);
+  }
+  std::memcpy(v_x0, v_x, sizeof(T) * R * 3);
+  std::memcpy(v_dirs, vd, sizeof(T) * R * 3);
+}
+
+}  // namespace march_cpu
+}  // namespace srn
