@@ -34,25 +34,34 @@ SRN_HD T clamp(T x, T lo, T hi) {
 //   pre_*: gate pre-activations W_ih v + b_ih + W_hh h + b_hh
 //   c_prev: previous cell state
 // Outputs the activated gates (kept for the backward pass), the new cell and hidden state.
+// M supplies sigmoid and tanh (StdMath: the standard library's; the CPU march passes a vectorisable float
+// version, see csrc/march/march_cpu.h).
 template <typename T>
+struct StdMath {
+  static SRN_HD T sigmoid(T x) { return srn::sigmoid(x); }
+  static SRN_HD T tanh(T x) {
+    using std::tanh;
+    return tanh(x);
+  }
+};
+
+template <typename T, typename M = StdMath<T>>
 SRN_HD void lstm_cell(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev,
                       T& gi, T& gf, T& gg, T& go, T& c, T& h) {
-  using std::tanh;
-  gi = sigmoid(pre_i);
-  gf = sigmoid(pre_f);
-  gg = tanh(pre_g);
-  go = sigmoid(pre_o);
+  gi = M::sigmoid(pre_i);
+  gf = M::sigmoid(pre_f);
+  gg = M::tanh(pre_g);
+  go = M::sigmoid(pre_o);
   c = gf * c_prev + gi * gg;
-  h = go * tanh(c);
+  h = go * M::tanh(c);
 }
 
 // VJP of lstm_cell: given v_h and v_c (gradients of the new h and c), returns the gradients of the
 // four pre-activations and of c_prev.
-template <typename T>
+template <typename T, typename M = StdMath<T>>
 SRN_HD void lstm_cell_vjp(T gi, T gf, T gg, T go, T c_prev, T c, T v_h, T v_c,
                           T& v_pre_i, T& v_pre_f, T& v_pre_g, T& v_pre_o, T& v_c_prev) {
-  using std::tanh;
-  const T tc = tanh(c);
+  const T tc = M::tanh(c);
   const T v_go = v_h * tc;
   const T v_ctot = v_c + v_h * go * (T(1) - tc * tc);
   v_c_prev = v_ctot * gf;
