@@ -13,10 +13,15 @@ code path), torch+compile (torch.compile of the same, where it compiles), fused-
 with the PSNR of its image against the float32 render).
 
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
-machine's batched-matmul rate measured in the same run (torch.bmm, float32, [B, 8192, 256] x [B, 256, 256]),
-and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident-set growth (VmHWM after
-resetting it, minus VmRSS before) of a fresh child process running the case once (so every number includes the
-allocator's slack, and for torch+compile the compiler's own memory).
+machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32,
+[B, 8192, 256] x [B, 256, 256]), and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak
+resident-set growth (VmHWM after resetting it, minus VmRSS before) of a fresh child process running the case
+once (so every number includes the allocator's slack, and for torch+compile the compiler's own memory).
+For the training step a second figure, "step MB", is the same growth when the parameters' gradient buffers
+already exist (a training loop that zeroes gradients rather than freeing them): the step's working memory
+without the ~200 MB of hypernetwork weight gradients that every backend must hold.
+Within a case the backends' timed runs are interleaved (fused, torch, fused, torch, ...), so that load changes
+on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def make_model(B: int, backend: str, device, bf16: bool = False, mode: str = "re
     return m
 
 
-def case_fn(case: str, model, inp, gt, d0, compiled=None):
+def case_fn(case: str, model, inp, gt, d0, compiled=None, set_to_none=True):
     if case == "march":
         def run():
             with torch.no_grad():
@@ -87,7 +92,7 @@ def case_fn(case: str, model, inp, gt, d0, compiled=None):
         return run
 
     def run():
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=set_to_none)
         out = (compiled or model.render)(inp, initial_depth=d0)
         loss = model.losses((out["rgb"], out["depth"]), gt, out["z"])["total"]
         loss.backward()
@@ -121,7 +126,7 @@ def bmm_gflops(device, repeats: int) -> float:
     return 2 * B * N * C * C / t / 1e9
 
 
-def build(case, backend, B, S, device):
+def build(case, backend, B, S, device, set_to_none=True):
     bf16 = backend == "fused-bf16"
     mode = "store" if backend == "fused-store" else "recompute"
     model = make_model(B, backend, device, bf16=bf16, mode=mode)
@@ -131,12 +136,15 @@ def build(case, backend, B, S, device):
     if backend == "torch+compile":
         target = srn_fast.torch_impl.march if case == "march" else model.render
         compiled = torch.compile(target)
-    return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled)
+    return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled, set_to_none)
 
 
-def child_peak_mb(case, backend, B, S, device) -> float:
-    """Peak RSS growth (MB) of a fresh process running the case once (CPU memory)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, backend, str(B), str(S), str(device)]
+def child_peak_mb(case, backend, B, S, device, resident_grads=False) -> float:
+    """Peak RSS growth (MB) of a fresh process running the case once (CPU memory). With resident_grads the
+    parameters' gradient buffers exist (zeros) before the measured step and are reused by it, as in a training
+    loop that zeroes gradients instead of freeing them: the growth is then the step's own working memory."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", case, backend, str(B), str(S), str(device),
+           "1" if resident_grads else "0"]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -154,9 +162,13 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child_main(case, backend, B, S, device):
+def child_main(case, backend, B, S, device, resident_grads="0"):
     device = torch.device(device)
-    model, inp, gt, d0, fn = build(case, backend, int(B), int(S), device)
+    model, inp, gt, d0, fn = build(case, backend, int(B), int(S), device, set_to_none=resident_grads != "1")
+    if resident_grads == "1":
+        for prm in model.parameters():
+            if prm.requires_grad:
+                prm.grad = torch.zeros_like(prm)
     try:  # Linux: reset the peak-RSS mark (VmHWM) so that only the measured run counts
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -183,6 +195,75 @@ def git_commit():
         return None
 
 
+def run_case(case, S, args, device):
+    """One case at one size for every backend. The backends' runs are interleaved (fused, torch, fused, torch,
+    ...) so that a change in machine load during the case hits them alike; medians over the repeats."""
+    backends = [b for b in args.backends.split(",")
+                if not (b == "fused-store" and case != "train_step") and not (b == "fused-bf16" and case != "render")]
+    name = f"{case}_{S}x{S}"
+    yard = bmm_gflops(device, args.repeats)
+    rows, fns, times = {}, {}, {}
+    for backend in backends:
+        row = rows[backend] = {"name": name, "case": case, "size": S, "batch": args.batch, "backend": backend,
+                               "bmm_gflops": yard}
+        try:
+            model, inp, gt, d0, fn = build(case, backend, args.batch, S, device)
+            for _ in range(2 if backend == "torch+compile" else 1):  # warm-up (and compilation)
+                fn()
+            sync(device)
+            fns[backend] = (model, fn)
+            times[backend] = []
+        except Exception as e:  # torch.compile may not compile here: say so in the table
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    for _ in range(args.repeats):
+        for backend, (model, fn) in fns.items():
+            try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                times[backend].append(time.perf_counter() - t)
+            except Exception as e:
+                rows[backend]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    ref_img = fns["torch"][1]().float() if case == "render" and "torch" in fns else None
+    n_rays = args.batch * S * S
+    for backend, row in rows.items():
+        ts = times.get(backend)
+        if not ts or "error" in row:
+            row.update(ms_median=float("nan"), rays_per_s=float("nan"), gflops=float("nan"),
+                       pct_of_bmm=float("nan"), peak_mem_mb=float("nan"))
+            continue
+        t = statistics.median(ts)
+        gflops = flops_per_ray(case) * n_rays / t / 1e9
+        row.update(ms_median=t * 1e3, ms_all=[x * 1e3 for x in ts], rays_per_s=n_rays / t, gflops=gflops,
+                   pct_of_bmm=100 * gflops / yard)
+        if device.type == "cuda":
+            fns[backend][1]()
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            fns[backend][1]()
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        if ref_img is not None and backend != "torch":
+            row["psnr_vs_torch_db"] = psnr01(fns[backend][1]().float(), ref_img)
+    fns.clear()
+    if device.type == "cpu":
+        for backend, row in rows.items():
+            if "error" in row or args.no_memory:
+                row.setdefault("peak_mem_mb", float("nan"))
+                continue
+            row["peak_mem_mb"] = child_peak_mb(case, backend, args.batch, S, device)
+            if case == "train_step":
+                row["step_mem_mb"] = child_peak_mb(case, backend, args.batch, S, device, resident_grads=True)
+    ref = rows.get("torch", {}).get("ms_median")
+    for row in rows.values():
+        row["speedup_vs_torch"] = ref / row["ms_median"] if ref and row["ms_median"] == row["ms_median"] \
+            else float("nan")
+        print_row(row)
+    return list(rows.values())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,7 +276,7 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared')")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child_main(*args.child)
@@ -207,53 +288,13 @@ def main(argv=None):
         sys.exit("the fused backend is not built: pip install --no-build-isolation . first")
     yard = bmm_gflops(device, args.repeats)
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"batched-matmul rate {yard:.1f} GFLOP/s")
+          f"batched-matmul rate {yard:.1f} GFLOP/s (re-measured before every case)")
     rows = []
     for S in [int(s) for s in args.sizes.split(",")]:
         for case in args.cases.split(","):
-            ref_ms = None
-            ref_img = None
-            for backend in args.backends.split(","):
-                if backend == "fused-store" and case != "train_step":
-                    continue
-                if backend == "fused-bf16" and case != "render":
-                    continue
-                row = {"name": f"{case}_{S}x{S}", "case": case, "size": S, "batch": args.batch, "backend": backend}
-                try:
-                    model, inp, gt, d0, fn = build(case, backend, args.batch, S, device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    t = timeit(fn, device, args.repeats, warmup=2 if backend == "torch+compile" else 1)
-                    if device.type == "cuda":
-                        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-                    elif args.no_memory:
-                        peak = float("nan")
-                    else:
-                        peak = child_peak_mb(case, backend, args.batch, S, device)
-                    n_rays = args.batch * S * S
-                    gflops = flops_per_ray(case) * n_rays / t / 1e9
-                    row.update(ms_median=t * 1e3, rays_per_s=n_rays / t, gflops=gflops,
-                               pct_of_bmm=100 * gflops / yard, peak_mem_mb=peak)
-                    if case == "render":
-                        img = fn().float()
-                        if backend == "torch":
-                            ref_img = img
-                        elif ref_img is not None:
-                            row["psnr_vs_torch_db"] = psnr01(img, ref_img)
-                    if backend == "torch":
-                        ref_ms = t * 1e3
-                    del model, fn
-                except Exception as e:  # torch.compile may not compile here: say so in the table
-                    row.update(ms_median=float("nan"), rays_per_s=float("nan"), gflops=float("nan"),
-                               pct_of_bmm=float("nan"), peak_mem_mb=float("nan"),
-                               error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
-                rows.append(row)
-            for r in rows:
-                if r["name"] == f"{case}_{S}x{S}":
-                    r["speedup_vs_torch"] = (ref_ms / r["ms_median"]) if ref_ms and r["ms_median"] == r["ms_median"] \
-                        else float("nan")
-            for r in [r for r in rows if r["name"] == f"{case}_{S}x{S}"]:
-                print_row(r)
+            rows += run_case(case, S, args, device)
+    yards = [r["bmm_gflops"] for r in rows if r.get("bmm_gflops")]
+    yard = statistics.median(yards) if yards else yard
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -279,14 +320,14 @@ def print_row(r):
     global _HEADER
     if not _HEADER:
         print(f"{'case':<18}{'backend':<15}{'ms':>10}{'rays/s':>12}{'x torch':>9}{'GFLOP/s':>9}{'% bmm':>7}"
-              f"{'peak MB':>9}  notes")
+              f"{'peak MB':>9}{'step MB':>9}  notes")
         _HEADER = True
     notes = r.get("error", "")
     if "psnr_vs_torch_db" in r:
         notes = f"PSNR vs torch {r['psnr_vs_torch_db']:.1f} dB"
     print(f"{r['name']:<18}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
           f"{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gflops']:>9.1f}{r['pct_of_bmm']:>7.0f}"
-          f"{r['peak_mem_mb']:>9.0f}  {notes}", flush=True)
+          f"{r['peak_mem_mb']:>9.0f}{r.get('step_mem_mb', float('nan')):>9.0f}  {notes}", flush=True)
 
 
 if __name__ == "__main__":

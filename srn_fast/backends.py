@@ -20,7 +20,9 @@ BACKENDS = ("auto", "fused", "torch")
 class TorchBackend:
     name = "torch"
 
-    def mlp(self, x: torch.Tensor, layers: Sequence[Layer], matmul_dtype: Optional[torch.dtype] = None):
+    def mlp(self, x: torch.Tensor, layers: Sequence[Layer], matmul_dtype: Optional[torch.dtype] = None,
+            save_activations: Optional[bool] = None):
+        # save_activations has no meaning here: autograd keeps what it keeps
         if matmul_dtype is not None:
             raise ValueError("matmul_dtype (reduced-precision matmuls) needs backend='fused'")
         return torch_impl.mlp(x, layers)
@@ -37,10 +39,10 @@ class FusedBackend:
 
     name = "fused"
 
-    def mlp(self, x, layers, matmul_dtype=None):
+    def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
         from .ops import mlp
 
-        return mlp(x, layers, matmul_dtype=matmul_dtype)
+        return mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
 
     def march(self, x0, dirs, phi, lstm, steps, grad_clamp=10.0, return_steps=False, mode="recompute",
               matmul_dtype=None):

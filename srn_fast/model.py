@@ -87,8 +87,10 @@ class SRNModel(nn.Module):
         phi_layers: layers of phi, input and output included (4).
         rendering_layers: FCLayers of the pixel generator before its final Linear(hidden, 3) (5).
         lstm_hidden: hidden size of the ray-marching LSTM (16).
-        march_mode: ``"recompute"`` (store per step only x, h, c and gates) or ``"store"`` (keep activations);
-            used by the fused backend.
+        march_mode: what the fused backend keeps for backward. ``"recompute"`` (default, memory-lean): the march
+            stores per step only x, h, c and the LSTM gates, and phi at the surface and the pixel generator keep
+            nothing; backward recomputes the activations. ``"store"``: all of them keep their activations
+            (faster backward, several hundred MB more at 2 x 4096 rays).
         matmul_dtype: e.g. ``torch.bfloat16`` for reduced-precision matmuls in the fused kernels.
 
     The defaults are the reference's; smaller widths are for demos and tests (then keys match, shapes do not).
@@ -186,8 +188,12 @@ class SRNModel(nn.Module):
         else:
             points = out
         depth = geometry.get_depth(points, pose)
-        features = self.backend.mlp(points, phi, matmul_dtype=self.matmul_dtype)
-        rgb = self.backend.mlp(features, self.pixel_generator.layers(), matmul_dtype=self.matmul_dtype)
+        # march_mode "recompute" is the memory-lean mode throughout: phi at the surface and the pixel generator
+        # recompute their activations in backward too; "store" keeps them (faster, more memory).
+        keep = self.march_mode == "store"
+        features = self.backend.mlp(points, phi, matmul_dtype=self.matmul_dtype, save_activations=keep)
+        rgb = self.backend.mlp(features, self.pixel_generator.layers(), matmul_dtype=self.matmul_dtype,
+                               save_activations=keep)
         result.update(rgb=rgb, depth=depth, features=features, points=points, z=z)
         return result
 

@@ -12,9 +12,10 @@ pytest.importorskip("srn_fast._C", reason="extension not built")
 
 
 def setup(B=2, N=150, widths=(3, 16, 16), H=16, dtype=torch.float64, seed=0, per_scene=True, affine=False,
-          lstm_scale=1.0):
+          lstm_scale=1.0, last_linear=False):
     gen = torch.Generator().manual_seed(seed)
-    phi = make_layers(B, list(widths), per_scene=per_scene, affine=affine, dtype=dtype, gen=gen)
+    phi = make_layers(B, list(widths), per_scene=per_scene, affine=affine, dtype=dtype, gen=gen,
+                      last_linear=last_linear)
     lstm = make_lstm(widths[-1], H, dtype=dtype, gen=gen, scale=lstm_scale)
     x0 = (torch.randn(B, N, 3, dtype=dtype, generator=gen) * 0.3).requires_grad_()
     dirs = torch.nn.functional.normalize(torch.randn(B, N, 3, dtype=dtype, generator=gen), dim=-1).requires_grad_()
@@ -44,6 +45,22 @@ def test_points_depth_and_every_gradient_match_oracle(mode, per_scene, affine, d
     names = ["x0", "dirs"] + [f"phi tensor {i}" for i in range(len(layer_tensors(phi)))] + list(LSTMParams._fields)
     for name, a, b in zip(names, ga, gb):
         assert_close(a, b, tol * 10, tol * 10, name)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "store"])
+@pytest.mark.parametrize("tile_rows", [1, 7, 64, 1000])
+def test_last_layer_plain_linear_and_tile_sizes(mode, tile_rows):
+    # phi's last layer without LayerNorm (its output is then what the store mode keeps), and tiles that do not
+    # divide N (150) or exceed it: every gradient must still match the oracle.
+    x0, dirs, phi, lstm = setup(widths=(3, 16, 16, 8), last_linear=True, affine=True, per_scene=True)
+    assert not phi[-1].norm
+    ref = torch_impl.march(x0, dirs, phi, lstm, 3)
+    out = ops.march(x0, dirs, phi, lstm, 3, mode=mode, tile_rows=tile_rows)
+    assert_close(out, ref, 1e-9, 1e-9, "x_T")
+    v = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(3))
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, v), torch.autograd.grad(ref, inputs, v))):
+        assert_close(a, b, 1e-8, 1e-8, f"input {i}")
 
 
 def test_gradcheck_tiny_float64():
