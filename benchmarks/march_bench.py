@@ -319,13 +319,13 @@ _HEADER = False
 def print_row(r):
     global _HEADER
     if not _HEADER:
-        print(f"{'case':<18}{'backend':<15}{'ms':>10}{'rays/s':>12}{'x torch':>9}{'GFLOP/s':>9}{'% bmm':>7}"
+        print(f"{'case':<20}{'backend':<15}{'ms':>10}{'rays/s':>12}{'x torch':>9}{'GFLOP/s':>9}{'% bmm':>7}"
               f"{'peak MB':>9}{'step MB':>9}  notes")
         _HEADER = True
     notes = r.get("error", "")
     if "psnr_vs_torch_db" in r:
         notes = f"PSNR vs torch {r['psnr_vs_torch_db']:.1f} dB"
-    print(f"{r['name']:<18}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
+    print(f"{r['name']:<20}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
           f"{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gflops']:>9.1f}{r['pct_of_bmm']:>7.0f}"
           f"{r['peak_mem_mb']:>9.0f}{r.get('step_mem_mb', float('nan')):>9.0f}  {notes}", flush=True)
 

@@ -207,6 +207,7 @@ def test_per_scene_gradients_flow_into_hypernetwork():
     assert max_err(run(ops.mlp), run(torch_impl.mlp)) < 1e-11
 
 
+@pytest.mark.filterwarnings("ignore:.*without bf16 matmul instructions")  # expected on such CPUs
 @pytest.mark.parametrize("kind", ["phi", "pixgen"])
 def test_bf16_matmuls_within_tolerance(kind):
     """matmul_dtype=bf16, forward and backward. Precision budget (as flash-attention's tests): the relative
@@ -278,19 +279,21 @@ class _FusedMLPTorchMarch:
 
     name = "fused-mlp"
 
-    def mlp(self, x, layers, matmul_dtype=None):
-        return ops.mlp(x, layers, matmul_dtype=matmul_dtype)
+    def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
+        return ops.mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
 
     def march(self, x0, dirs, phi, lstm, steps, grad_clamp=10.0, return_steps=False, mode="recompute",
               matmul_dtype=None):
         return torch_impl.march(x0, dirs, phi, lstm, steps, grad_clamp=grad_clamp, return_steps=return_steps)
 
 
-def test_whole_model_fused_mlp_matches_torch_backend():
+@pytest.mark.parametrize("march_mode", ["recompute", "store"])  # the mlp then recomputes / keeps activations
+def test_whole_model_fused_mlp_matches_torch_backend(march_mode):
     from .test_model import make_input
 
     torch.manual_seed(0)
-    model = srn_fast.SRNModel(3, latent_dim=8, tracing_steps=2, phi_hidden=16, backend="torch").double()
+    model = srn_fast.SRNModel(3, latent_dim=8, tracing_steps=2, phi_hidden=16, backend="torch",
+                              march_mode=march_mode).double()
     inp = make_input(B=2, S=5, dtype=torch.float64)
     depth0 = torch.full((2, 25, 1), 0.05, dtype=torch.float64) + 1e-3 * torch.rand(2, 25, 1, dtype=torch.float64)
 
@@ -338,3 +341,19 @@ def test_cuda_device_mismatch_error():
     layers = make_layers("phi", 2, [3, 8, 4])
     with pytest.raises(RuntimeError, match=r"layers\[0\].weight is on cpu but x is on cuda"):
         ops.mlp(torch.randn(2, 5, 3, device="cuda"), layers)
+
+
+def test_bf16_on_cpu_without_bf16_instructions_warns(monkeypatch):
+    import warnings
+
+    from srn_fast.ops import _layers
+
+    x = torch.randn(1, 5, 3)
+    layers = make_layers("phi", 1, [3, 16, 16], torch.float32)
+    monkeypatch.setattr(_layers, "cpu_has_bf16_matmul", lambda: False)
+    with pytest.warns(RuntimeWarning, match="without bf16 matmul instructions"):
+        ops.mlp(x, layers, matmul_dtype=torch.bfloat16)
+    monkeypatch.setattr(_layers, "cpu_has_bf16_matmul", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.mlp(x, layers, matmul_dtype=torch.bfloat16)

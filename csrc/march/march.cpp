@@ -2,9 +2,12 @@
 // op with a hand-written backward that walks the steps in reverse.
 //
 // Memory: in "recompute" mode the forward keeps per step and ray only x_t, h_t, c_t and the LSTM gates
-// (3 + 2H + 4H numbers) and the backward recomputes phi's activations; "store" mode keeps phi's pre-norm
-// activations instead; "inference" keeps nothing. CPU: tiles of rays go through all steps while they are in
-// cache, in parallel over tiles; CUDA: the whole batch is one tile (batched GEMMs + fused kernels).
+// (3 + 2H + 4H numbers) and the backward recomputes phi's activations; "store" mode keeps phi's activations
+// as well; "inference" keeps nothing.
+//   CPU (march_cpu.h): tiles of ~128 rays of one scene go through all steps while they are in cache, in parallel
+//        over tiles, on raw pointers (phi via srn::tile + MKL sgemm, LSTM via cpu::gemm, cell loops vectorised).
+//   CUDA (march_tile_forward / march_tile_backward below): the whole batch is one tile: batched GEMMs through
+//        ATen (cuBLAS) with the torch-free element-wise kernels of common/elementwise_kernels.cu between them.
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -43,7 +46,7 @@ struct Saved {  // full-size buffers; undefined in inference mode
   at::Tensor steps;                     // [T + 1, B, N, 3] when return_steps
 };
 
-// Forward of one tile: x0, dirs [S, R, 3]. Returns x_T [S, R, 3].
+// CUDA: forward of one tile (the whole batch): x0, dirs [S, R, 3]. Returns x_T [S, R, 3].
 at::Tensor march_tile_forward(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0,
                               const at::Tensor& dirs, int64_t T, int64_t mode, Saved& sv, const TileView& tv) {
   const int64_t S = x0.size(0), R = x0.size(1), H = lw.w_hh.size(1), M = S * R;
@@ -78,7 +81,7 @@ struct LSTMGrads {
   at::Tensor w_ih, w_hh, bias, w_out, b_out;  // [4H, F], [4H, H], [4H], [1, H], [1]
 };
 
-// Backward of one tile. v_xT [S, R, 3]. Returns (v_x0, v_dirs) [S, R, 3].
+// CUDA: backward of one tile (the whole batch). v_xT [S, R, 3]. Returns (v_x0, v_dirs) [S, R, 3].
 std::pair<at::Tensor, at::Tensor> march_tile_backward(const MLPWeights& phi, const LSTMWeights& lw,
                                                       const at::Tensor& dirs, const at::Tensor& v_xT, int64_t T,
                                                       int64_t mode, double clamp_v, const Saved& sv,
@@ -232,9 +235,9 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
     const int64_t tid = at::get_thread_num();
     tile::Workspace<T> ws(layers[0].data(), L, grid.R, recompute);
     march_cpu::Scratch<T> sc(grid.R, lp.H, F);
-    march_cpu::LstmGrad<T> gl{tile::acc_ptr<T>(acc.w_ih, tid, 0, 0, false), tile::acc_ptr<T>(acc.w_hh, tid, 0, 0, false),
-                              tile::acc_ptr<T>(acc.bias, tid, 0, 0, false), tile::acc_ptr<T>(acc.w_out, tid, 0, 0, false),
-                              tile::acc_ptr<T>(acc.b_out, tid, 0, 0, false)};
+    auto lstm_acc = [tid](const at::Tensor& a) { return tile::acc_ptr<T>(a, tid, 0, 0, false); };
+    march_cpu::LstmGrad<T> gl{lstm_acc(acc.w_ih), lstm_acc(acc.w_hh), lstm_acc(acc.bias), lstm_acc(acc.w_out),
+                              lstm_acc(acc.b_out)};
     std::vector<tile::LayerGrad<T>> gp(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
@@ -309,7 +312,8 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
   return out;
 }
 
-// Backward. saved = [xs, hs, cs, gates, zs..., rstd...] from march_forward (rstd: store mode on the CPU). needs = [x0, dirs, phi weights, phi biases,
+// Backward. saved = [xs, hs, cs, gates, zs..., rstd...] from march_forward (rstd: store mode on the CPU).
+// needs = [x0, dirs, phi weights, phi biases,
 // phi ln weights, phi ln biases]. Returns [v_x0, v_dirs, v_W..., v_b..., v_gamma..., v_beta...,
 // v_w_ih, v_w_hh, v_bias, v_w_out [1, H], v_b_out [1]].
 std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Tensor& dirs_,
@@ -324,7 +328,7 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
   check_rays(x0_, dirs_);
   TORCH_CHECK(mode == kRecompute || mode == kStore, kOp, ": backward needs a forward in recompute or store mode");
   const at::Tensor x0 = x0_.contiguous(), dirs = dirs_.contiguous(), v_xT = v_xT_.contiguous();
-  const int64_t B = x0.size(0), N = x0.size(1);
+  const int64_t B = x0.size(0);
   const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, 0);
   const size_t L = phi.size();
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, phi.W.back().size(-2));

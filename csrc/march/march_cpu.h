@@ -278,7 +278,10 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       const tile::Layer<T>& last = phi[L - 1];
       if (last.norm) {
         T* f = sc.feat.data();
-        for (int64_t i = 0; i < R * F; ++i) f[i] = ln_affine_relu<T>(act[L - 1][i], last.ln_weight, last.ln_bias, int(i % F));
+        for (int64_t r = 0; r < R; ++r) {
+          const T* a = act[L - 1] + r * F;
+          for (int64_t k = 0; k < F; ++k) f[r * F + k] = ln_affine_relu<T>(a[k], last.ln_weight, last.ln_bias, int(k));
+        }
       } else {
         feat = act[L - 1];
       }

@@ -1,6 +1,8 @@
 """Flattening of :class:`~srn_fast.torch_impl.Layer` lists into the tensor lists the extension takes."""
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -10,11 +12,31 @@ from ..torch_impl import Layer
 MM_DTYPES = {None: 0, torch.bfloat16: 1}
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_matmul() -> Optional[bool]:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16); None when unknown (no
+    /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
+
+
 def mm_code(matmul_dtype: Optional[torch.dtype], x: torch.Tensor, op: str) -> int:
     if matmul_dtype not in MM_DTYPES:
         raise ValueError(f"{op}: matmul_dtype must be None or torch.bfloat16, got {matmul_dtype}")
     if matmul_dtype is not None and x.dtype != torch.float32:
         raise ValueError(f"{op}: matmul_dtype={matmul_dtype} needs float32 inputs, got {x.dtype}")
+    if matmul_dtype is torch.bfloat16 and x.device.type == "cpu" and cpu_has_bf16_matmul() is False:
+        warnings.warn(f"{op}: matmul_dtype=torch.bfloat16 on a CPU without bf16 matmul instructions "
+                      "(AVX512-BF16 / AMX): the bf16 matmuls are emulated with float32 arithmetic, so expect "
+                      "little or no speed-up for the lost precision (measure with benchmarks/mlp_bench.py)",
+                      RuntimeWarning, stacklevel=3)
     return MM_DTYPES[matmul_dtype]
 
 
