@@ -5,6 +5,8 @@
     python benchmarks/march_bench.py --quick --json benchmarks/results/cpu.json
 
 Cases (per view size S, B scenes, N = S*S rays per scene, the reference architecture: width 256, 10 steps):
+  mlp         phi alone (issue 4's case, from benchmarks/mlp_bench.py): B = 2, N = 8192, width 256, forward and
+              forward+backward, fused (kept / recomputed activations, bf16) vs torch, once per run (not per size)
   march       the ray march alone (no grad)
   render      march + phi at the surface + pixel generator (no grad)
   train_step  render + the reference losses + backward (gradients for every parameter)
@@ -269,7 +271,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=2, help="scenes B")
     p.add_argument("--sizes", default="64,128", help="view sizes S (N = S*S rays per scene)")
-    p.add_argument("--cases", default="march,render,train_step")
+    p.add_argument("--cases", default="mlp,march,render,train_step")
     p.add_argument("--backends", default="fused,fused-store,torch,torch+compile,fused-bf16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile")
@@ -289,9 +291,17 @@ def main(argv=None):
     yard = bmm_gflops(device, args.repeats)
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batched-matmul rate {yard:.1f} GFLOP/s (re-measured before every case)")
-    rows = []
+    rows, mlp_rows = [], []
+    cases = args.cases.split(",")
+    if "mlp" in cases:
+        sys.path.insert(0, HERE)
+        import mlp_bench
+
+        mlp_rows = mlp_bench.run_mlp_cases(device.type if device.type == "cpu" else str(device), quick=args.quick)
+        mlp_bench.print_table(mlp_rows)
+        print()
     for S in [int(s) for s in args.sizes.split(",")]:
-        for case in args.cases.split(","):
+        for case in (c for c in cases if c != "mlp"):
             rows += run_case(case, S, args, device)
     yards = [r["bmm_gflops"] for r in rows if r.get("bmm_gflops")]
     yard = statistics.median(yards) if yards else yard
@@ -301,7 +311,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "srn_fast": srn_fast.__version__, "cuda": torch.version.cuda},
         "commit": git_commit(), "batched_matmul_gflops": yard, "note": args.note,
-        "cases": rows,
+        "cases": rows, "mlp_cases": mlp_rows,
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
