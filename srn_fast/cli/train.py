@@ -30,7 +30,9 @@ def add_arguments(p):
     m.add_argument("--phi-layers", type=int, default=4)
     m.add_argument("--rendering-layers", type=int, default=5)
     m.add_argument("--lstm-hidden", type=int, default=16)
-    m.add_argument("--march-mode", default="recompute", choices=["recompute", "store"])
+    m.add_argument("--march-mode", default="recompute", choices=["recompute", "store"],
+                   help="fused backend: 'recompute' keeps only ~100 numbers per ray and step and recomputes "
+                        "activations in backward (least memory); 'store' keeps them (faster, more memory)")
     m.add_argument("--bf16", action="store_true", help="bf16 matmuls (fused backend) / autocast (torch backend)")
     d = p.add_argument_group("data selection")
     d.add_argument("--max-num-instances", type=int, default=-1)
