@@ -148,10 +148,10 @@ class SRNModel(nn.Module):
 
     def initial_depth(self, B: int, N: int, device, dtype=torch.float32,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The reference's initial depth, N(0.05, 5e-4) per ray, ``[B, N, 1]``."""
-        d = torch.empty(B, N, 1, dtype=dtype)
-        d.normal_(mean=0.05, std=5e-4, generator=generator)
-        return d.to(device)
+        """The reference's initial depth, N(0.05, 5e-4) per ray, ``[B, N, 1]`` (:func:`srn_fast.ops.initial_depth`)."""
+        from .ops.march import initial_depth
+
+        return initial_depth(B, N, device, dtype, generator)
 
     def render(self, model_input: Dict[str, torch.Tensor], initial_depth: Optional[torch.Tensor] = None,
                return_steps: bool = False) -> Dict[str, torch.Tensor]:

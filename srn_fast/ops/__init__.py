@@ -2,10 +2,12 @@
 
 * :func:`mlp` — a stack of Linear -> LayerNorm -> ReLU layers with per-scene or shared weights.
 * :func:`march` — the whole LSTM ray march, with a recomputing hand-written backward.
+* :func:`march_camera` — the same from pixels + cameras (the reference Raymarcher's interface): draws or takes
+  the initial depth, returns points, depth and optionally every step's depth.
 * :func:`lift_rays` — pixels to world rays (forward only).
 """
-from .march import march
+from .march import MarchResult, initial_depth, march, march_camera
 from .mlp import mlp
 from .rays import lift_rays
 
-__all__ = ["mlp", "march", "lift_rays"]
+__all__ = ["mlp", "march", "march_camera", "MarchResult", "initial_depth", "lift_rays"]

@@ -1,7 +1,7 @@
 """The fused ray march (``srn_fast._C.march_forward/march_backward``) as an autograd function."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -96,3 +96,71 @@ def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTM
             mm_code(matmul_dtype, x0, op), grad_on)
     return _MarchFunction.apply(meta, x0, dirs, lstm.weight_ih, lstm.weight_hh, bias, lstm.out_weight,
                                 lstm.out_bias, *flat)
+
+
+class MarchResult(NamedTuple):
+    """What :func:`march_camera` returns: world points ``[B, N, 3]``, their camera depth ``[B, N, 1]``, and the
+    depth after every step ``[T + 1, B, N, 1]`` (or None)."""
+
+    points: torch.Tensor
+    depth: torch.Tensor
+    step_depths: Optional[torch.Tensor]
+
+
+def initial_depth(B: int, N: int, device=None, dtype=torch.float32,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The reference Raymarcher's start depth: N(0.05, 5e-4) per ray, ``[B, N, 1]`` (drawn on the CPU, so a seeded
+    generator gives the same draw on every device)."""
+    d = torch.empty(B, N, 1, dtype=dtype)
+    d.normal_(mean=0.05, std=5e-4, generator=generator)
+    return d.to(device) if device is not None else d
+
+
+_draw_initial_depth = initial_depth  # march_camera's argument of the same name shadows it
+
+
+def march_camera(uv: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Tensor, phi: Sequence[Layer],
+                 lstm: LSTMParams, steps: int, initial_depth: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, return_steps: bool = False, **kwargs) -> MarchResult:
+    """The reference Raymarcher from pixels: lifts ``uv`` through the cameras to rays, starts each ray at its
+    initial depth (drawn as the reference does, N(0.05, 5e-4), unless given), marches with :func:`march`, and
+    returns the final world points, their depth along the camera axis and, with ``return_steps``, every step's depth.
+
+    Args:
+        uv: ``[B, N, 2]`` pixel coordinates; cam2world ``[B, 4, 4]``; intrinsics ``[B, 3, 3]`` or ``[B, 4, 4]``.
+        initial_depth: ``[B, N, 1]`` or ``[B, N]``, for reproducibility; None draws it (with ``generator``).
+        kwargs: passed to :func:`march` (grad_clamp, mode, matmul_dtype, tile_rows).
+    """
+    from .. import geometry
+
+    op = "srn_fast.ops.march_camera"
+    if not isinstance(uv, torch.Tensor) or uv.dim() != 3 or uv.shape[-1] != 2:
+        raise ValueError(f"{op}: uv must be a tensor of shape [B, N, 2], got "
+                         f"{tuple(uv.shape) if isinstance(uv, torch.Tensor) else type(uv).__name__}")
+    B, N = uv.shape[:2]
+    if not isinstance(cam2world, torch.Tensor) or tuple(cam2world.shape) != (B, 4, 4):
+        raise ValueError(f"{op}: cam2world must have shape [B, 4, 4] = [{B}, 4, 4], got "
+                         f"{tuple(getattr(cam2world, 'shape', ()))}")
+    if not isinstance(intrinsics, torch.Tensor) or tuple(intrinsics.shape) not in ((B, 3, 3), (B, 4, 4)):
+        raise ValueError(f"{op}: intrinsics must have shape [B, 3, 3] or [B, 4, 4] with B = {B}, got "
+                         f"{tuple(getattr(intrinsics, 'shape', ()))}")
+    dtype, device = cam2world.dtype, cam2world.device
+    if initial_depth is None:
+        d0 = _draw_initial_depth(B, N, device, dtype, generator)
+    else:
+        if tuple(initial_depth.shape) not in ((B, N, 1), (B, N)):
+            raise ValueError(f"{op}: initial_depth must have shape [B, N, 1] = [{B}, {N}, 1] (or [B, N]), got "
+                             f"{tuple(initial_depth.shape)}")
+        d0 = initial_depth.reshape(B, N, 1).to(device=device, dtype=dtype)
+    uv = uv.to(device=device, dtype=dtype)
+    dirs = geometry.get_ray_directions(uv, cam2world, intrinsics)
+    x0 = geometry.world_from_xy_depth(uv, d0, cam2world, intrinsics)
+    out = march(x0, dirs, phi, lstm, steps, return_steps=return_steps, **kwargs)
+    step_depths = None
+    if return_steps:
+        points, pts = out
+        T1 = pts.shape[0]
+        step_depths = geometry.get_depth(pts.reshape(T1 * B, N, 3), cam2world.repeat(T1, 1, 1)).reshape(T1, B, N, 1)
+    else:
+        points = out
+    return MarchResult(points, geometry.get_depth(points, cam2world), step_depths)
