@@ -63,6 +63,21 @@ def test_last_layer_plain_linear_and_tile_sizes(mode, tile_rows):
         assert_close(a, b, 1e-8, 1e-8, f"input {i}")
 
 
+@pytest.mark.parametrize("mode", ["recompute", "store"])
+@pytest.mark.parametrize("per_scene,affine", [(True, False), (False, True)])
+def test_batched_path_matches_oracle(mode, per_scene, affine):
+    # tile_rows=0: the whole batch as one tile through batched GEMMs, the CUDA backend's code path, on the CPU
+    x0, dirs, phi, lstm = setup(per_scene=per_scene, affine=affine, lstm_scale=3.0)
+    ref, steps_ref = torch_impl.march(x0, dirs, phi, lstm, 4, return_steps=True)
+    out, steps = ops.march(x0, dirs, phi, lstm, 4, mode=mode, tile_rows=0, return_steps=True)
+    assert_close(out, ref, 1e-9, 1e-9, "x_T")
+    assert_close(steps, steps_ref, 1e-9, 1e-9, "steps")
+    v = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(4))
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, v), torch.autograd.grad(ref, inputs, v))):
+        assert_close(a, b, 1e-8, 1e-8, f"input {i}")
+
+
 def test_gradcheck_tiny_float64():
     x0, dirs, phi, lstm = setup(B=2, N=3, widths=(3, 8, 8), H=4)
     flat = layer_tensors(phi)
@@ -91,6 +106,10 @@ def test_gradient_clamp_is_active_and_matches():
         assert_close(a, b, 1e-8, 1e-8, f"input {i}")
     g_fused_noclamp = torch.autograd.grad(ops.march(x0, dirs, phi, lstm, T, grad_clamp=None), inputs, v)
     assert_close(g_fused_noclamp[w_ih], g_noclamp[w_ih], 1e-8, 1e-8, "no clamp")
+    # the batched (CUDA-logic) path clamps alike
+    g_batched = torch.autograd.grad(ops.march(x0, dirs, phi, lstm, T, tile_rows=0), inputs, v)
+    for i, (a, b) in enumerate(zip(g_batched, g_ref)):
+        assert_close(a, b, 1e-8, 1e-8, f"batched path, input {i}")
 
 
 def test_zero_rays_and_zero_steps():
@@ -133,6 +152,8 @@ def test_bad_input_names_argument():
         ops.march(x0, dirs[:, :3], phi, lstm, 2)
     with pytest.raises(RuntimeError, match=r"lstm.weight_ih must have shape \[4H, F\]"):
         ops.march(x0, dirs, phi, lstm._replace(weight_ih=torch.zeros(64, 7, dtype=torch.float64)), 2)
+    with pytest.raises(ValueError, match="tile_rows must be >= 1"):
+        ops.march(x0, dirs, phi, lstm, 2, tile_rows=-3)
     with pytest.raises(ValueError, match="mode must be"):
         ops.march(x0, dirs, phi, lstm, 2, mode="fast")
     with pytest.raises(ValueError, match="steps must be >= 0"):

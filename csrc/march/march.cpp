@@ -161,6 +161,10 @@ TileGrid make_grid(int64_t B, int64_t N, int64_t R) {
   return TileGrid{B, N, R, (N + R - 1) / R};
 }
 
+// The whole batch as one tile through batched GEMMs (march_tile_forward / march_tile_backward): always on CUDA,
+// and on the CPU when tile_rows == 0 (so that the CPU tests exercise the CUDA path's logic too).
+bool batched_path(const at::Tensor& x, int64_t tile_rows) { return x.is_cuda() || tile_rows == 0; }
+
 // Gradient accumulators, [threads, ...] (undefined = not needed).
 struct Accumulators {
   std::vector<at::Tensor> W, b, gamma, beta;
@@ -278,6 +282,7 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
   const int64_t H = lw.w_hh.size(1), T = steps;
   const size_t L = phi.size();
   const auto opt = x0.options();
+  const bool batched = batched_path(x0, tile_rows);
   Saved sv;
   if (mode != kInference) {
     sv.xs = at::empty({T, B, N, 3}, opt);
@@ -290,14 +295,14 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
       for (int64_t t = 0; t < T; ++t) {
         for (size_t l = 0; l < L; ++l) {
           sv.zs.push_back(at::empty({B, N, phi.W[l].size(-2)}, opt));
-          if (!x0.is_cuda()) sv.rstd.push_back(at::empty({B, N}, opt));
+          if (!batched) sv.rstd.push_back(at::empty({B, N}, opt));
         }
       }
     }
   }
   if (return_steps) sv.steps = at::empty({T + 1, B, N, 3}, opt);
   at::Tensor xT;
-  if (x0.is_cuda()) {
+  if (batched) {
     c10::DeviceGuard guard(x0.device());
     xT = march_tile_forward(phi, lw, x0, dirs, T, mode, sv, [](const at::Tensor& t) { return t; });
   } else {
@@ -333,8 +338,8 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
   const size_t L = phi.size();
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, phi.W.back().size(-2));
   const int64_t T = steps;
-  const bool on_cuda = x0.is_cuda();
-  const size_t n_store = mode == kStore ? (on_cuda ? 1 : 2) * T * L : 0;
+  const bool batched = batched_path(x0, tile_rows);
+  const size_t n_store = mode == kStore ? (batched ? 1 : 2) * T * L : 0;
   TORCH_CHECK(saved.size() == 4 + n_store, kOp, ": wrong number of saved tensors: got ", saved.size(), ", expected ",
               4 + n_store);
   Saved sv;
@@ -344,10 +349,10 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
   sv.gates = saved[3].contiguous();
   for (size_t i = 0; i < size_t(mode == kStore ? T * L : 0); ++i) {
     sv.zs.push_back(saved[4 + i].contiguous());
-    if (!on_cuda) sv.rstd.push_back(saved[4 + T * L + i].contiguous());
+    if (!batched) sv.rstd.push_back(saved[4 + T * L + i].contiguous());
   }
   TORCH_CHECK(needs.size() == 6, kOp, ": needs must have 6 flags");
-  const int64_t NT = on_cuda ? 1 : at::get_num_threads();
+  const int64_t NT = batched ? 1 : at::get_num_threads();
   auto acc = [&](const at::Tensor& like, bool need) {
     if (!need || !like.defined()) return at::Tensor();
     std::vector<int64_t> shape{NT};
@@ -373,7 +378,7 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
     gl = LSTMGrads{g_wih[tid], g_whh[tid], g_bias[tid], g_wout[tid], g_bout[tid]};
   };
   at::Tensor v_x0, v_dirs;
-  if (on_cuda) {
+  if (batched) {
     c10::DeviceGuard guard(x0.device());
     MLPGrads gp;
     LSTMGrads gl;

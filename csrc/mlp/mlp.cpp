@@ -132,7 +132,7 @@ std::vector<at::Tensor> mlp_forward(const at::Tensor& x_, const std::vector<at::
   const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
   const size_t L = w.size();
   std::vector<at::Tensor> result;
-  if (x.is_cuda()) {
+  if (x.is_cuda() || tile_rows == 0) {  // the whole batch as one tile (CUDA; CPU with tile_rows 0, for tests)
     c10::DeviceGuard guard(x.device());
     std::vector<at::Tensor> zs;
     result.push_back(mlp_tile_forward(w, x, save ? &zs : nullptr));
@@ -168,11 +168,11 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
   check_same(kOp, "grad_output", v_out, x, "x");
   check_shape(kOp, "grad_output", v_out, {B, N, w.W[L - 1].size(-2)}, "[B, N, C_out] (the output's shape)");
   TORCH_CHECK(needs.size() == 5, kOp, ": needs must have 5 flags (x, weights, biases, ln weights, ln biases)");
-  const bool on_cuda = x.is_cuda();
-  TORCH_CHECK(saved.empty() || saved.size() == (on_cuda ? L : 2 * L), kOp, ": backward got ", saved.size(),
-              " saved activations, expected none (recompute) or ", on_cuda ? L : 2 * L);
+  const bool batched = x.is_cuda() || tile_rows == 0;  // the batched whole-batch path
+  TORCH_CHECK(saved.empty() || saved.size() == (batched ? L : 2 * L), kOp, ": backward got ", saved.size(),
+              " saved activations, expected none (recompute) or ", batched ? L : 2 * L);
   const bool need_x = needs[0], need_W = needs[1], need_b = needs[2], need_g = needs[3], need_be = needs[4];
-  const int64_t T = on_cuda ? 1 : at::get_num_threads();
+  const int64_t T = batched ? 1 : at::get_num_threads();
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
     gW[l] = tile::thread_acc(T, w.W[l], need_W);
@@ -181,7 +181,7 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
     gbe[l] = tile::thread_acc(T, w.beta[l], need_be);
   }
   at::Tensor v_x;
-  if (on_cuda) {
+  if (batched) {
     c10::DeviceGuard guard(x.device());
     MLPGrads g;
     auto first = [](const at::Tensor& t) { return t.defined() ? t[0] : t; };

@@ -73,7 +73,8 @@ def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTM
         mode: ``"recompute"`` (store per step only x, h, c and the gates; recompute phi in backward),
             ``"store"`` (keep phi's activations: faster backward, more memory). Without grad nothing is stored.
         matmul_dtype: ``torch.bfloat16`` for bf16 forward matmuls.
-        tile_rows: rays per CPU tile.
+        tile_rows: rays per CPU tile; 0 runs the whole batch as one tile through batched GEMMs, the CUDA
+            backend's code path (on the CPU: slower, for testing that path).
     """
     op = "srn_fast.ops.march"
     if mode not in ("recompute", "store"):
@@ -86,6 +87,8 @@ def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTM
         raise TypeError(f"{op}: lstm must be a srn_fast.LSTMParams, got {type(lstm).__name__}")
     if int(steps) < 0:
         raise ValueError(f"{op}: steps must be >= 0, got {steps}")
+    if int(tile_rows) < 0:
+        raise ValueError(f"{op}: tile_rows must be >= 1 (or 0 for the batched path), got {tile_rows}")
     check_layers(phi, op)
     flat, struct = flatten(phi)
     bias = lstm.bias_ih + lstm.bias_hh

@@ -62,7 +62,8 @@ def mlp(x: torch.Tensor, layers: Sequence[Layer], matmul_dtype: Optional[torch.d
             then ReLU; ``norm=False`` = plain linear.
         matmul_dtype: ``torch.bfloat16`` runs the matmuls of layers at least 16 wide in bf16 (float32
             accumulation and LayerNorm), forward and backward; None keeps the input precision.
-        tile_rows: rays per CPU tile (default :data:`TILE_ROWS`).
+        tile_rows: rays per CPU tile (default :data:`TILE_ROWS`); 0 runs the whole batch as one tile through
+            batched GEMMs, the CUDA backend's code path (on the CPU: slower, for testing that path).
         save_activations: keep the normalised activations for backward (default :data:`SAVE_ACTIVATIONS`)
             or recompute them in backward.
     Returns:
@@ -77,8 +78,8 @@ def mlp(x: torch.Tensor, layers: Sequence[Layer], matmul_dtype: Optional[torch.d
     flat, struct = flatten(layers)
     grad_on = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *flat))
     tile = int(TILE_ROWS if tile_rows is None else tile_rows)
-    if tile < 1:
-        raise ValueError(f"{op}: tile_rows must be >= 1, got {tile}")
+    if tile < 0:
+        raise ValueError(f"{op}: tile_rows must be >= 1 (or 0 for the batched path), got {tile}")
     keep = SAVE_ACTIVATIONS if save_activations is None else bool(save_activations)
     meta = (tuple(struct), mm_code(matmul_dtype, x, op), tile, grad_on, keep)
     return _MLPFunction.apply(meta, x, *flat)
