@@ -379,5 +379,20 @@ T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_nume
   return acc.data_ptr<T>() + tid * numel + (per_scene ? b * per_scene_numel : 0);
 }
 
+// The CPU tiles of a [B, N] batch of rays: per scene ceil(N / R) tiles of R rows (the last one shorter); tile i
+// covers scene scene(i), rows [row0(i), row0(i) + rows(i)). Tiles never straddle scenes (per-scene weights).
+struct Grid {
+  int64_t B, N, R, per_scene;
+  int64_t count() const { return B * per_scene; }
+  int64_t scene(int64_t i) const { return i / per_scene; }
+  int64_t row0(int64_t i) const { return (i % per_scene) * R; }
+  int64_t rows(int64_t i) const { return std::min(R, N - row0(i)); }
+};
+
+inline Grid make_grid(int64_t B, int64_t N, int64_t R) {
+  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
+  return Grid{B, N, R, (N + R - 1) / R};
+}
+
 }  // namespace tile
 }  // namespace srn

@@ -148,19 +148,6 @@ void check_rays(const at::Tensor& x0, const at::Tensor& dirs) {
   check_same(kOp, "dirs", dirs, x0, "x0");
 }
 
-struct TileGrid {
-  int64_t B, N, R, per;
-  int64_t count() const { return B * per; }
-  int64_t scene(int64_t i) const { return i / per; }
-  int64_t row0(int64_t i) const { return (i % per) * R; }
-  int64_t rows(int64_t i) const { return std::min(R, N - row0(i)); }
-};
-
-TileGrid make_grid(int64_t B, int64_t N, int64_t R) {
-  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
-  return TileGrid{B, N, R, (N + R - 1) / R};
-}
-
 // The whole batch as one tile through batched GEMMs (march_tile_forward / march_tile_backward): always on CUDA,
 // and on the CPU when tile_rows == 0 (so that the CPU tests exercise the CUDA path's logic too).
 bool batched_path(const at::Tensor& x, int64_t tile_rows) { return x.is_cuda() || tile_rows == 0; }
@@ -199,7 +186,7 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor&
                  int64_t steps, Saved& sv, at::Tensor& xT, int64_t tile_rows, bool bf16) {
   const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
   const int L = static_cast<int>(phi.size());
-  const TileGrid grid = make_grid(B, N, tile_rows);
+  const tile::Grid grid = tile::make_grid(B, N, tile_rows);
   std::vector<std::vector<tile::Layer<T>>> layers;
   for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, bf16));
   const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
@@ -224,7 +211,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
                   at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows) {
   const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
   const int L = static_cast<int>(phi.size());
-  const TileGrid grid = make_grid(B, N, tile_rows);
+  const tile::Grid grid = tile::make_grid(B, N, tile_rows);
   std::vector<std::vector<tile::Layer<T>>> layers;
   for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, false));
   const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);

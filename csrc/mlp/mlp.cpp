@@ -18,19 +18,6 @@ namespace srn {
 namespace {
 
 constexpr const char* kOp = "srn_fast.ops.mlp";
-struct Tiles {
-  int64_t B, N, R, per_scene;
-  int64_t count() const { return B * per_scene; }
-  int64_t scene(int64_t t) const { return t / per_scene; }
-  int64_t row0(int64_t t) const { return (t % per_scene) * R; }
-  int64_t rows(int64_t t) const { return std::min(R, N - row0(t)); }
-};
-
-Tiles make_tiles(int64_t B, int64_t N, int64_t R) {
-  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
-  return Tiles{B, N, R, (N + R - 1) / R};
-}
-
 void check_x(const at::Tensor& x, int64_t mm_dtype) {
   check_float(kOp, "x", x);
   TORCH_CHECK(x.dim() == 3, kOp, ": x must have shape [B, N, C_in], got ", shape_str(x));
@@ -45,7 +32,7 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std:
                  std::vector<at::Tensor>& rstd, int64_t tile_rows, bool bf16) {
   const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = out.size(2);
   const int L = static_cast<int>(w.size());
-  const Tiles tiles = make_tiles(B, N, tile_rows);
+  const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
   std::vector<std::vector<tile::Layer<T>>> layers;
   for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
   const T* xp = x.data_ptr<T>();
@@ -76,7 +63,7 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
                   int64_t tile_rows, bool bf16) {
   const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = v_out.size(2);
   const int L = static_cast<int>(w.size());
-  const Tiles tiles = make_tiles(B, N, tile_rows);
+  const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
   const bool recompute = act.empty();
   std::vector<std::vector<tile::Layer<T>>> layers;
   for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
