@@ -241,3 +241,26 @@ def test_march_camera_matches_reference_raymarcher():
         ops.march_camera(uv, pose[:1], K, phi, lstm, T)
     with pytest.raises(ValueError, match="uv must be a tensor of shape"):
         ops.march_camera(uv[..., :1], pose, K, phi, lstm, T)
+
+
+@pytest.mark.parametrize("backend", ["aten", "blas"])
+def test_both_cpu_gemm_backends(backend):
+    # the march's tile loop calls cpu::gemm: torch's MKL symbols ("blas") or at::mm on views ("aten", the fallback
+    # for torch builds without MKL); both must give the oracle's values and gradients
+    ext = srn_fast._ext.load()
+    try:
+        try:
+            ext.set_cpu_gemm_backend(backend)
+        except RuntimeError:
+            pytest.skip("this torch build exports no BLAS symbols")
+        assert ext.cpu_gemm_backend() == backend
+        x0, dirs, phi, lstm = setup(N=70)
+        ref = torch_impl.march(x0, dirs, phi, lstm, 3)
+        out = ops.march(x0, dirs, phi, lstm, 3, tile_rows=32)
+        assert_close(out, ref, 1e-9, 1e-9, "x_T")
+        v = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(8))
+        inputs = all_inputs(x0, dirs, phi, lstm)
+        for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, v), torch.autograd.grad(ref, inputs, v))):
+            assert_close(a, b, 1e-8, 1e-8, f"input {i}")
+    finally:
+        ext.set_cpu_gemm_backend("auto")
