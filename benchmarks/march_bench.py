@@ -16,9 +16,10 @@ with the PSNR of its image against the float32 render).
 
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
 machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32,
-[B, 8192, 256] x [B, 256, 256]), and peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the peak
-resident-set growth (VmHWM after resetting it, minus VmRSS before) of a fresh child process running the case
-once (so every number includes the allocator's slack, and for torch+compile the compiler's own memory).
+[B, 8192, 256] x [B, 256, 256]), and peak memory: on CUDA the growth of torch.cuda.max_memory_allocated over
+what is allocated before the run; on the CPU the peak resident-set growth (VmHWM after resetting it, minus VmRSS
+before) of a fresh child process running the case once (so every number includes the allocator's slack, and for
+torch+compile the compiler's own memory).
 For the training step a second figure, "step MB", is the same growth when the parameters' gradient buffers
 already exist (a training loop that zeroes gradients rather than freeing them): the step's working memory
 without the ~200 MB of hypernetwork weight gradients that every backend must hold.
@@ -141,6 +142,24 @@ def build(case, backend, B, S, device, set_to_none=True):
     return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled, set_to_none)
 
 
+def cuda_step_mem_mb(model, S, B, device) -> float:
+    """CUDA: growth of allocated memory over one training step whose gradient buffers already exist."""
+    inp, gt = make_inputs(B, S, device)
+    d0 = model.initial_depth(B, S * S, device, generator=torch.Generator().manual_seed(2))
+    for prm in model.parameters():
+        if prm.requires_grad:
+            prm.grad = torch.zeros_like(prm)
+    sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = model.render(inp, initial_depth=d0)
+    model.losses((out["rgb"], out["depth"]), gt, out["z"])["total"].backward()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() - base
+    model.zero_grad(set_to_none=True)
+    return peak / 2 ** 20
+
+
 def child_peak_mb(case, backend, B, S, device, resident_grads=False) -> float:
     """Peak RSS growth (MB) of a fresh process running the case once (CPU memory). With resident_grads the
     parameters' gradient buffers exist (zeros) before the measured step and are reused by it, as in a training
@@ -241,12 +260,17 @@ def run_case(case, S, args, device):
         gflops = flops_per_ray(case) * n_rays / t / 1e9
         row.update(ms_median=t * 1e3, ms_all=[x * 1e3 for x in ts], rays_per_s=n_rays / t, gflops=gflops,
                    pct_of_bmm=100 * gflops / yard)
-        if device.type == "cuda":
-            fns[backend][1]()
+        if device.type == "cuda":  # growth over what is allocated before the run, as on the CPU
+            model, fn = fns[backend]
+            model.zero_grad(set_to_none=True)
             sync(device)
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            fns[backend][1]()
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            fn()
+            sync(device)
+            row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            if case == "train_step" and backend != "torch+compile":
+                row["step_mem_mb"] = cuda_step_mem_mb(model, S, args.batch, device)
         if ref_img is not None and backend != "torch":
             row["psnr_vs_torch_db"] = psnr01(fns[backend][1]().float(), ref_img)
     fns.clear()
