@@ -5,29 +5,6 @@
 
 namespace srn {
 
-MLPWeights MLPWeights::scenes(int64_t s, int64_t n) const {
-  MLPWeights out = *this;
-  for (size_t l = 0; l < W.size(); ++l) {
-    if (per_scene(l)) {
-      out.W[l] = W[l].narrow(0, s, n);
-      out.W_mm[l] = W_mm[l].narrow(0, s, n);
-      out.b[l] = b[l].narrow(0, s, n);
-    }
-  }
-  return out;
-}
-
-MLPGrads MLPGrads::scenes(int64_t s, int64_t n, const MLPWeights& w) const {
-  MLPGrads out = *this;
-  for (size_t l = 0; l < W.size(); ++l) {
-    if (w.per_scene(l)) {
-      if (W[l].defined()) out.W[l] = W[l].narrow(0, s, n);
-      if (b[l].defined()) out.b[l] = b[l].narrow(0, s, n);
-    }
-  }
-  return out;
-}
-
 namespace {
 
 // z = a W^T + b for a [S, R, C_in].

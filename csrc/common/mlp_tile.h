@@ -29,14 +29,11 @@ struct MLPWeights {
 
   size_t size() const { return W.size(); }
   bool per_scene(size_t l) const { return W[l].dim() == 3; }
-  // The weights of scenes [s, s + n) (shared weights are returned unchanged).
-  MLPWeights scenes(int64_t s, int64_t n) const;
 };
 
-// Gradient accumulators shaped like MLPWeights' tensors (per scene sliced like the tile); undefined = not needed.
+// Gradient accumulators shaped like MLPWeights' tensors; undefined = not needed.
 struct MLPGrads {
   std::vector<at::Tensor> W, b, gamma, beta;
-  MLPGrads scenes(int64_t s, int64_t n, const MLPWeights& w) const;
 };
 
 // x [S, R, C_0] -> output [S, R, C_L]. If zs is given it receives every layer's pre-norm activation z_l
@@ -360,6 +357,14 @@ std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
       t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
     }
   }
+  return out;
+}
+
+// scene_layers() of every scene b < B.
+template <typename T>
+std::vector<std::vector<Layer<T>>> all_scene_layers(const MLPWeights& w, int64_t B, bool bf16) {
+  std::vector<std::vector<Layer<T>>> out;
+  for (int64_t b = 0; b < B; ++b) out.push_back(scene_layers<T>(w, b, bf16));
   return out;
 }
 

@@ -11,8 +11,6 @@
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
-#include <functional>
-
 #include "common/checks.h"
 #include "common/elementwise.h"
 #include "common/mlp_tile.h"
@@ -33,9 +31,6 @@ struct LSTMWeights {
   at::Tensor b_out;  // [1]
 };
 
-// Maps a [B, N, ...] tensor to the current tile's [S, R, ...] view.
-using TileView = std::function<at::Tensor(const at::Tensor&)>;
-
 struct Saved {  // full-size buffers; undefined in inference mode
   at::Tensor xs;                        // [T, B, N, 3]   x_t, t < T
   at::Tensor hs, cs;                    // [T + 1, B, N, H]
@@ -48,13 +43,13 @@ struct Saved {  // full-size buffers; undefined in inference mode
 
 // CUDA: forward of one tile (the whole batch): x0, dirs [S, R, 3]. Returns x_T [S, R, 3].
 at::Tensor march_tile_forward(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0,
-                              const at::Tensor& dirs, int64_t T, int64_t mode, Saved& sv, const TileView& tv) {
+                              const at::Tensor& dirs, int64_t T, int64_t mode, Saved& sv) {
   const int64_t S = x0.size(0), R = x0.size(1), H = lw.w_hh.size(1), M = S * R;
   const size_t L = phi.size();
   at::Tensor x = x0;
   at::Tensor h = at::zeros({M, H}, x0.options()), c = at::zeros({M, H}, x0.options());
   const at::Tensor d2 = dirs.reshape({M, 3});
-  if (sv.steps.defined()) tv(sv.steps[0]).copy_(x0);
+  if (sv.steps.defined()) sv.steps[0].copy_(x0);
   for (int64_t t = 0; t < T; ++t) {
     std::vector<at::Tensor> zs;
     const at::Tensor v = mlp_tile_forward(phi, x, mode == kStore ? &zs : nullptr);
@@ -63,16 +58,16 @@ at::Tensor march_tile_forward(const MLPWeights& phi, const LSTMWeights& lw, cons
     at::Tensor c_new = at::empty_like(c), h_new = at::empty_like(h), x_new = at::empty({M, 3}, x0.options());
     lstm_step_forward(pre, c, x.reshape({M, 3}), d2, lw.w_out, lw.b_out, c_new, h_new, x_new);
     if (mode != kInference) {
-      tv(sv.xs[t]).copy_(x);
-      tv(sv.gates[t]).copy_(pre.view({S, R, 4 * H}));
-      tv(sv.hs[t + 1]).copy_(h_new.view({S, R, H}));
-      tv(sv.cs[t + 1]).copy_(c_new.view({S, R, H}));
-      for (size_t l = 0; l < zs.size(); ++l) tv(sv.zs[t * L + l]).copy_(zs[l]);
+      sv.xs[t].copy_(x);
+      sv.gates[t].copy_(pre.view({S, R, 4 * H}));
+      sv.hs[t + 1].copy_(h_new.view({S, R, H}));
+      sv.cs[t + 1].copy_(c_new.view({S, R, H}));
+      for (size_t l = 0; l < zs.size(); ++l) sv.zs[t * L + l].copy_(zs[l]);
     }
     x = x_new.view({S, R, 3});
     h = h_new;
     c = c_new;
-    if (sv.steps.defined()) tv(sv.steps[t + 1]).copy_(x);
+    if (sv.steps.defined()) sv.steps[t + 1].copy_(x);
   }
   return x;
 }
@@ -85,7 +80,7 @@ struct LSTMGrads {
 std::pair<at::Tensor, at::Tensor> march_tile_backward(const MLPWeights& phi, const LSTMWeights& lw,
                                                       const at::Tensor& dirs, const at::Tensor& v_xT, int64_t T,
                                                       int64_t mode, double clamp_v, const Saved& sv,
-                                                      const TileView& tv, MLPGrads& g_phi, LSTMGrads& g) {
+                                                      MLPGrads& g_phi, LSTMGrads& g) {
   const int64_t S = dirs.size(0), R = dirs.size(1), H = lw.w_hh.size(1), M = S * R;
   const size_t L = phi.size();
   const at::Tensor d2 = dirs.reshape({M, 3});
@@ -94,10 +89,10 @@ std::pair<at::Tensor, at::Tensor> march_tile_backward(const MLPWeights& phi, con
   at::Tensor v_dirs = at::zeros({M, 3}, dirs.options());
   at::Tensor v_pre = at::empty({M, 4 * H}, dirs.options()), v_s = at::empty({M}, dirs.options());
   for (int64_t t = T - 1; t >= 0; --t) {
-    const at::Tensor gates = tv(sv.gates[t]).reshape({M, 4 * H});
-    const at::Tensor c_prev = tv(sv.cs[t]).reshape({M, H}), c_new = tv(sv.cs[t + 1]).reshape({M, H});
-    const at::Tensor h_prev = tv(sv.hs[t]).reshape({M, H}), h_new = tv(sv.hs[t + 1]).reshape({M, H});
-    const at::Tensor x_t = tv(sv.xs[t]);
+    const at::Tensor gates = sv.gates[t].reshape({M, 4 * H});
+    const at::Tensor c_prev = sv.cs[t].reshape({M, H}), c_new = sv.cs[t + 1].reshape({M, H});
+    const at::Tensor h_prev = sv.hs[t].reshape({M, H}), h_new = sv.hs[t + 1].reshape({M, H});
+    const at::Tensor x_t = sv.xs[t];
     lstm_step_backward(gates, c_prev, c_new, h_new, d2, v_x, v_h, v_c, lw.w_out, lw.b_out, clamp_v, v_pre, v_s,
                        v_dirs);
     g.w_out.addmm_(v_s.unsqueeze(0), h_new);
@@ -105,7 +100,7 @@ std::pair<at::Tensor, at::Tensor> march_tile_backward(const MLPWeights& phi, con
     std::vector<at::Tensor> zs, ys;
     at::Tensor feat;
     if (mode == kStore) {
-      for (size_t l = 0; l < L; ++l) zs.push_back(tv(sv.zs[t * L + l]));
+      for (size_t l = 0; l < L; ++l) zs.push_back(sv.zs[t * L + l]);
       feat = phi.norm[L - 1] ? ln_relu_forward(zs[L - 1], phi.gamma[L - 1], phi.beta[L - 1]) : zs[L - 1];
     } else {
       feat = mlp_tile_forward(phi, x_t, &zs, &ys);
@@ -187,8 +182,7 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor&
   const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
   const int L = static_cast<int>(phi.size());
   const tile::Grid grid = tile::make_grid(B, N, tile_rows);
-  std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, bf16));
+  const auto layers = tile::all_scene_layers<T>(phi, B, bf16);
   const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
   march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
   const T* xp = x0.data_ptr<T>();
@@ -196,7 +190,7 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor&
   T* op = xT.data_ptr<T>();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
     tile::Workspace<T> ws(layers[0].data(), L, grid.R, false);
-    march_cpu::Scratch<T> sc(grid.R, lp.H, F);
+    march_cpu::Scratch<T> sc(grid.R, lp.H, F, L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
       march_cpu::tile_forward<T>(layers[s].data(), L, lp, n, row, xp + row * 3, dp + row * 3, steps, op + row * 3,
@@ -212,11 +206,9 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
   const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
   const int L = static_cast<int>(phi.size());
   const tile::Grid grid = tile::make_grid(B, N, tile_rows);
-  std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(phi, b, false));
+  const auto layers = tile::all_scene_layers<T>(phi, B, false);
   const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
   const march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
-  const T* xp = x0.data_ptr<T>();
   const T* dp = dirs.data_ptr<T>();
   const T* vp = v_xT.data_ptr<T>();
   T* vx0 = v_x0.data_ptr<T>();
@@ -225,7 +217,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
     const int64_t tid = at::get_thread_num();
     tile::Workspace<T> ws(layers[0].data(), L, grid.R, recompute);
-    march_cpu::Scratch<T> sc(grid.R, lp.H, F);
+    march_cpu::Scratch<T> sc(grid.R, lp.H, F, L);
     auto lstm_acc = [tid](const at::Tensor& a) { return tile::acc_ptr<T>(a, tid, 0, 0, false); };
     march_cpu::LstmGrad<T> gl{lstm_acc(acc.w_ih), lstm_acc(acc.w_hh), lstm_acc(acc.bias), lstm_acc(acc.w_out),
                               lstm_acc(acc.b_out)};
@@ -240,7 +232,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
         gp[l].ln_weight = tile::acc_ptr<T>(acc.gamma[l], tid, s, co, false);
         gp[l].ln_bias = tile::acc_ptr<T>(acc.beta[l], tid, s, co, false);
       }
-      march_cpu::tile_backward<T>(ly.data(), L, lp, n, row, xp + row * 3, dp + row * 3, steps, vp + row * 3,
+      march_cpu::tile_backward<T>(ly.data(), L, lp, n, row, dp + row * 3, steps, vp + row * 3,
                                   T(clamp_v), sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
     }
   });
@@ -291,7 +283,7 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
   at::Tensor xT;
   if (batched) {
     c10::DeviceGuard guard(x0.device());
-    xT = march_tile_forward(phi, lw, x0, dirs, T, mode, sv, [](const at::Tensor& t) { return t; });
+    xT = march_tile_forward(phi, lw, x0, dirs, T, mode, sv);
   } else {
     xT = at::empty_like(x0);
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_forward", [&] {
@@ -370,8 +362,7 @@ std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor
     MLPGrads gp;
     LSTMGrads gl;
     grads_of(0, gp, gl);
-    auto r = march_tile_backward(phi, lw, dirs, v_xT, T, mode, clamp_v, sv, [](const at::Tensor& t) { return t; },
-                                 gp, gl);
+    auto r = march_tile_backward(phi, lw, dirs, v_xT, T, mode, clamp_v, sv, gp, gl);
     v_x0 = r.first;
     v_dirs = r.second;
   } else {

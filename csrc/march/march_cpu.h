@@ -61,8 +61,9 @@ struct Saved {
 // Per-thread scratch of the march (besides phi's tile::Workspace).
 template <typename T>
 struct Scratch {
-  std::vector<T> feat, pre, h[2], c[2], x[2], v_feat, v_h, v_c, v_x, v_dirs, v_s, zeros;
-  Scratch(int64_t R, int64_t H, int64_t F) {
+  std::vector<T> feat, pre, h[2], c[2], x[2], v_feat, v_h, v_c, v_x, v_dirs, zeros;
+  std::vector<T*> act, rstd;  // this step's phi activations (L pointers each), for tile::forward / backward
+  Scratch(int64_t R, int64_t H, int64_t F, int L) : act(L), rstd(L) {
     const int64_t r = std::max<int64_t>(R, 1);
     feat.resize(r * F);
     pre.resize(r * 4 * H);
@@ -76,7 +77,6 @@ struct Scratch {
     v_c.resize(r * H);
     v_x.resize(r * 3);
     v_dirs.resize(r * 3);
-    v_s.resize(r);
     zeros.assign(r * H, T(0));  // c_0 = 0 (a plain pointer keeps the cell loops free of branches)
   }
 };
@@ -201,7 +201,8 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
   const int64_t H = lw.H, F = lw.F, BN = sv.BN;
   const bool keep = sv.xs != nullptr;
   const bool store = !sv.act.empty();
-  std::vector<T*> act(L), rstd(L);
+  std::vector<T*>& act = sc.act;
+  std::vector<T*>& rstd = sc.rstd;
   const T* x = x0;
   const T* h_prev = nullptr;
   const T* c_prev = nullptr;
@@ -239,12 +240,12 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
   if (steps == 0) std::memcpy(xT, x0, sizeof(T) * R * 3);
 }
 
-// Backward of one tile. v_xT [R, 3]; writes v_x0, v_dirs [R, 3]; adds into the per-thread accumulators.
+// Backward of one tile (the points x_t come from the saved xs). v_xT [R, 3]; writes v_x0, v_dirs [R, 3]; adds
+// into the per-thread accumulators.
 template <typename T>
-void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* x0,
-                   const T* dirs, int64_t steps, const T* v_xT, T clamp_v, const Saved<T>& sv,
-                   const tile::LayerGrad<T>* g_phi, LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws,
-                   Scratch<T>& sc) {
+void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* dirs,
+                   int64_t steps, const T* v_xT, T clamp_v, const Saved<T>& sv, const tile::LayerGrad<T>* g_phi,
+                   LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws, Scratch<T>& sc) {
   if (R <= 0) return;
   const int64_t H = lw.H, F = lw.F, BN = sv.BN;
   const bool store = !sv.act.empty();
@@ -258,7 +259,8 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
   std::fill(v_h, v_h + R * H, T(0));
   std::fill(v_c, v_c + R * H, T(0));
   std::fill(vd, vd + R * 3, T(0));
-  std::vector<const T*> act(L), rstd(L);
+  std::vector<T*>& act = sc.act;
+  std::vector<T*>& rstd = sc.rstd;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t o = t * BN + row, o1 = (t + 1) * BN + row;
     const T* gates = sv.gates + o * 4 * H;

@@ -33,8 +33,7 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std:
   const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = out.size(2);
   const int L = static_cast<int>(w.size());
   const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
-  std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
+  const auto layers = tile::all_scene_layers<T>(w, B, bf16);
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool save = !act.empty();
@@ -65,8 +64,7 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   const int L = static_cast<int>(w.size());
   const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
   const bool recompute = act.empty();
-  std::vector<std::vector<tile::Layer<T>>> layers;
-  for (int64_t b = 0; b < B; ++b) layers.push_back(tile::scene_layers<T>(w, b, bf16));
+  const auto layers = tile::all_scene_layers<T>(w, B, bf16);
   const T* xp = x.data_ptr<T>();
   const T* vp = v_out.data_ptr<T>();
   T* vxp = v_x.defined() ? v_x.data_ptr<T>() : nullptr;
