@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import geometry
 from .backends import get_backend
 from .layers import FCBlock, HyperFC, Raymarcher
+from .ops.march import initial_depth as draw_initial_depth
+from .ops.march import lift_and_march
 
 # Loss weights of the reference train.py.
 IMG_LOSS_WEIGHT = 200.0
@@ -149,9 +150,7 @@ class SRNModel(nn.Module):
     def initial_depth(self, B: int, N: int, device, dtype=torch.float32,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The reference's initial depth, N(0.05, 5e-4) per ray, ``[B, N, 1]`` (:func:`srn_fast.ops.initial_depth`)."""
-        from .ops.march import initial_depth
-
-        return initial_depth(B, N, device, dtype, generator)
+        return draw_initial_depth(B, N, device, dtype, generator)
 
     def render(self, model_input: Dict[str, torch.Tensor], initial_depth: Optional[torch.Tensor] = None,
                return_steps: bool = False) -> Dict[str, torch.Tensor]:
@@ -174,20 +173,17 @@ class SRNModel(nn.Module):
         elif tuple(initial_depth.shape) not in ((B, N, 1), (B, N)):
             raise ModelInputError(f"initial_depth must have shape [B, N, 1] = [{B}, {N}, 1], "
                                   f"got {_shape(initial_depth)}")
-        dirs = geometry.get_ray_directions(uv, pose, K)
-        x0 = geometry.world_from_xy_depth(uv, initial_depth.to(device=device, dtype=dtype), pose, K)
         lstm = self.ray_marcher.params()
-        out = self.backend.march(x0, dirs, phi, lstm, self.tracing_steps, grad_clamp=10.0,
-                                 return_steps=return_steps, mode=self.march_mode, matmul_dtype=self.matmul_dtype)
+
+        def march(x0, dirs, rs):
+            return self.backend.march(x0, dirs, phi, lstm, self.tracing_steps, grad_clamp=10.0, return_steps=rs,
+                                      mode=self.march_mode, matmul_dtype=self.matmul_dtype)
+
+        marched = lift_and_march(march, uv, pose, K, initial_depth.to(device=device, dtype=dtype), return_steps)
+        points, depth = marched.points, marched.depth
         result = {}
         if return_steps:
-            points, steps = out
-            T1 = steps.shape[0]
-            result["step_depths"] = geometry.get_depth(steps.reshape(T1 * B, N, 3),
-                                                       pose.repeat(T1, 1, 1)).reshape(T1, B, N, 1)
-        else:
-            points = out
-        depth = geometry.get_depth(points, pose)
+            result["step_depths"] = marched.step_depths
         # march_mode "recompute" is the memory-lean mode throughout: phi at the surface and the pixel generator
         # recompute their activations in backward too; "store" keeps them (faster, more memory).
         keep = self.march_mode == "store"

@@ -1,7 +1,7 @@
 """The fused ray march (``srn_fast._C.march_forward/march_backward``) as an autograd function."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -134,8 +134,6 @@ def march_camera(uv: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Te
         initial_depth: ``[B, N, 1]`` or ``[B, N]``, for reproducibility; None draws it (with ``generator``).
         kwargs: passed to :func:`march` (grad_clamp, mode, matmul_dtype, tile_rows).
     """
-    from .. import geometry
-
     op = "srn_fast.ops.march_camera"
     if not isinstance(uv, torch.Tensor) or uv.dim() != 3 or uv.shape[-1] != 2:
         raise ValueError(f"{op}: uv must be a tensor of shape [B, N, 2], got "
@@ -155,10 +153,22 @@ def march_camera(uv: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Te
             raise ValueError(f"{op}: initial_depth must have shape [B, N, 1] = [{B}, {N}, 1] (or [B, N]), got "
                              f"{tuple(initial_depth.shape)}")
         d0 = initial_depth.reshape(B, N, 1).to(device=device, dtype=dtype)
-    uv = uv.to(device=device, dtype=dtype)
+    return lift_and_march(lambda x0, dirs, rs: march(x0, dirs, phi, lstm, steps, return_steps=rs, **kwargs),
+                          uv.to(device=device, dtype=dtype), cam2world, intrinsics, d0, return_steps)
+
+
+def lift_and_march(march_fn: Callable, uv: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Tensor,
+                   depth0: torch.Tensor, return_steps: bool = False) -> MarchResult:
+    """The camera side of the reference Raymarcher around any march (shared by :func:`march_camera` and
+    :meth:`srn_fast.SRNModel.render`, whose backend may be the fused op or the oracle): lifts ``uv`` to rays
+    starting at ``depth0`` (``[B, N, 1]`` or ``[B, N]``), calls ``march_fn(x0, dirs, return_steps)`` (which
+    returns ``x_T`` or ``(x_T, points of every step)``), and measures the depths. Inputs are not checked here."""
+    from .. import geometry
+
+    B, N = uv.shape[:2]
     dirs = geometry.get_ray_directions(uv, cam2world, intrinsics)
-    x0 = geometry.world_from_xy_depth(uv, d0, cam2world, intrinsics)
-    out = march(x0, dirs, phi, lstm, steps, return_steps=return_steps, **kwargs)
+    x0 = geometry.world_from_xy_depth(uv, depth0, cam2world, intrinsics)
+    out = march_fn(x0, dirs, return_steps)
     step_depths = None
     if return_steps:
         points, pts = out
