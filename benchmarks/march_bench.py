@@ -216,6 +216,11 @@ def git_commit():
         return None
 
 
+def error_text(e: Exception) -> str:
+    """One line for the table's notes column: the exception's type and the start of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def run_case(case, S, args, device):
     """One case at one size for every backend. The backends' runs are interleaved (fused, torch, fused, torch,
     ...) so that a change in machine load during the case hits them alike; medians over the repeats."""
@@ -235,7 +240,7 @@ def run_case(case, S, args, device):
             fns[backend] = (model, fn)
             times[backend] = []
         except Exception as e:  # torch.compile may not compile here: say so in the table
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row["error"] = error_text(e)
     for _ in range(args.repeats):
         for backend, (model, fn) in fns.items():
             try:
@@ -247,7 +252,7 @@ def run_case(case, S, args, device):
                 sync(device)
                 times[backend].append(time.perf_counter() - t)
             except Exception as e:
-                rows[backend]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                rows[backend]["error"] = error_text(e)
     ref_img = fns["torch"][1]().float() if case == "render" and "torch" in fns else None
     n_rays = args.batch * S * S
     for backend, row in rows.items():
