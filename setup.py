@@ -1,12 +1,16 @@
 """Build srn_fast and its extension srn_fast._C.
 
 * Always: the C++ CPU kernels.
-* CUDA kernels too when torch is a CUDA build and nvcc is found (CUDAExtension, the usual path).
+* CUDA kernels too when torch is a CUDA build and a CUDA toolkit is found (CUDAExtension, the usual path).
+  A toolkit counts only with bin/nvcc and the cudart it links (lib64/ or lib/libcudart.so; else the
+  nvidia-cuda-runtime wheel's): $CUDA_HOME, $CUDA_PATH, torch's guess (nvcc's grandparent folder), nvcc's
+  real folder, /usr/local/cuda, /usr/local/cuda-*. The build log names the toolkit and cudart used.
 * SRN_FAST_FORCE_CUDA=1 with a CPU torch and nvcc installed: every .cu file is compiled with nvcc and
   cudart is linked, so a machine without a GPU proves that the CUDA sources compile and link
   (see ../shared/design.md). The extension then imports and runs its CPU path.
 * SRN_FAST_NO_CUDA=1: CPU only, even with a CUDA torch.
-* TORCH_CUDA_ARCH_LIST picks the GPU architectures (default for the forced build: "8.0;9.0");
+* TORCH_CUDA_ARCH_LIST picks the GPU architectures (default: the visible GPUs'; with none visible, every
+  architecture the CUDA torch supports; for the forced build "8.0;9.0");
   MAX_JOBS bounds the parallel compile jobs (read by torch's BuildExtension / ninja).
 * SRN_FAST_NO_NATIVE=1 drops -march=native from the CPU flags (for wheels meant for other machines).
 
@@ -34,19 +38,87 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home():
-    """A CUDA toolkit folder holding bin/nvcc and lib64/libcudart.so."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+def _cudart_in(home):
+    """The folder of the toolkit `home` holding a linkable libcudart.so (lib64 or lib), or None."""
+    for sub in ("lib64", "lib"):
+        d = os.path.join(home, sub)
+        if os.path.exists(os.path.join(d, "libcudart.so")):
+            return d
+    return None
+
+
+def _wheel_cudart():
+    """libcudart.so.N of the nvidia-cuda-runtime wheel that a CUDA torch depends on (no unversioned libcudart.so
+    there, so it is linked through a link of our own), or None."""
+    for site in sys.path:
+        hits = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "lib", "libcudart.so.[0-9]*")) +
+                      glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "lib", "libcudart.so.[0-9]*")))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def _find_cuda_home(torch_guess=None):
+    """(toolkit, cudart_dir, wheel_cudart): a CUDA toolkit holding bin/nvcc and the cudart it will link.
+
+    Candidates, in order: $CUDA_HOME / $CUDA_PATH, torch's own guess (cpp_extension.CUDA_HOME, which is only
+    nvcc's grandparent folder: /usr/local for a /usr/local/bin/nvcc wrapper), the folder of nvcc with links
+    resolved, /usr/local/cuda, /usr/local/cuda-*. A toolkit is accepted only with a libcudart.so in lib64/ or
+    lib/; failing that, the first toolkit with nvcc is paired with the nvidia-cuda-runtime wheel's cudart.
+    Returns (None, None, None) and the list of rejected candidates' reasons when nothing fits."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_guess]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
-                       os.path.dirname(os.path.dirname(nvcc))]
+        candidates += [os.path.dirname(os.path.dirname(nvcc)),
+                       os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    seen, rejected, nvcc_only = set(), [], None
     for c in candidates:
-        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and \
-                glob.glob(os.path.join(c, "lib64", "libcudart.so*")):
-            return c
-    return None
+        if not c or c in seen:
+            continue
+        seen.add(c)
+        if not os.path.exists(os.path.join(c, "bin", "nvcc")):
+            rejected.append(f"{c} (no bin/nvcc)")
+            continue
+        lib = _cudart_in(c)
+        if lib:
+            return c, lib, None, rejected
+        rejected.append(f"{c} (no libcudart.so in lib64/ or lib/)")
+        nvcc_only = nvcc_only or c
+    wheel = _wheel_cudart()
+    if nvcc_only and wheel:
+        return nvcc_only, os.path.dirname(wheel), wheel, rejected
+    return None, None, None, rejected
+
+
+def _cuda_toolkit(torch_guess=None):
+    """Picks the toolkit for a CUDA build (see _find_cuda_home), tells cpp_extension to use it, and returns
+    (toolkit, extra link args); exits with one line saying what was looked for when nothing fits."""
+    home, lib, wheel, rejected = _find_cuda_home(torch_guess)
+    if home is None:
+        sys.exit("srn_fast: no usable CUDA toolkit: looked for bin/nvcc plus lib64/ or lib/libcudart.so in "
+                 f"{'; '.join(rejected) or '$CUDA_HOME, $CUDA_PATH, nvcc on PATH, /usr/local/cuda*'} and for the "
+                 "nvidia-cuda-runtime wheel's cudart; set CUDA_HOME=/path/to/cuda (the folder with bin/nvcc and "
+                 "lib64/libcudart.so), or SRN_FAST_NO_CUDA=1 for a CPU-only build")
+    for r in rejected:
+        print(f"srn_fast: skipped CUDA toolkit candidate {r}", flush=True)
+    # cpp_extension reads its module-level CUDA_HOME for nvcc, include and library paths (-L.../lib64 -lcudart)
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+    link = [f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    cudart = os.path.join(lib, "libcudart.so")
+    if wheel:
+        # the wheel ships libcudart.so.N only: give -lcudart a libcudart.so to find
+        shim = os.path.join(ROOT, "build", "cudart_link")
+        os.makedirs(shim, exist_ok=True)
+        target = os.path.join(shim, "libcudart.so")
+        if os.path.lexists(target):
+            os.remove(target)
+        os.symlink(wheel, target)
+        link = [f"-L{shim}"] + link
+        cudart = wheel
+    print(f"srn_fast: CUDA toolkit {home} (nvcc {os.path.join(home, 'bin', 'nvcc')}), cudart {cudart}", flush=True)
+    return home, link
 
 
 def _extension():
@@ -71,21 +143,29 @@ def _extension():
     torch_has_cuda = torch.version.cuda is not None
     if no_cuda:
         with_cuda, mode = False, "cpu (SRN_FAST_NO_CUDA=1)"
-    elif torch_has_cuda and cpp_extension.CUDA_HOME is not None:
-        with_cuda, mode = True, "cuda"
+    elif torch_has_cuda and (force or cpp_extension.CUDA_HOME is not None):
+        # The usual path: a CUDA torch and a toolkit. torch's CUDA_HOME guess is checked, not trusted.
+        cuda_home, link = _cuda_toolkit(cpp_extension.CUDA_HOME)
+        link_args += link
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch picks the visible GPUs' architectures and fails with none visible: build for every
+            # architecture this torch supports instead
+            archs = sorted({a.split("_")[1] for a in torch.cuda.get_arch_list() if a.startswith("sm_")}, key=int)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs) + "+PTX"
+            print(f"srn_fast: no GPU visible, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+                  "(this torch's architectures)", flush=True)
+        with_cuda, mode = True, f"cuda (CUDA torch {torch.version.cuda}, toolkit {cuda_home})"
     elif force:
-        cuda_home = _find_cuda_home()
-        if cuda_home is None:
-            sys.exit("SRN_FAST_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
         # A CPU torch leaves CUDA_HOME unset and BuildExtension then refuses .cu files; pointing it at
         # the toolkit makes BuildExtension compile them with nvcc. The .cu files include no torch
         # headers, so the CPU torch's incomplete CUDA headers are never read.
-        cpp_extension.CUDA_HOME = cuda_home
+        cuda_home, link = _cuda_toolkit()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        lib = os.path.join(cuda_home, "lib64")
         include_dirs.append(os.path.join(cuda_home, "include"))
-        link_args += [f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"]
+        link_args += link + ["-lcudart"]
         with_cuda, mode = True, f"forced cuda (CPU torch, toolkit {cuda_home})"
+    elif torch_has_cuda:
+        with_cuda, mode = False, "cpu (a CUDA torch but no nvcc: put nvcc on PATH or set CUDA_HOME for the CUDA kernels)"
     else:
         with_cuda, mode = False, "cpu (torch has no CUDA; set SRN_FAST_FORCE_CUDA=1 to compile the CUDA sources)"
     print(f"srn_fast: building the extension, mode: {mode}", flush=True)
@@ -101,7 +181,7 @@ def _extension():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link_args,
     )
-    if with_cuda and torch_has_cuda and not force:
+    if with_cuda and torch_has_cuda:
         return cpp_extension.CUDAExtension(**args)
     return cpp_extension.CppExtension(**args)
 

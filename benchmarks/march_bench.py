@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,11 +38,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
 import torch  # noqa: E402
 
-import srn_fast  # noqa: E402
+from bench_env import import_srn_fast, machine_facts  # noqa: E402
+
+srn_fast = import_srn_fast()
 from srn_fast import geometry  # noqa: E402
 
 WIDTH, STEPS, LSTM_H = 256, 10, 16
@@ -209,13 +209,6 @@ def psnr01(a, b):
     return float(10 * torch.log10(1.0 / torch.mean((a - b) ** 2)))
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
-
-
 def error_text(e: Exception) -> str:
     """One line for the table's notes column: the exception's type and the start of its message."""
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -323,7 +316,6 @@ def main(argv=None):
     rows, mlp_rows = [], []
     cases = args.cases.split(",")
     if "mlp" in cases:
-        sys.path.insert(0, HERE)
         import mlp_bench
 
         mlp_rows = mlp_bench.run_mlp_cases(device.type if device.type == "cpu" else str(device), quick=args.quick)
@@ -336,10 +328,8 @@ def main(argv=None):
     yard = statistics.median(yards) if yards else yard
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "srn_fast": srn_fast.__version__, "cuda": torch.version.cuda},
-        "commit": git_commit(), "batched_matmul_gflops": yard, "note": args.note,
+        **machine_facts(str(device)), "srn_fast_version": srn_fast.__version__,
+        "batched_matmul_gflops": yard, "note": args.note,
         "cases": rows, "mlp_cases": mlp_rows,
     }
     if args.json:

@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench_env import import_srn_fast, machine_facts  # noqa: E402
 
+import_srn_fast(verbose=__name__ == "__main__")
 from srn_fast import _ext, ops, torch_impl  # noqa: E402
 from srn_fast.torch_impl import Layer  # noqa: E402
 
@@ -159,18 +156,7 @@ def print_table(rows: List[Dict]) -> None:
 
 
 def environment(device: str) -> Dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    env = dict(device=device, torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-               processor=platform.processor(), threads=torch.get_num_threads(), commit=commit,
-               cpu_gemm=_ext.load().cpu_gemm_backend() if _ext.load() is not None and
-               hasattr(_ext.load(), "cpu_gemm_backend") else None,
-               load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
+    return dict(device=device, **machine_facts(device))
 
 
 def main(argv=None) -> None:

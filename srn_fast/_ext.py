@@ -32,6 +32,25 @@ def with_cuda() -> bool:
     return bool(ext is not None and getattr(ext, "with_cuda", False))
 
 
+def error() -> Optional[BaseException]:
+    """Why the extension could not be imported (None when it loaded or was not tried)."""
+    load()
+    return _error
+
+
+def describe() -> str:
+    """One line for logs: which srn_fast this is and whether its extension loaded (with or without CUDA)."""
+    import os
+
+    import srn_fast
+
+    where = os.path.dirname(os.path.abspath(srn_fast.__file__))
+    ext = load()
+    if ext is None:
+        return f"srn_fast {where}: srn_fast._C NOT loaded ({_error})"
+    return f"srn_fast {where}: srn_fast._C loaded, {'with' if with_cuda() else 'without'} CUDA kernels"
+
+
 def require(what: str):
     """The extension, or a RuntimeError that says how to build it."""
     ext = load()

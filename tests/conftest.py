@@ -1,12 +1,56 @@
+"""Test-session set-up: which srn_fast is tested, the tests' helper modules, shared fixtures.
+
+Which srn_fast: the tests run against what ``import srn_fast`` gives *outside* the source tree when that copy has
+its compiled extension (a non-editable ``pip install .``), even when pytest is started from the source root
+(``python -m pytest`` puts the current folder first on sys.path, and the source copy there has no ``_C`` after a
+non-editable install). We chose this explicit check over a ``src/`` layout because the package folder stays where
+the design and the users' reference-style imports expect it (``srn_fast/`` at the top), and over relying on
+``--import-mode=importlib`` alone because ``python -m pytest`` would still shadow the install. With an editable
+install, or none, the source tree is what is tested. The header of every run names the copy and whether ``_C``
+loaded; the op tests fail (not skip) when it did not, unless ``SRN_FAST_ALLOW_NO_EXT=1`` (see op_utils).
+"""
+import glob
+import importlib
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _prefer_installed_copy():
+    """Drop the source root from sys.path when an installed srn_fast with its extension exists elsewhere."""
+    if "srn_fast" in sys.modules:
+        return
+    is_root = [os.path.realpath(p or os.getcwd()) == ROOT for p in sys.path]
+    if not any(is_root):
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p, r in zip(saved, is_root) if not r]
+    importlib.invalidate_caches()
+    spec = importlib.util.find_spec("srn_fast")
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    if locs and os.path.realpath(locs[0]) != os.path.join(ROOT, "srn_fast") and \
+            glob.glob(os.path.join(locs[0], "_C*.so")):
+        return  # the installed copy, with its extension
+    sys.path[:] = saved
+
+
+_prefer_installed_copy()
+sys.path.insert(0, HERE)  # the tests' helper modules (op_utils, _spheres): this folder, not the source root
+
 # Deterministic, quiet, and bounded on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def pytest_report_header(config):
+    from srn_fast import _ext
+
+    return [_ext.describe()]
 
 
 @pytest.fixture

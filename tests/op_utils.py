@@ -1,7 +1,28 @@
-"""Helpers for the fused-op tests: random layer stacks, and comparisons that report where they fail."""
+"""Helpers for the fused-op tests: the extension (or a failure that says why it is missing), random layer stacks,
+and comparisons that report where they fail."""
+import os
+
+import pytest
 import torch
 
+from srn_fast import _ext
 from srn_fast.torch_impl import Layer, LSTMParams
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def require_extension():
+    """srn_fast._C for the op tests. When it cannot be imported the tests FAIL with the import error, so that a
+    run against an unbuilt copy is never green; ``SRN_FAST_ALLOW_NO_EXT=1`` skips them instead (a deliberate
+    pure-PyTorch install)."""
+    ext = _ext.load()
+    if ext is not None:
+        return ext
+    msg = (f"srn_fast._C could not be imported ({_ext.describe()}); build it with "
+           "`pip install --no-build-isolation .`, or set SRN_FAST_ALLOW_NO_EXT=1 to skip the fused-op tests")
+    if os.environ.get("SRN_FAST_ALLOW_NO_EXT", "") == "1":
+        pytest.skip(msg, allow_module_level=True)
+    pytest.fail(msg, pytrace=False)
 
 
 def assert_close(actual, expected, rtol, atol, name=""):

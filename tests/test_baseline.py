@@ -10,7 +10,7 @@ from srn_fast.baseline import (PairDataset, locate, TatarchenkoNet, baseline_los
 from srn_fast.cli import main as cli_main
 from srn_fast.data import SRNDataset
 
-from ._spheres import write_sphere_root
+from _spheres import write_sphere_root
 
 TINY = dict(width=4, code_dim=32)
 

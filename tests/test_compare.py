@@ -13,7 +13,7 @@ from srn_fast.cli import main as cli_main
 from srn_fast.compare import markdown_table
 from srn_fast.compare.grid import make_grid
 
-from ._spheres import write_sphere_root
+from _spheres import write_sphere_root
 
 S = 16
 

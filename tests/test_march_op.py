@@ -5,10 +5,10 @@ import srn_fast
 from srn_fast import ops, torch_impl
 from srn_fast.torch_impl import Layer, LSTMParams
 
-from .conftest import cuda
-from .op_utils import assert_close, layer_tensors, make_layers, make_lstm
+from op_utils import cuda, require_extension
+from op_utils import assert_close, layer_tensors, make_layers, make_lstm
 
-pytest.importorskip("srn_fast._C", reason="extension not built")
+require_extension()
 
 
 def setup(B=2, N=150, widths=(3, 16, 16), H=16, dtype=torch.float64, seed=0, per_scene=True, affine=False,
@@ -175,7 +175,7 @@ def small_models(fit_single_srn=False):
 
 @pytest.mark.parametrize("fit_single_srn", [False, True])
 def test_whole_model_fused_matches_torch(fit_single_srn):
-    from .test_model import make_input
+    from test_model import make_input
     a, b = small_models(fit_single_srn)
     inp = make_input(dtype=torch.float64)
     d0 = a.initial_depth(2, 36, "cpu", torch.float64)

@@ -6,13 +6,11 @@ import srn_fast
 from srn_fast import ops, torch_impl
 from srn_fast.torch_impl import Layer
 
-from .conftest import cuda
-from .op_utils import assert_close, layer_tensors
-from .op_utils import make_layers as make_case_layers
+from op_utils import cuda, require_extension
+from op_utils import assert_close, layer_tensors
+from op_utils import make_layers as make_case_layers
 
-ext = pytest.importorskip("srn_fast._C", reason="extension not built")
-if not hasattr(ext, "mlp_forward"):
-    pytest.skip("extension lacks mlp_forward", allow_module_level=True)
+ext = require_extension()
 
 KINDS = ("phi", "pixgen", "mixed")
 
@@ -309,7 +307,7 @@ class _FusedMLPTorchMarch:
 
 @pytest.mark.parametrize("march_mode", ["recompute", "store"])  # the mlp then recomputes / keeps activations
 def test_whole_model_fused_mlp_matches_torch_backend(march_mode):
-    from .test_model import make_input
+    from test_model import make_input
 
     torch.manual_seed(0)
     model = srn_fast.SRNModel(3, latent_dim=8, tracing_steps=2, phi_hidden=16, backend="torch",

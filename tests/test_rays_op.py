@@ -6,9 +6,9 @@ import srn_fast
 from srn_fast import geometry as g
 from srn_fast.ops import lift_rays
 
-from .conftest import cuda
+from op_utils import cuda, require_extension
 
-ext = pytest.importorskip("srn_fast._C", reason="extension not built")
+ext = require_extension()
 
 
 def _inputs(dtype, device="cpu", B=2, N=37):
