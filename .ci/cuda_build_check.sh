@@ -17,7 +17,7 @@ venv=$(mktemp -d)/venv_cuda_torch
 python3 -m venv "$venv"
 # PIP_FIND_LINKS / the pip config point at this machine's local CPU wheels: bypass them for the CUDA torch.
 env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 \
-  "$venv/bin/python" -m pip install -q torch==2.13.0 setuptools ninja
+  "$venv/bin/python" -m pip install -q torch==2.13.0 setuptools ninja numpy
 "$venv/bin/python" -c "import torch; print('cuda_build_check: torch', torch.__version__, '| CUDA', torch.version.cuda, \
 '| GPU visible:', torch.cuda.is_available())"
 echo "cuda_build_check: CUDA torch installed in $(( $(date +%s) - t0 )) s"

@@ -25,7 +25,12 @@ OUT=$(cd "$OUT" && pwd)
 t0=$(date +%s)
 copy=$(mktemp -d)/srn_fast_src
 mkdir -p "$copy"
-(cd "$SRC" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -C "$copy" -xf -
+if git -C "$SRC" rev-parse --git-dir >/dev/null 2>&1; then
+  (cd "$SRC" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -C "$copy" -xf -
+else  # a copy of the tree without .git (e.g. a lent device machine): leave build outputs behind
+  tar -C "$SRC" --exclude=./build --exclude='*.so' --exclude='*.egg-info' --exclude=__pycache__ --exclude=.git \
+    -cf - . | tar -C "$copy" -xf -
+fi
 echo "install_and_test: source copied to $copy"
 
 unset CUDA_HOME CUDA_PATH SRN_FAST_FORCE_CUDA
@@ -35,7 +40,7 @@ if ! (cd "$copy" && "$PY" -m pip install -v --no-build-isolation ".[test]") >"$O
   echo "install_and_test: pip install failed (log: $OUT/install.log)"
   exit 1
 fi
-grep -E "^srn_fast: |Successfully installed" "$OUT/install.log" | sed -E 's/^(.{300}).*/\1 .../' || true
+grep -E "^ *srn_fast: (CUDA|building|skipped|no GPU)|Successfully installed" "$OUT/install.log" | sed -E 's/^(.{300}).*/\1 .../' || true
 echo "install_and_test: installed in $(( $(date +%s) - t0 )) s"
 
 outside=$(mktemp -d)
@@ -69,5 +74,5 @@ echo "install_and_test: benchmarks/march_bench.py from the source copy's root"
 (cd "$copy" && "$PY" benchmarks/march_bench.py --quick --no-memory --cases render --backends fused,torch) \
   2>&1 | tee "$OUT/bench.log" | tail -n 6
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "install_and_test: benchmark failed"; exit 1; }
-grep -E "^render_64 +fused " "$OUT/bench.log" | grep -vq "Error" || { echo "install_and_test: fused render did not run"; exit 1; }
+grep -E "^render_64x64 +fused " "$OUT/bench.log" | grep -vq "Error" || { echo "install_and_test: fused render did not run"; exit 1; }
 echo "install_and_test: passed in $(( $(date +%s) - t0 )) s"

@@ -11,8 +11,9 @@ Cases (per view size S, B scenes, N = S*S rays per scene, the reference architec
   render      march + phi at the surface + pixel generator (no grad)
   train_step  render + the reference losses + backward (gradients for every parameter)
 Backends: fused (recompute mode), fused-store (train step, activations kept), torch (the oracle: the reference's
-code path), torch+compile (torch.compile of the same, where it compiles), fused-bf16 (bf16 matmuls; render only,
-with the PSNR of its image against the float32 render).
+code path), torch+compile (torch.compile of the same, where it compiles), fused+compile (torch.compile of the whole
+fused model: the fused ops are dispatcher ops that the compiled graph calls, everything around them is compiled),
+fused-bf16 (bf16 matmuls; render only, with the PSNR of its image against the float32 render).
 
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
 machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32,
@@ -136,8 +137,11 @@ def build(case, backend, B, S, device, set_to_none=True):
     inp, gt = make_inputs(B, S, device)
     d0 = model.initial_depth(B, S * S, device, generator=torch.Generator().manual_seed(2))
     compiled = None
-    if backend == "torch+compile":
-        target = srn_fast.torch_impl.march if case == "march" else model.render
+    if backend in ("torch+compile", "fused+compile"):  # the whole model compiled; the fused ops stay opaque ops
+        if case == "march":
+            target = srn_fast.torch_impl.march if backend == "torch+compile" else model.backend.march
+        else:
+            target = model.render
         compiled = torch.compile(target)
     return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled, set_to_none)
 
@@ -227,7 +231,7 @@ def run_case(case, S, args, device):
                                "bmm_gflops": yard}
         try:
             model, inp, gt, d0, fn = build(case, backend, args.batch, S, device)
-            for _ in range(2 if backend == "torch+compile" else 1):  # warm-up (and compilation)
+            for _ in range(2 if backend.endswith("+compile") else 1):  # warm-up (and compilation)
                 fn()
             sync(device)
             fns[backend] = (model, fn)
@@ -267,7 +271,7 @@ def run_case(case, S, args, device):
             fn()
             sync(device)
             row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-            if case == "train_step" and backend != "torch+compile":
+            if case == "train_step" and not backend.endswith("+compile"):
                 row["step_mem_mb"] = cuda_step_mem_mb(model, S, args.batch, device)
         if ref_img is not None and backend != "torch":
             row["psnr_vs_torch_db"] = psnr01(fns[backend][1]().float(), ref_img)
@@ -294,9 +298,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2, help="scenes B")
     p.add_argument("--sizes", default="64,128", help="view sizes S (N = S*S rays per scene)")
     p.add_argument("--cases", default="mlp,march,render,train_step")
-    p.add_argument("--backends", default="fused,fused-store,torch,torch+compile,fused-bf16")
+    p.add_argument("--backends", default="fused,fused-store,torch,torch+compile,fused+compile,fused-bf16")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile")
+    p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile backends")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared')")
@@ -306,7 +310,7 @@ def main(argv=None):
         return child_main(*args.child)
     if args.quick:
         args.sizes, args.repeats = "64", 2
-        args.backends = ",".join(b for b in args.backends.split(",") if b != "torch+compile")
+        args.backends = ",".join(b for b in args.backends.split(",") if not b.endswith("+compile"))
     device = torch.device(args.device)
     if device.type == "cpu" and not srn_fast.fused_available():
         sys.exit("the fused backend is not built: pip install --no-build-isolation . first")

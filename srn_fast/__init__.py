@@ -9,7 +9,7 @@ from ._ext import available as extension_available
 from ._ext import with_cuda as extension_with_cuda
 from .backends import fused_available, get_backend
 from .model import ModelInputError, SRNModel, check_model_input
-from .torch_impl import Layer, LSTMParams
+from .types import Layer, LSTMParams
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import torch_impl
-from .torch_impl import Layer, LSTMParams
+from . import _ext, ops, torch_impl
+from .types import Layer, LSTMParams
 
 BACKENDS = ("auto", "fused", "torch")
 
@@ -35,21 +35,21 @@ class TorchBackend:
 
 
 class FusedBackend:
-    """Calls :func:`srn_fast.ops.mlp` and :func:`srn_fast.ops.march`."""
+    """Calls :func:`srn_fast.ops.mlp` and :func:`srn_fast.ops.march` (dispatcher ops: torch.compile sees them whole).
+    The extension is required once, here, so that nothing on the model's forward path looks it up."""
 
     name = "fused"
 
-    def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
-        from .ops import mlp
+    def __init__(self):
+        _ext.require("backend='fused'")
 
-        return mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
+    def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
+        return ops.mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
 
     def march(self, x0, dirs, phi, lstm, steps, grad_clamp=10.0, return_steps=False, mode="recompute",
               matmul_dtype=None):
-        from .ops import march
-
-        return march(x0, dirs, phi, lstm, steps, grad_clamp=grad_clamp, return_steps=return_steps, mode=mode,
-                     matmul_dtype=matmul_dtype)
+        return ops.march(x0, dirs, phi, lstm, steps, grad_clamp=grad_clamp, return_steps=return_steps,
+                               mode=mode, matmul_dtype=matmul_dtype)
 
 
 def fused_available() -> bool:

@@ -10,7 +10,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .torch_impl import LAYERNORM_EPS, Layer, LSTMParams, mlp
+from .torch_impl import mlp
+from .types import LAYERNORM_EPS, Layer, LSTMParams
 
 
 def _kaiming_relu(m: nn.Module) -> None:

@@ -68,7 +68,9 @@ def check_model_input(model_input: Dict[str, torch.Tensor], num_instances: Optio
             raise ModelInputError(f"model_input['instance_idx'] must be an integer tensor, got {idx.dtype}")
         if idx.numel() != B or idx.dim() > 2:
             raise ModelInputError(f"model_input['instance_idx'] must have shape [B] with B={B}, got {_shape(idx)}")
-        if num_instances is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_instances):
+        # reading values syncs and breaks a torch.compile graph: checked in eager mode only
+        if num_instances is not None and idx.numel() and not torch.compiler.is_compiling() and \
+                (int(idx.min()) < 0 or int(idx.max()) >= num_instances):
             raise ModelInputError(f"model_input['instance_idx'] must lie in [0, {num_instances - 1}] "
                                   f"(the model has {num_instances} latent codes), got values in "
                                   f"[{int(idx.min())}, {int(idx.max())}]")

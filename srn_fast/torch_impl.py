@@ -7,39 +7,14 @@ the LSTM hidden state to [-10, 10] at every marching step.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-LAYERNORM_EPS = 1e-5
+from .types import LAYERNORM_EPS, Layer, LSTMParams
 
-
-class Layer(NamedTuple):
-    """One layer of a small MLP: ``y = x W^T + b``, then (if ``norm``) LayerNorm, optional affine, ReLU.
-
-    weight: ``[C_out, C_in]`` shared, or ``[B, C_out, C_in]`` per scene.
-    bias:   ``[C_out]`` shared, or ``[B, C_out]`` per scene.
-    norm:   False makes the layer plain linear (the pixel generator's last layer).
-    ln_weight, ln_bias: ``[C_out]`` LayerNorm affine parameters, or None (phi's layers have none).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    norm: bool = True
-    ln_weight: Optional[torch.Tensor] = None
-    ln_bias: Optional[torch.Tensor] = None
-
-
-class LSTMParams(NamedTuple):
-    """Weights of ``nn.LSTMCell(F, H)`` (gate order i, f, g, o) and of the ``Linear(H, 1)`` step head."""
-
-    weight_ih: torch.Tensor  # [4H, F]
-    weight_hh: torch.Tensor  # [4H, H]
-    bias_ih: torch.Tensor  # [4H]
-    bias_hh: torch.Tensor  # [4H]
-    out_weight: torch.Tensor  # [1, H]
-    out_bias: torch.Tensor  # [1]
+__all__ = ["LAYERNORM_EPS", "Layer", "LSTMParams", "linear", "mlp", "march", "mlp_reference_layers"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

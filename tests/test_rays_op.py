@@ -35,9 +35,9 @@ def test_lift_rays_zero_rays_and_errors():
     fx, fy, cx, cy = g.parse_intrinsics_tensor(K)
     Kv = torch.stack([fx, fy, cx, cy], -1)
     with pytest.raises(RuntimeError, match=r"c2w must have shape \[B, 3, 4\]"):
-        ext.lift_rays(uv, Kv, c2w, d0)
+        torch.ops.srn_fast.lift_rays(uv, Kv, c2w, d0)
     with pytest.raises(RuntimeError, match="depth0 has dtype Double but uv has dtype Float"):
-        ext.lift_rays(uv, Kv, c2w[:, :3], d0.double())
+        torch.ops.srn_fast.lift_rays(uv, Kv, c2w[:, :3], d0.double())
 
 
 @cuda

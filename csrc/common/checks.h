@@ -43,6 +43,30 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
               " must be float32 on CUDA, got ", t.scalar_type());
 }
 
+// Output slots filled by the ops (allocated by the Python side): a tensor of shape [0] is a placeholder for an
+// output that is not kept / not needed.
+inline bool is_placeholder(const at::Tensor& t) { return !t.defined() || (t.dim() == 1 && t.size(0) == 0); }
+
+// Checks an output slot: the expected shape, the dtype/device of `like`, contiguous.
+inline void check_out(const char* op, const std::string& name, const at::Tensor& out, at::IntArrayRef sizes,
+                      const at::Tensor& like) {
+  TORCH_CHECK(out.defined() && out.sizes() == sizes, op, ": output ", name, " must have shape ", sizes, ", got ",
+              out.defined() ? shape_str(out) : std::string("undefined"));
+  TORCH_CHECK(out.scalar_type() == like.scalar_type() && out.device() == like.device(), op, ": output ", name,
+              " must be ", like.scalar_type(), " on ", like.device());
+  TORCH_CHECK(out.is_contiguous(), op, ": output ", name, " must be contiguous");
+}
+
+// Sums per-thread accumulators [threads, ...] into `out` (a placeholder or undefined acc: nothing to do).
+inline void reduce_into(at::Tensor& out, const at::Tensor& acc) {
+  if (is_placeholder(out) || !acc.defined()) return;
+  if (acc.size(0) == 1) {
+    out.copy_(acc[0]);
+  } else {
+    at::sum_out(out, acc, {0});
+  }
+}
+
 // The current CUDA stream as an opaque handle, without CUDA headers (design.md).
 void* current_cuda_stream(const at::Device& device);
 

@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -15,17 +16,14 @@ namespace {
 
 constexpr double kEps = 1e-5;
 
+// The batched path's LayerNorm + ReLU rows through srn_math.h's layernorm_relu_row / _vjp (the CPU tiles' and the
+// CUDA kernels' row functions); z is the pre-norm row with the bias already added.
 template <typename T>
 void ln_relu_forward_cpu(const T* z, const T* gamma, const T* beta, T* y, int64_t M, int64_t C) {
   at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* zr = z + r * C;
-      T* yr = y + r * C;
-      T mean, rstd;
-      layernorm_stats<T>(zr, static_cast<int>(C), T(kEps), mean, rstd);
-      for (int64_t k = 0; k < C; ++k) {
-        yr[k] = ln_relu_elem<T>(zr[k], mean, rstd, gamma ? gamma[k] : T(1), beta ? beta[k] : T(0));
-      }
+      // no bias: the row is only read
+      layernorm_relu_row<T, T>(const_cast<T*>(z + r * C), int(C), nullptr, gamma, beta, T(kEps), nullptr, y + r * C);
     }
   });
 }
@@ -37,15 +35,10 @@ void ln_relu_backward_cpu(const T* z, const T* v_y, const T* gamma, const T* bet
   at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
     std::vector<T> xhat(C), y(C), vg(v_gamma ? C : 0, T(0)), vb(v_beta ? C : 0, T(0));
     for (int64_t r = r0; r < r1; ++r) {
-      const T* zr = z + r * C;
-      T mean, rstd;
-      layernorm_stats<T>(zr, static_cast<int>(C), T(kEps), mean, rstd);
-      for (int64_t k = 0; k < C; ++k) {
-        xhat[k] = (zr[k] - mean) * rstd;
-        y[k] = ln_relu_elem<T>(zr[k], mean, rstd, gamma ? gamma[k] : T(1), beta ? beta[k] : T(0));
-      }
-      ln_relu_row_vjp<T>(xhat.data(), y.data(), v_y + r * C, static_cast<int>(C), rstd, gamma, v_z + r * C,
-                         v_gamma ? vg.data() : nullptr, v_beta ? vb.data() : nullptr);
+      const T rstd = layernorm_relu_row<T, T>(const_cast<T*>(z + r * C), int(C), nullptr, gamma, beta, T(kEps),
+                                              xhat.data(), y.data());
+      layernorm_relu_row_vjp<T>(xhat.data(), v_y + r * C, int(C), rstd, gamma, beta, v_z + r * C,
+                                v_gamma ? vg.data() : nullptr, v_beta ? vb.data() : nullptr);
     }
     if (v_gamma || v_beta) {
       std::lock_guard<std::mutex> lock(mu);
@@ -58,24 +51,12 @@ void ln_relu_backward_cpu(const T* z, const T* v_y, const T* gamma, const T* bet
 }
 
 template <typename T>
-void lstm_step_forward_cpu(T* pre, const T* c_prev, const T* x, const T* dirs, const T* w_out, const T* b_out, T* c,
-                           T* h, T* x_new, int64_t M, int64_t H) {
+void lstm_step_forward_cpu(T* pre, const T* bias, const T* c_prev, const T* x, const T* dirs, const T* w_out,
+                           const T* b_out, T* c, T* h, T* x_new, int64_t M, int64_t H) {
   at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* g = pre + r * 4 * H;
-      T s = b_out[0];
-      for (int64_t k = 0; k < H; ++k) {
-        T gi, gf, gg, go, cn, hn;
-        lstm_cell<T>(g[k], g[H + k], g[2 * H + k], g[3 * H + k], c_prev[r * H + k], gi, gf, gg, go, cn, hn);
-        g[k] = gi;
-        g[H + k] = gf;
-        g[2 * H + k] = gg;
-        g[3 * H + k] = go;
-        c[r * H + k] = cn;
-        h[r * H + k] = hn;
-        s += hn * w_out[k];
-      }
-      for (int j = 0; j < 3; ++j) x_new[r * 3 + j] = x[r * 3 + j] + dirs[r * 3 + j] * s;
+      lstm_step_row<T>(int(H), pre + r * 4 * H, bias, c_prev + r * H, w_out, b_out[0], x + r * 3, dirs + r * 3,
+                       pre + r * 4 * H, c + r * H, h + r * H, x_new + r * 3);
     }
   });
 }
@@ -84,26 +65,13 @@ template <typename T>
 void lstm_step_backward_cpu(const T* gates, const T* c_prev, const T* c, const T* h, const T* dirs, const T* v_x,
                             const T* v_h, T* v_c, const T* w_out, const T* b_out, T clamp_v, T* v_pre, T* v_s,
                             T* v_dirs, int64_t M, int64_t H) {
+  const T lo = clamp_v >= T(0) ? -clamp_v : -std::numeric_limits<T>::infinity();
+  const T hi = clamp_v >= T(0) ? clamp_v : std::numeric_limits<T>::infinity();
   at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T s = b_out[0];
-      for (int64_t k = 0; k < H; ++k) s += h[r * H + k] * w_out[k];
-      T vs = T(0);
-      for (int j = 0; j < 3; ++j) {
-        vs += v_x[r * 3 + j] * dirs[r * 3 + j];
-        v_dirs[r * 3 + j] += v_x[r * 3 + j] * s;
-      }
-      v_s[r] = vs;
-      const T* g = gates + r * 4 * H;
-      T* vp = v_pre + r * 4 * H;
-      for (int64_t k = 0; k < H; ++k) {
-        T vh = v_h[r * H + k] + vs * w_out[k];
-        if (clamp_v >= T(0)) vh = clamp<T>(vh, -clamp_v, clamp_v);
-        T vcp;
-        lstm_cell_vjp<T>(g[k], g[H + k], g[2 * H + k], g[3 * H + k], c_prev[r * H + k], c[r * H + k], vh,
-                         v_c[r * H + k], vp[k], vp[H + k], vp[2 * H + k], vp[3 * H + k], vcp);
-        v_c[r * H + k] = vcp;
-      }
+      v_s[r] = lstm_step_row_vjp<T>(int(H), gates + r * 4 * H, c_prev + r * H, c + r * H, h + r * H, w_out, b_out[0],
+                                    dirs + r * 3, v_x + r * 3, v_h + r * H, v_c + r * H, lo, hi, v_pre + r * 4 * H,
+                                    v_dirs + r * 3, static_cast<T*>(nullptr));
     }
   });
 }
@@ -168,14 +136,14 @@ at::Tensor ln_relu_backward(const at::Tensor& z, const at::Tensor& v_y, const at
   return v_z;
 }
 
-void lstm_step_forward(at::Tensor& pre, const at::Tensor& c_prev, const at::Tensor& x, const at::Tensor& dirs,
-                       const at::Tensor& w_out, const at::Tensor& b_out, at::Tensor& c, at::Tensor& h,
-                       at::Tensor& x_new) {
+void lstm_step_forward(at::Tensor& pre, const at::Tensor& bias, const at::Tensor& c_prev, const at::Tensor& x,
+                       const at::Tensor& dirs, const at::Tensor& w_out, const at::Tensor& b_out, at::Tensor& c,
+                       at::Tensor& h, at::Tensor& x_new) {
   const int64_t H = c_prev.size(-1), M = c_prev.numel() / std::max<int64_t>(H, 1);
   if (M == 0) return;
   if (pre.is_cuda()) {
 #ifdef SRN_WITH_CUDA
-    lstm_step_forward_cuda(pre.data_ptr<float>(), c_prev.data_ptr<float>(), x.data_ptr<float>(),
+    lstm_step_forward_cuda(pre.data_ptr<float>(), bias.data_ptr<float>(), c_prev.data_ptr<float>(), x.data_ptr<float>(),
                            dirs.data_ptr<float>(), w_out.data_ptr<float>(), b_out.data_ptr<float>(),
                            c.data_ptr<float>(), h.data_ptr<float>(), x_new.data_ptr<float>(), M, H,
                            current_cuda_stream(pre.device()));
@@ -185,7 +153,8 @@ void lstm_step_forward(at::Tensor& pre, const at::Tensor& c_prev, const at::Tens
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "lstm_step_forward", [&] {
-    lstm_step_forward_cpu<scalar_t>(pre.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+    lstm_step_forward_cpu<scalar_t>(pre.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
+                                    x.data_ptr<scalar_t>(),
                                     dirs.data_ptr<scalar_t>(), w_out.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>(),
                                     c.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x_new.data_ptr<scalar_t>(), M, H);
   });

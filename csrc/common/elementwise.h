@@ -16,12 +16,12 @@ at::Tensor ln_relu_forward(const at::Tensor& z, const at::Tensor& gamma, const a
 at::Tensor ln_relu_backward(const at::Tensor& z, const at::Tensor& v_y, const at::Tensor& gamma,
                             const at::Tensor& beta, at::Tensor v_gamma, at::Tensor v_beta);
 
-// One LSTM cell + step update. pre [M, 4H] gate pre-activations (both biases included) is overwritten with the
-// activated gates; c_prev [M, H]; x, dirs [M, 3]; w_out [H]; b_out [1].
-// Writes c, h [M, H] and x_new = x + dirs * (h . w_out + b_out) [M, 3].
-void lstm_step_forward(at::Tensor& pre, const at::Tensor& c_prev, const at::Tensor& x, const at::Tensor& dirs,
-                       const at::Tensor& w_out, const at::Tensor& b_out, at::Tensor& c, at::Tensor& h,
-                       at::Tensor& x_new);
+// One LSTM cell + step update per row (srn_math.h's lstm_step_row). pre [M, 4H] gate pre-activations without the
+// bias is overwritten with the activated gates; bias [4H] (b_ih + b_hh); c_prev [M, H]; x, dirs [M, 3]; w_out [H];
+// b_out [1]. Writes c, h [M, H] and x_new = x + dirs * (h . w_out + b_out) [M, 3].
+void lstm_step_forward(at::Tensor& pre, const at::Tensor& bias, const at::Tensor& c_prev, const at::Tensor& x,
+                       const at::Tensor& dirs, const at::Tensor& w_out, const at::Tensor& b_out, at::Tensor& c,
+                       at::Tensor& h, at::Tensor& x_new);
 
 // VJP of lstm_step_forward for one step, walking backwards.
 //   gates [M, 4H] activated gates; c_prev, c, h [M, H] (state before / after the step); dirs, v_x [M, 3]

@@ -8,12 +8,18 @@
 
 #if defined(__CUDACC__)
 #define SRN_HD __host__ __device__ __forceinline__
-#define SRN_SIMD_SUM(...)
 #else
 #define SRN_HD inline
-// Lets the compiler vectorise a sum (reassociating it) in the CPU loops; OpenMP SIMD, no threads.
-#define SRN_SIMD_SUM(...) _Pragma(SRN_STR(omp simd reduction(+ : __VA_ARGS__)))
-#define SRN_STR(x) #x
+#endif
+
+// Vectorisation hints for the CPU loops (OpenMP SIMD, no threads; the reductions may be reassociated).
+#if !defined(__CUDACC__) && defined(_OPENMP)
+#define SRN_PRAGMA(x) _Pragma(#x)
+#define SRN_SIMD_SUM(...) SRN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define SRN_SIMD _Pragma("omp simd")
+#else
+#define SRN_SIMD_SUM(...)
+#define SRN_SIMD
 #endif
 
 namespace srn {
@@ -28,6 +34,22 @@ template <typename T>
 SRN_HD T clamp(T x, T lo, T hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Row functions take a Lanes policy: how the channels of one row are spread over threads.
+//   SerialLanes: one thread walks every channel (the CPU loops; the loops vectorise).
+//   On CUDA (common/elementwise_kernels.cu): WarpLanes (a warp per row, lane k takes channels k, k + 32, ...)
+//   and BlockLanes (a block per row, thread k takes channel k), whose sum() is a warp- / block-wide reduction
+//   that every lane takes part in. Every channel k is read and written by the lane that owns it, so the only
+//   communication between lanes is sum().
+struct SerialLanes {
+  static SRN_HD int first() { return 0; }
+  static SRN_HD int step() { return 1; }
+  template <typename T>
+  static SRN_HD T sum(T v) {
+    return v;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // LSTM cell (PyTorch's LSTMCell, gate order i, f, g, o).
@@ -74,71 +96,68 @@ SRN_HD void lstm_cell_vjp(T gi, T gf, T gg, T go, T c_prev, T c, T v_h, T v_c,
   v_pre_o = v_go * go * (T(1) - go);
 }
 
-// ---------------------------------------------------------------------------------------------
-// LayerNorm (biased variance, eps inside the square root, as torch.nn.LayerNorm) + optional affine
-// + ReLU over one row of n values. `x` holds the pre-normalisation row; the normalised value xhat
-// is written to `xhat` (may alias x), the activation to `y`. gamma/beta may be null (no affine).
-template <typename T>
-SRN_HD void layernorm_stats(const T* x, int n, T eps, T& mean, T& rstd) {
-  using std::sqrt;
+// One LSTM step of one ray (row): the cell (pre-activations pre [4H] without the bias, + bias [4H]; c_prev [H])
+// then the step head s = h . w_out + b_out and the point update x_new = x + dirs * s ([3]). Writes the activated
+// gates [4H] (may alias pre), c, h [H] and x_new [3]. Called by the CPU march's tiles, the CPU batched path and
+// the CUDA kernel (one warp per row).
+template <typename T, typename M = StdMath<T>, typename Lanes = SerialLanes>
+SRN_HD void lstm_step_row(int H, const T* pre, const T* bias, const T* c_prev, const T* w_out, T b_out, const T* x,
+                          const T* dirs, T* gates, T* c, T* h, T* x_new) {
   T s = T(0);
   SRN_SIMD_SUM(s)
-  for (int k = 0; k < n; ++k) s += x[k];
-  mean = s / T(n);
-  T v = T(0);
-  SRN_SIMD_SUM(v)
-  for (int k = 0; k < n; ++k) {
-    const T d = x[k] - mean;
-    v += d * d;
+  for (int k = Lanes::first(); k < H; k += Lanes::step()) {
+    T gi, gf, gg, go, cn, hn;
+    lstm_cell<T, M>(pre[k] + bias[k], pre[H + k] + bias[H + k], pre[2 * H + k] + bias[2 * H + k],
+                    pre[3 * H + k] + bias[3 * H + k], c_prev[k], gi, gf, gg, go, cn, hn);
+    gates[k] = gi;
+    gates[H + k] = gf;
+    gates[2 * H + k] = gg;
+    gates[3 * H + k] = go;
+    c[k] = cn;
+    h[k] = hn;
+    s += hn * w_out[k];
   }
-  rstd = T(1) / sqrt(v / T(n) + eps);
+  s = Lanes::sum(s) + b_out;
+  for (int j = Lanes::first(); j < 3; j += Lanes::step()) x_new[j] = x[j] + dirs[j] * s;
 }
 
-template <typename T>
-SRN_HD T ln_relu_elem(T x, T mean, T rstd, T gamma, T beta) {
-  const T a = (x - mean) * rstd * gamma + beta;
-  return a > T(0) ? a : T(0);
-}
-
-// VJP of LayerNorm + affine + ReLU over one row.
-//   xhat: normalised row; y: the ReLU output (the mask is y > 0); v_y: incoming gradient.
-//   Writes v_x (may alias v_y); accumulates v_gamma / v_beta when non-null.
-template <typename T>
-SRN_HD void ln_relu_row_vjp(const T* xhat, const T* y, const T* v_y, int n, T rstd,
-                            const T* gamma, T* v_x, T* v_gamma, T* v_beta) {
-  // g_k = d loss / d xhat_k
-  T sum_g = T(0), sum_gx = T(0);
-  SRN_SIMD_SUM(sum_g, sum_gx)
-  for (int k = 0; k < n; ++k) {
-    const T vy = y[k] > T(0) ? v_y[k] : T(0);
-    if (v_gamma) v_gamma[k] += vy * xhat[k];
-    if (v_beta) v_beta[k] += vy;
-    const T g = gamma ? vy * gamma[k] : vy;
-    sum_g += g;
-    sum_gx += g * xhat[k];
+// VJP of lstm_step_row, walking backwards. gates [4H] (activated), c_prev, c, h [H] (state before / after the
+// step), dirs [3], v_x [3] (gradient of x_new), v_h [H] (gradient reaching h from the next step), v_c [H] (in:
+// gradient of c; out: of c_prev). The total gradient of h is clamped to [lo, hi] (the reference's hook; +-inf for
+// none). Writes v_pre [4H], adds v_x * s into v_dirs [3] and, when v_w_out is given, vs * h into v_w_out [H].
+// Returns vs = v_x . dirs, the gradient of the step length s (and of b_out).
+template <typename T, typename M = StdMath<T>, typename Lanes = SerialLanes>
+SRN_HD T lstm_step_row_vjp(int H, const T* gates, const T* c_prev, const T* c, const T* h, const T* w_out, T b_out,
+                           const T* dirs, const T* v_x, const T* v_h, T* v_c, T lo, T hi, T* v_pre, T* v_dirs,
+                           T* v_w_out) {
+  T s = T(0);
+  SRN_SIMD_SUM(s)
+  for (int k = Lanes::first(); k < H; k += Lanes::step()) s += h[k] * w_out[k];
+  s = Lanes::sum(s) + b_out;
+  const T vs = v_x[0] * dirs[0] + v_x[1] * dirs[1] + v_x[2] * dirs[2];
+  for (int j = Lanes::first(); j < 3; j += Lanes::step()) v_dirs[j] += v_x[j] * s;
+  if (v_w_out) {
+    SRN_SIMD
+    for (int k = Lanes::first(); k < H; k += Lanes::step()) v_w_out[k] += vs * h[k];
   }
-  const T inv_n = T(1) / T(n);
-  for (int k = 0; k < n; ++k) {
-    const T vy = y[k] > T(0) ? v_y[k] : T(0);
-    const T g = gamma ? vy * gamma[k] : vy;
-    v_x[k] = rstd * (g - inv_n * sum_g - xhat[k] * inv_n * sum_gx);
+  SRN_SIMD
+  for (int k = Lanes::first(); k < H; k += Lanes::step()) {
+    T vh = v_h[k] + vs * w_out[k];
+    vh = vh < lo ? lo : (vh > hi ? hi : vh);
+    T vcp;
+    lstm_cell_vjp<T, M>(gates[k], gates[H + k], gates[2 * H + k], gates[3 * H + k], c_prev[k], c[k], vh, v_c[k],
+                        v_pre[k], v_pre[H + k], v_pre[2 * H + k], v_pre[3 * H + k], vcp);
+    v_c[k] = vcp;
   }
+  return vs;
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm + ReLU rows in the form the fused MLP's CPU tiles use (csrc/common/mlp_tile.h): the linear
-// layer's bias is added here, the normalised row xhat is kept (it is all the backward needs: the ReLU mask
-// is xhat * gamma + beta > 0), and the activation may be written in another type (bf16 for the next
-// layer's reduced-precision matmul). Reductions are vectorised on the CPU (omp simd).
-#if !defined(__CUDACC__) && defined(_OPENMP)
-#define SRN_PRAGMA(x) _Pragma(#x)
-#define SRN_SIMD_SUM(...) SRN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
-#define SRN_SIMD _Pragma("omp simd")
-#else
-#define SRN_SIMD_SUM(...)
-#define SRN_SIMD
-#endif
-
+// LayerNorm (biased variance, eps inside the square root, as torch.nn.LayerNorm) + optional affine + ReLU over
+// one row: the one family used by the CPU tiles (csrc/common/mlp_tile.h), the CPU batched path and the CUDA
+// kernels (common/elementwise*.{cpp,cu}). The linear layer's bias may be added here, the normalised row xhat is
+// what the backward needs (the ReLU mask is xhat * gamma + beta > 0), and the activation may be written in
+// another type (bf16 for the next layer's reduced-precision matmul). Reductions are vectorised on the CPU.
 // Conversion of an activation to the storage type Y of the next matmul's input (overloaded for bf16 in
 // common/mlp_tile.h with a vectorisable rounding).
 template <typename Y, typename T>
@@ -156,49 +175,49 @@ SRN_HD T ln_affine_relu(T xhat, const T* gamma, const T* beta, int k) {
 // z: one row of n pre-activations without bias (bias may be null). Adds the bias in place, then writes
 // xhat = (z - mean) * rstd to `xhat` (may be z itself, or null) and y = ReLU(xhat * gamma + beta) to `y`
 // (may be z itself only when xhat is null or z). Returns rstd.
-template <typename T, typename Y>
+template <typename T, typename Y, typename Lanes = SerialLanes>
 SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T* beta, T eps, T* xhat, Y* y) {
   using std::sqrt;
   T s = T(0);
   if (bias) {
     SRN_SIMD_SUM(s)
-    for (int k = 0; k < n; ++k) {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
       z[k] += bias[k];
       s += z[k];
     }
   } else {
     SRN_SIMD_SUM(s)
-    for (int k = 0; k < n; ++k) s += z[k];
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) s += z[k];
   }
-  const T mean = s / T(n);
+  const T mean = Lanes::sum(s) / T(n);
   T v = T(0);
   SRN_SIMD_SUM(v)
-  for (int k = 0; k < n; ++k) v += (z[k] - mean) * (z[k] - mean);
-  const T rstd = T(1) / sqrt(v / T(n) + eps);
+  for (int k = Lanes::first(); k < n; k += Lanes::step()) v += (z[k] - mean) * (z[k] - mean);
+  const T rstd = T(1) / sqrt(Lanes::sum(v) / T(n) + eps);
   if (xhat) {
     SRN_SIMD
-    for (int k = 0; k < n; ++k) {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
       const T xh = (z[k] - mean) * rstd;
       xhat[k] = xh;
       y[k] = to_storage<Y>(ln_affine_relu(xh, gamma, beta, k));
     }
   } else {
     SRN_SIMD
-    for (int k = 0; k < n; ++k) y[k] = to_storage<Y>(ln_affine_relu((z[k] - mean) * rstd, gamma, beta, k));
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) y[k] = to_storage<Y>(ln_affine_relu((z[k] - mean) * rstd, gamma, beta, k));
   }
   return rstd;
 }
 
 // VJP of layernorm_relu_row from its saved xhat and rstd. v_y: gradient of y; writes the gradient of the
 // (biased) pre-activation z to v_z (may alias v_y); accumulates v_gamma / v_beta when non-null (affine only).
-template <typename T>
+template <typename T, typename Lanes = SerialLanes>
 SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
                                    T* v_z, T* v_gamma, T* v_beta) {
   // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select).
   T sum_g = T(0), sum_gx = T(0);
   if (gamma) {
     if (v_gamma || v_beta) {
-      for (int k = 0; k < n; ++k) {
+      for (int k = Lanes::first(); k < n; k += Lanes::step()) {
         const T xh = xhat[k];
         const T vy = xh * gamma[k] + beta[k] > T(0) ? v_y[k] : T(0);
         if (v_gamma) v_gamma[k] += vy * xh;
@@ -206,7 +225,7 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
       }
     }
     SRN_SIMD_SUM(sum_g, sum_gx)
-    for (int k = 0; k < n; ++k) {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
       const T xh = xhat[k];
       const T g = xh * gamma[k] + beta[k] > T(0) ? v_y[k] * gamma[k] : T(0);
       v_z[k] = g;
@@ -215,7 +234,7 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
     }
   } else {
     SRN_SIMD_SUM(sum_g, sum_gx)
-    for (int k = 0; k < n; ++k) {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
       const T xh = xhat[k];
       const T g = xh > T(0) ? v_y[k] : T(0);
       v_z[k] = g;
@@ -223,9 +242,9 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
       sum_gx += g * xh;
     }
   }
-  const T mg = sum_g / T(n), mgx = sum_gx / T(n);
+  const T mg = Lanes::sum(sum_g) / T(n), mgx = Lanes::sum(sum_gx) / T(n);
   SRN_SIMD
-  for (int k = 0; k < n; ++k) v_z[k] = rstd * (v_z[k] - mg - xhat[k] * mgx);
+  for (int k = Lanes::first(); k < n; k += Lanes::step()) v_z[k] = rstd * (v_z[k] - mg - xhat[k] * mgx);
 }
 
 // ---------------------------------------------------------------------------------------------

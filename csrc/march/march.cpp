@@ -53,10 +53,10 @@ at::Tensor march_tile_forward(const MLPWeights& phi, const LSTMWeights& lw, cons
   for (int64_t t = 0; t < T; ++t) {
     std::vector<at::Tensor> zs;
     const at::Tensor v = mlp_tile_forward(phi, x, mode == kStore ? &zs : nullptr);
-    at::Tensor pre = at::addmm(lw.bias, v.reshape({M, v.size(2)}), lw.w_ih.t());
+    at::Tensor pre = at::mm(v.reshape({M, v.size(2)}), lw.w_ih.t());  // the bias is added in the step row
     pre.addmm_(h, lw.w_hh.t());
     at::Tensor c_new = at::empty_like(c), h_new = at::empty_like(h), x_new = at::empty({M, 3}, x0.options());
-    lstm_step_forward(pre, c, x.reshape({M, 3}), d2, lw.w_out, lw.b_out, c_new, h_new, x_new);
+    lstm_step_forward(pre, lw.bias, c, x.reshape({M, 3}), d2, lw.w_out, lw.b_out, c_new, h_new, x_new);
     if (mode != kInference) {
       sv.xs[t].copy_(x);
       sv.gates[t].copy_(pre.view({S, R, 4 * H}));
@@ -171,7 +171,7 @@ march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
   p.gates = ptr(sv.gates);
   p.steps = ptr(sv.steps);
   for (auto& a : sv.zs) p.act.push_back(a.data_ptr<T>());
-  for (auto& r : sv.rstd) p.rstd.push_back(r.data_ptr<T>());
+  for (auto& r : sv.rstd) p.rstd.push_back(r.defined() ? r.data_ptr<T>() : nullptr);
   p.BN = BN;
   return p;
 }
@@ -240,16 +240,20 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
 
 }  // namespace
 
-// Returns [x_T [B, N, 3], steps [T+1, B, N, 3] or undefined, xs, hs, cs, gates, zs...] (saved for backward
-// unless mode == inference).
-std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::vector<at::Tensor>& W,
-                                      const std::vector<at::Tensor>& b,
-                                      const std::vector<c10::optional<at::Tensor>>& gamma,
-                                      const std::vector<c10::optional<at::Tensor>>& beta,
-                                      const std::vector<bool>& norm, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                      const at::Tensor& bias, const at::Tensor& w_out, const at::Tensor& b_out,
-                                      int64_t steps, int64_t mode, bool return_steps, int64_t tile_rows,
-                                      int64_t mm_dtype) {
+// The Python side (srn_fast/ops/march.py, a torch.library custom op) allocates every output from the shape
+// function its fake kernel shares (srn_fast/ops/shapes.py); a tensor of shape [0] in an output slot means "not
+// kept" / "not needed". Forward writes:
+//   xT [B, N, 3]; steps_out [T + 1, B, N, 3] (the points of every step) or [0];
+//   unless mode == inference: xs [T, B, N, 3], hs, cs [T + 1, B, N, H] (index 0 = zeros), gates [T, B, N, 4H];
+//   store mode, per phi layer l: acts[l] [T, B, N, C_l] (CPU: tile::forward's saved activation; batched path: the
+//   pre-norm z) and, on the CPU, rstd[l] [T, B, N] for norm layers; [0] otherwise.
+void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::vector<at::Tensor>& W,
+                   const std::vector<at::Tensor>& b, const std::vector<c10::optional<at::Tensor>>& gamma,
+                   const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
+                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& w_out,
+                   const at::Tensor& b_out, int64_t steps, int64_t mode, int64_t tile_rows, int64_t mm_dtype,
+                   at::Tensor xT, at::Tensor steps_out, at::Tensor xs, at::Tensor hs, at::Tensor cs, at::Tensor gates,
+                   std::vector<at::Tensor> acts, std::vector<at::Tensor> rstd) {
   check_rays(x0_, dirs_);
   TORCH_CHECK(steps >= 0, kOp, ": steps must be >= 0, got ", steps);
   TORCH_CHECK(mode >= 0 && mode <= 2, kOp, ": unknown mode ", mode);
@@ -260,136 +264,181 @@ std::vector<at::Tensor> march_forward(const at::Tensor& x0_, const at::Tensor& d
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, F);
   const int64_t H = lw.w_hh.size(1), T = steps;
   const size_t L = phi.size();
-  const auto opt = x0.options();
   const bool batched = batched_path(x0, tile_rows);
+  check_out(kOp, "xT", xT, {B, N, 3}, x0);
+  TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per phi layer");
   Saved sv;
+  if (!is_placeholder(steps_out)) {
+    check_out(kOp, "steps", steps_out, {T + 1, B, N, 3}, x0);
+    sv.steps = steps_out;
+  }
   if (mode != kInference) {
-    sv.xs = at::empty({T, B, N, 3}, opt);
-    sv.hs = at::empty({T + 1, B, N, H}, opt);
-    sv.cs = at::empty({T + 1, B, N, H}, opt);
+    check_out(kOp, "xs", xs, {T, B, N, 3}, x0);
+    check_out(kOp, "hs", hs, {T + 1, B, N, H}, x0);
+    check_out(kOp, "cs", cs, {T + 1, B, N, H}, x0);
+    check_out(kOp, "gates", gates, {T, B, N, 4 * H}, x0);
+    sv.xs = xs, sv.hs = hs, sv.cs = cs, sv.gates = gates;
     sv.hs[0].zero_();
     sv.cs[0].zero_();
-    sv.gates = at::empty({T, B, N, 4 * H}, opt);
-    if (mode == kStore) {
-      for (int64_t t = 0; t < T; ++t) {
-        for (size_t l = 0; l < L; ++l) {
-          sv.zs.push_back(at::empty({B, N, phi.W[l].size(-2)}, opt));
-          if (!batched) sv.rstd.push_back(at::empty({B, N}, opt));
-        }
+  }
+  for (size_t l = 0; l < L; ++l) {
+    const std::string i = "[" + std::to_string(l) + "]";
+    const bool keep_rstd = mode == kStore && !batched && phi.norm[l];
+    if (mode == kStore) check_out(kOp, "acts" + i, acts[l], {T, B, N, phi.W[l].size(-2)}, x0);
+    else TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
+    if (keep_rstd) check_out(kOp, "rstd" + i, rstd[l], {T, B, N}, x0);
+    else TORCH_CHECK(is_placeholder(rstd[l]), kOp, ": rstd", i, " must be a [0] placeholder");
+  }
+  if (mode == kStore) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (size_t l = 0; l < L; ++l) {
+        sv.zs.push_back(acts[l][t]);
+        if (!batched) sv.rstd.push_back(phi.norm[l] ? rstd[l][t] : at::Tensor());
       }
     }
   }
-  if (return_steps) sv.steps = at::empty({T + 1, B, N, 3}, opt);
-  at::Tensor xT;
   if (batched) {
     c10::DeviceGuard guard(x0.device());
-    xT = march_tile_forward(phi, lw, x0, dirs, T, mode, sv);
+    xT.copy_(march_tile_forward(phi, lw, x0, dirs, T, mode, sv));
   } else {
-    xT = at::empty_like(x0);
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_forward", [&] {
       forward_cpu<scalar_t>(phi, lw, x0, dirs, T, sv, xT, tile_rows, mm_dtype == 1);
     });
   }
-  std::vector<at::Tensor> out{xT, sv.steps, sv.xs, sv.hs, sv.cs, sv.gates};
-  for (auto& z : sv.zs) out.push_back(z);
-  for (auto& r : sv.rstd) out.push_back(r);
-  return out;
 }
 
-// Backward. saved = [xs, hs, cs, gates, zs..., rstd...] from march_forward (rstd: store mode on the CPU).
-// needs = [x0, dirs, phi weights, phi biases,
-// phi ln weights, phi ln biases]. Returns [v_x0, v_dirs, v_W..., v_b..., v_gamma..., v_beta...,
-// v_w_ih, v_w_hh, v_bias, v_w_out [1, H], v_b_out [1]].
-std::vector<at::Tensor> march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Tensor& dirs_,
-                                       const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& W,
-                                       const std::vector<at::Tensor>& b,
-                                       const std::vector<c10::optional<at::Tensor>>& gamma,
-                                       const std::vector<c10::optional<at::Tensor>>& beta,
-                                       const std::vector<bool>& norm, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                       const at::Tensor& bias, const at::Tensor& w_out, const at::Tensor& b_out,
-                                       int64_t steps, int64_t mode, double clamp_v, const std::vector<bool>& needs,
-                                       int64_t tile_rows) {
+// Backward from what march_forward saved (mode recompute or store). Writes the gradients into the outputs that are
+// not [0] placeholders: v_x0, v_dirs [B, N, 3]; v_W[l], v_b[l], v_gamma[l], v_beta[l] shaped like the phi
+// parameters; v_w_ih [4H, F], v_w_hh [4H, H], v_bias [4H], v_w_out [1, H], v_b_out [1].
+void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Tensor& dirs_, const at::Tensor& xs,
+                    const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& gates,
+                    const std::vector<at::Tensor>& acts, const std::vector<at::Tensor>& rstd,
+                    const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
+                    const std::vector<c10::optional<at::Tensor>>& gamma,
+                    const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& w_out,
+                    const at::Tensor& b_out, int64_t steps, int64_t mode, double clamp_v, int64_t tile_rows,
+                    int64_t mm_dtype, at::Tensor v_x0, at::Tensor v_dirs, std::vector<at::Tensor> v_W,
+                    std::vector<at::Tensor> v_b, std::vector<at::Tensor> v_gamma, std::vector<at::Tensor> v_beta,
+                    at::Tensor v_w_ih, at::Tensor v_w_hh, at::Tensor v_bias, at::Tensor v_w_out, at::Tensor v_b_out) {
   check_rays(x0_, dirs_);
   TORCH_CHECK(mode == kRecompute || mode == kStore, kOp, ": backward needs a forward in recompute or store mode");
   const at::Tensor x0 = x0_.contiguous(), dirs = dirs_.contiguous(), v_xT = v_xT_.contiguous();
-  const int64_t B = x0.size(0);
-  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, 0);
+  const int64_t B = x0.size(0), N = x0.size(1);
+  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype);
   const size_t L = phi.size();
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, phi.W.back().size(-2));
-  const int64_t T = steps;
+  const int64_t T = steps, H = lw.w_hh.size(1);
   const bool batched = batched_path(x0, tile_rows);
-  const size_t n_store = mode == kStore ? (batched ? 1 : 2) * T * L : 0;
-  TORCH_CHECK(saved.size() == 4 + n_store, kOp, ": wrong number of saved tensors: got ", saved.size(), ", expected ",
-              4 + n_store);
+  check_shape(kOp, "grad_xT", v_xT, {B, N, 3}, "[B, N, 3]");
+  TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per phi layer");
+  TORCH_CHECK(v_W.size() == L && v_b.size() == L && v_gamma.size() == L && v_beta.size() == L, kOp,
+              ": the gradient lists must have one entry per phi layer");
   Saved sv;
-  sv.xs = saved[0].contiguous();
-  sv.hs = saved[1].contiguous();
-  sv.cs = saved[2].contiguous();
-  sv.gates = saved[3].contiguous();
-  for (size_t i = 0; i < size_t(mode == kStore ? T * L : 0); ++i) {
-    sv.zs.push_back(saved[4 + i].contiguous());
-    if (!batched) sv.rstd.push_back(saved[4 + T * L + i].contiguous());
+  check_shape(kOp, "xs", xs, {T, B, N, 3}, "[T, B, N, 3]");
+  check_shape(kOp, "hs", hs, {T + 1, B, N, H}, "[T + 1, B, N, H]");
+  check_shape(kOp, "cs", cs, {T + 1, B, N, H}, "[T + 1, B, N, H]");
+  check_shape(kOp, "gates", gates, {T, B, N, 4 * H}, "[T, B, N, 4H]");
+  sv.xs = xs.contiguous(), sv.hs = hs.contiguous(), sv.cs = cs.contiguous(), sv.gates = gates.contiguous();
+  if (mode == kStore) {
+    std::vector<at::Tensor> a(L), r(L);
+    for (size_t l = 0; l < L; ++l) {
+      a[l] = acts[l].contiguous();
+      check_shape(kOp, "acts", a[l], {T, B, N, phi.W[l].size(-2)}, "[T, B, N, C_l]");
+      if (!batched && phi.norm[l]) {
+        r[l] = rstd[l].contiguous();
+        check_shape(kOp, "rstd", r[l], {T, B, N}, "[T, B, N]");
+      }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      for (size_t l = 0; l < L; ++l) {
+        sv.zs.push_back(a[l][t]);
+        if (!batched) sv.rstd.push_back(r[l].defined() ? r[l][t] : at::Tensor());
+      }
+    }
   }
-  TORCH_CHECK(needs.size() == 6, kOp, ": needs must have 6 flags");
   const int64_t NT = batched ? 1 : at::get_num_threads();
-  auto acc = [&](const at::Tensor& like, bool need) {
-    if (!need || !like.defined()) return at::Tensor();
-    std::vector<int64_t> shape{NT};
-    for (auto s : like.sizes()) shape.push_back(s);
-    return at::zeros(shape, like.options());
+  auto wanted = [&](const at::Tensor& out, const at::Tensor& like, const std::string& what) {
+    if (is_placeholder(out)) return false;
+    TORCH_CHECK(like.defined(), kOp, ": ", what, " has no parameter to take a gradient of");
+    check_out(kOp, what, out, like.sizes(), x0);
+    return true;
   };
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
-    gW[l] = acc(phi.W[l], needs[2]);
-    gb[l] = acc(phi.b[l], needs[3]);
-    gg[l] = acc(phi.gamma[l], needs[4]);
-    gbe[l] = acc(phi.beta[l], needs[5]);
+    const std::string i = "[" + std::to_string(l) + "]";
+    gW[l] = tile::thread_acc(NT, phi.W[l], wanted(v_W[l], phi.W[l], "grad_weights" + i));
+    gb[l] = tile::thread_acc(NT, phi.b[l], wanted(v_b[l], phi.b[l], "grad_biases" + i));
+    gg[l] = tile::thread_acc(NT, phi.gamma[l], wanted(v_gamma[l], phi.gamma[l], "grad_ln_weights" + i));
+    gbe[l] = tile::thread_acc(NT, phi.beta[l], wanted(v_beta[l], phi.beta[l], "grad_ln_biases" + i));
   }
-  at::Tensor g_wih = acc(lw.w_ih, true), g_whh = acc(lw.w_hh, true), g_bias = acc(lw.bias, true);
-  at::Tensor g_wout = acc(lw.w_out.view({1, -1}), true), g_bout = acc(lw.b_out, true);
-  auto grads_of = [&](int64_t tid, MLPGrads& gp, LSTMGrads& gl) {
-    for (size_t l = 0; l < L; ++l) {
-      gp.W.push_back(gW[l].defined() ? gW[l][tid] : at::Tensor());
-      gp.b.push_back(gb[l].defined() ? gb[l][tid] : at::Tensor());
-      gp.gamma.push_back(gg[l].defined() ? gg[l][tid] : at::Tensor());
-      gp.beta.push_back(gbe[l].defined() ? gbe[l][tid] : at::Tensor());
-    }
-    gl = LSTMGrads{g_wih[tid], g_whh[tid], g_bias[tid], g_wout[tid], g_bout[tid]};
-  };
-  at::Tensor v_x0, v_dirs;
+  // The LSTM's gradients are accumulated always (cheap); only the wanted ones are written out.
+  wanted(v_w_ih, w_ih, "grad_w_ih");
+  wanted(v_w_hh, w_hh, "grad_w_hh");
+  wanted(v_bias, bias, "grad_bias");
+  wanted(v_w_out, w_out, "grad_w_out");
+  wanted(v_b_out, b_out, "grad_b_out");
+  at::Tensor g_wih = tile::thread_acc(NT, lw.w_ih, true), g_whh = tile::thread_acc(NT, lw.w_hh, true);
+  at::Tensor g_bias = tile::thread_acc(NT, lw.bias, true);
+  at::Tensor g_wout = tile::thread_acc(NT, lw.w_out.view({1, -1}), true), g_bout = tile::thread_acc(NT, lw.b_out, true);
+  at::Tensor vx0, vdirs;
   if (batched) {
     c10::DeviceGuard guard(x0.device());
     MLPGrads gp;
-    LSTMGrads gl;
-    grads_of(0, gp, gl);
-    auto r = march_tile_backward(phi, lw, dirs, v_xT, T, mode, clamp_v, sv, gp, gl);
-    v_x0 = r.first;
-    v_dirs = r.second;
+    for (size_t l = 0; l < L; ++l) {
+      gp.W.push_back(gW[l].defined() ? gW[l][0] : at::Tensor());
+      gp.b.push_back(gb[l].defined() ? gb[l][0] : at::Tensor());
+      gp.gamma.push_back(gg[l].defined() ? gg[l][0] : at::Tensor());
+      gp.beta.push_back(gbe[l].defined() ? gbe[l][0] : at::Tensor());
+    }
+    LSTMGrads gl{g_wih[0], g_whh[0], g_bias[0], g_wout[0], g_bout[0]};
+    std::tie(vx0, vdirs) = march_tile_backward(phi, lw, dirs, v_xT, T, mode, clamp_v, sv, gp, gl);
   } else {
-    v_x0 = at::empty_like(x0);
-    v_dirs = at::empty_like(x0);
+    vx0 = at::empty_like(x0);
+    vdirs = at::empty_like(x0);
     Accumulators acc{gW, gb, gg, gbe, g_wih, g_whh, g_bias, g_wout, g_bout};
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_backward", [&] {
-      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, v_x0, v_dirs, tile_rows);
+      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, vx0, vdirs, tile_rows);
     });
   }
-  auto reduce = [NT](const at::Tensor& t) { return !t.defined() ? t : (NT == 1 ? t[0] : t.sum(0)); };
-  std::vector<at::Tensor> out{needs[0] ? v_x0 : at::Tensor(), needs[1] ? v_dirs : at::Tensor()};
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gW[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gb[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gg[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gbe[l]));
-  out.push_back(reduce(g_wih));
-  out.push_back(reduce(g_whh));
-  out.push_back(reduce(g_bias));
-  out.push_back(reduce(g_wout));
-  out.push_back(reduce(g_bout));
-  return out;
+  if (!is_placeholder(v_x0)) {
+    check_out(kOp, "grad_x0", v_x0, x0.sizes(), x0);
+    v_x0.copy_(vx0);
+  }
+  if (!is_placeholder(v_dirs)) {
+    check_out(kOp, "grad_dirs", v_dirs, x0.sizes(), x0);
+    v_dirs.copy_(vdirs);
+  }
+  for (size_t l = 0; l < L; ++l) {
+    reduce_into(v_W[l], gW[l]);
+    reduce_into(v_b[l], gb[l]);
+    reduce_into(v_gamma[l], gg[l]);
+    reduce_into(v_beta[l], gbe[l]);
+  }
+  reduce_into(v_w_ih, g_wih);
+  reduce_into(v_w_hh, g_whh);
+  reduce_into(v_bias, g_bias);
+  reduce_into(v_w_out, g_wout);
+  reduce_into(v_b_out, g_bout);
 }
 
 void register_march(pybind11::module& m) {
-  m.def("march_forward", &march_forward, "Fused ray march forward");
-  m.def("march_backward", &march_backward, "Fused ray march backward");
+  namespace py = pybind11;
+  m.def("march_forward", &march_forward, "Fused ray march forward into allocated outputs (see march.cpp)",
+        py::arg("x0"), py::arg("dirs"), py::arg("weights"), py::arg("biases"), py::arg("ln_weights"),
+        py::arg("ln_biases"), py::arg("norm"), py::arg("w_ih"), py::arg("w_hh"), py::arg("bias"), py::arg("w_out"),
+        py::arg("b_out"), py::arg("steps"), py::arg("mode"), py::arg("tile_rows"), py::arg("mm_dtype"),
+        py::arg("xT"), py::arg("steps_out"), py::arg("xs"), py::arg("hs"), py::arg("cs"), py::arg("gates"),
+        py::arg("acts"), py::arg("rstd"));
+  m.def("march_backward", &march_backward, "Fused ray march backward into allocated outputs (see march.cpp)",
+        py::arg("grad_xT"), py::arg("x0"), py::arg("dirs"), py::arg("xs"), py::arg("hs"), py::arg("cs"),
+        py::arg("gates"), py::arg("acts"), py::arg("rstd"), py::arg("weights"), py::arg("biases"),
+        py::arg("ln_weights"), py::arg("ln_biases"), py::arg("norm"), py::arg("w_ih"), py::arg("w_hh"),
+        py::arg("bias"), py::arg("w_out"), py::arg("b_out"), py::arg("steps"), py::arg("mode"), py::arg("clamp"),
+        py::arg("tile_rows"), py::arg("mm_dtype"), py::arg("grad_x0"), py::arg("grad_dirs"),
+        py::arg("grad_weights"), py::arg("grad_biases"), py::arg("grad_ln_weights"), py::arg("grad_ln_biases"),
+        py::arg("grad_w_ih"), py::arg("grad_w_hh"), py::arg("grad_bias"), py::arg("grad_w_out"),
+        py::arg("grad_b_out"));
 }
 
 }  // namespace srn

@@ -111,83 +111,35 @@ struct CpuMath<float> {
   using type = FastMathF;
 };
 
-// One LSTM cell + step for R rays. pre [R, 4H]: gate pre-activations without the bias, overwritten by the
-// activated gates (into `gates`, which may be pre). Writes c, h [R, H] and x_new [R, 3].
+// One LSTM cell + step for R rays (srn_math.h's lstm_step_row per ray). pre [R, 4H]: gate pre-activations without
+// the bias, turned into the activated gates (into `gates`, which may be pre). Writes c, h [R, H] and x_new [R, 3].
 template <typename T>
 void cell_forward(const Lstm<T>& lw, int64_t R, T* pre, T* gates, const T* c_prev, const T* x, const T* dirs, T* c,
                   T* h, T* x_new) {
   using M = typename CpuMath<T>::type;
   const int64_t H = lw.H;
-  const T* bias = lw.bias;
-  const T* w_out = lw.w_out;
   for (int64_t r = 0; r < R; ++r) {
-    T* p = pre + r * 4 * H;
-    T* g = gates + r * 4 * H;
-    const T* cp = c_prev + r * H;
-    T* cr = c + r * H;
-    T* hr = h + r * H;
-    T s = T(0);
-    SRN_SIMD_SUM(s)
-    for (int64_t k = 0; k < H; ++k) {
-      T gi, gf, gg, go, cn, hn;
-      lstm_cell<T, M>(p[k] + bias[k], p[H + k] + bias[H + k], p[2 * H + k] + bias[2 * H + k],
-                      p[3 * H + k] + bias[3 * H + k], cp[k], gi, gf, gg, go, cn, hn);
-      g[k] = gi;
-      g[H + k] = gf;
-      g[2 * H + k] = gg;
-      g[3 * H + k] = go;
-      cr[k] = cn;
-      hr[k] = hn;
-      s += hn * w_out[k];
-    }
-    s += lw.b_out[0];
-    for (int j = 0; j < 3; ++j) x_new[r * 3 + j] = x[r * 3 + j] + dirs[r * 3 + j] * s;
+    lstm_step_row<T, M>(int(H), pre + r * 4 * H, lw.bias, c_prev + r * H, lw.w_out, lw.b_out[0], x + r * 3,
+                        dirs + r * 3, gates + r * 4 * H, c + r * H, h + r * H, x_new + r * 3);
   }
 }
 
-// VJP of cell_forward for R rays (see lstm_step_backward in common/elementwise.h): v_x [R, 3] gradient of x_new,
-// v_h [R, H] in, v_c [R, H] in/out. Writes v_pre [R, 4H]; adds v_x * s into v_dirs and the step head's
-// gradients into g.
+// VJP of cell_forward for R rays (srn_math.h's lstm_step_row_vjp per ray): v_x [R, 3] gradient of x_new, v_h [R, H]
+// in, v_c [R, H] in/out. Writes v_pre [R, 4H]; adds v_x * s into v_dirs and the step head's gradients into g.
 template <typename T>
 void cell_backward(const Lstm<T>& lw, int64_t R, const T* gates, const T* c_prev, const T* c, const T* h,
                    const T* dirs, const T* v_x, const T* v_h, T* v_c, T clamp_v, T* v_pre, T* v_dirs,
                    LstmGrad<T>& g) {
   using M = typename CpuMath<T>::type;
   const int64_t H = lw.H;
-  const T* w_out = lw.w_out;
   // clamp to [lo, hi]; no clamp = infinite bounds (a select either way, so the loop vectorises)
   const T lo = clamp_v >= T(0) ? -clamp_v : -std::numeric_limits<T>::infinity();
   const T hi = clamp_v >= T(0) ? clamp_v : std::numeric_limits<T>::infinity();
   T v_bout = T(0);
   for (int64_t r = 0; r < R; ++r) {
-    const T* hr = h + r * H;
-    T s = T(0);
-    SRN_SIMD_SUM(s)
-    for (int64_t k = 0; k < H; ++k) s += hr[k] * w_out[k];
-    s += lw.b_out[0];
-    T vs = T(0);
-    for (int j = 0; j < 3; ++j) {
-      vs += v_x[r * 3 + j] * dirs[r * 3 + j];
-      v_dirs[r * 3 + j] += v_x[r * 3 + j] * s;
-    }
-    v_bout += vs;
-    const T* gr = gates + r * 4 * H;
-    const T* cpr = c_prev + r * H;
-    const T* cr = c + r * H;
-    const T* vhr = v_h + r * H;
-    T* vcr = v_c + r * H;
-    T* vp = v_pre + r * 4 * H;
-    T* gw = g.w_out;
-    SRN_SIMD
-    for (int64_t k = 0; k < H; ++k) {
-      gw[k] += vs * hr[k];
-      T vh = vhr[k] + vs * w_out[k];
-      vh = vh < lo ? lo : (vh > hi ? hi : vh);
-      T vcp;
-      lstm_cell_vjp<T, M>(gr[k], gr[H + k], gr[2 * H + k], gr[3 * H + k], cpr[k], cr[k], vh, vcr[k],
-                          vp[k], vp[H + k], vp[2 * H + k], vp[3 * H + k], vcp);
-      vcr[k] = vcp;
-    }
+    v_bout += lstm_step_row_vjp<T, M>(int(H), gates + r * 4 * H, c_prev + r * H, c + r * H, h + r * H, lw.w_out,
+                                      lw.b_out[0], dirs + r * 3, v_x + r * 3, v_h + r * H, v_c + r * H, lo, hi,
+                                      v_pre + r * 4 * H, v_dirs + r * 3, g.w_out);
   }
   g.b_out[0] += v_bout;
 }
@@ -218,7 +170,7 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
     if (store) {
       for (int l = 0; l < L; ++l) {
         act[l] = sv.act[t * L + l] + row * phi[l].cout;
-        rstd[l] = sv.rstd[t * L + l] + row;
+        rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
       }
       if (!phi[L - 1].norm) feat = act[L - 1];
     }
@@ -275,7 +227,7 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     if (store) {
       for (int l = 0; l < L; ++l) {
         act[l] = sv.act[t * L + l] + row * phi[l].cout;
-        rstd[l] = sv.rstd[t * L + l] + row;
+        rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
       }
       const tile::Layer<T>& last = phi[L - 1];
       if (last.norm) {

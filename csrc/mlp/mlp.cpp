@@ -26,10 +26,16 @@ void check_x(const at::Tensor& x, int64_t mm_dtype) {
               ": matmul_dtype=torch.bfloat16 needs float32 x, got ", x.scalar_type());
 }
 
-// act/rstd saved for backward on the CPU: per layer [B, N, C_l] / [B, N] (see tile::forward).
+// Row `row` of a saved per-layer buffer [B, N, C] / [B, N]; nullptr for a [0] placeholder (never read then).
 template <typename T>
-void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std::vector<at::Tensor>& act,
-                 std::vector<at::Tensor>& rstd, int64_t tile_rows, bool bf16) {
+T* saved_row(const at::Tensor& t, int64_t row) {
+  return is_placeholder(t) ? nullptr : t.data_ptr<T>() + row * (t.dim() == 3 ? t.size(2) : 1);
+}
+
+// act/rstd saved for backward on the CPU: per layer [B, N, C_l] / [B, N] (see tile::forward); empty = keep nothing.
+template <typename T>
+void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, const std::vector<at::Tensor>& act,
+                 const std::vector<at::Tensor>& rstd, int64_t tile_rows, bool bf16) {
   const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = out.size(2);
   const int L = static_cast<int>(w.size());
   const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
@@ -45,8 +51,8 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, std:
       const int64_t row = s * N + r0;
       if (save) {
         for (int l = 0; l < L; ++l) {
-          ap[l] = act[l].data_ptr<T>() + row * act[l].size(2);
-          rp[l] = rstd[l].data_ptr<T>() + row;
+          ap[l] = saved_row<T>(act[l], row);
+          rp[l] = saved_row<T>(rstd[l], row);
         }
       }
       tile::forward<T>(layers[s].data(), L, n, xp + row * C0, C0, op + row * CL, CL, save ? ap.data() : nullptr,
@@ -94,8 +100,8 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
         }
       } else {
         for (int l = 0; l < L; ++l) {
-          ap[l] = act[l].data_ptr<T>() + row * act[l].size(2);
-          rp[l] = rstd[l].data_ptr<T>() + row;
+          ap[l] = saved_row<T>(act[l], row);
+          rp[l] = saved_row<T>(rstd[l], row);
         }
       }
       tile::backward<T>(ly.data(), L, n, xp + row * C0, C0, ap.data(), rp.data(), vp + row * CL, CL,
@@ -106,45 +112,46 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
 
 }  // namespace
 
-std::vector<at::Tensor> mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W,
-                                    const std::vector<at::Tensor>& b,
-                                    const std::vector<c10::optional<at::Tensor>>& gamma,
-                                    const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                                    bool save, int64_t tile_rows, int64_t mm_dtype) {
+void mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
+                 const std::vector<c10::optional<at::Tensor>>& gamma, const std::vector<c10::optional<at::Tensor>>& beta,
+                 const std::vector<bool>& norm, bool save, int64_t tile_rows, int64_t mm_dtype, at::Tensor out,
+                 std::vector<at::Tensor> acts, std::vector<at::Tensor> rstd) {
   check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
   const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
   const size_t L = w.size();
-  std::vector<at::Tensor> result;
-  if (x.is_cuda() || tile_rows == 0) {  // the whole batch as one tile (CUDA; CPU with tile_rows 0, for tests)
+  const bool batched = x.is_cuda() || tile_rows == 0;  // the whole batch as one tile (CUDA; CPU tile_rows 0)
+  check_out(kOp, "out", out, {B, N, w.W[L - 1].size(-2)}, x);
+  TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
+  for (size_t l = 0; l < L; ++l) {  // what is kept: see mlp.h
+    const int64_t C = w.W[l].size(-2);
+    const bool keep_act = save && (batched || l + 1 < L || w.norm[l]);
+    const bool keep_rstd = save && !batched && w.norm[l];
+    const std::string i = "[" + std::to_string(l) + "]";
+    if (keep_act) check_out(kOp, "acts" + i, acts[l], {B, N, C}, x);
+    else TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
+    if (keep_rstd) check_out(kOp, "rstd" + i, rstd[l], {B, N}, x);
+    else TORCH_CHECK(is_placeholder(rstd[l]), kOp, ": rstd", i, " must be a [0] placeholder");
+  }
+  if (batched) {
     c10::DeviceGuard guard(x.device());
     std::vector<at::Tensor> zs;
-    result.push_back(mlp_tile_forward(w, x, save ? &zs : nullptr));
-    for (auto& z : zs) result.push_back(z);
-    return result;
-  }
-  auto out = at::empty({B, N, w.W[L - 1].size(-2)}, x.options());
-  std::vector<at::Tensor> act, rstd;
-  if (save) {
-    for (size_t l = 0; l < L; ++l) act.push_back(at::empty({B, N, w.W[l].size(-2)}, x.options()));
-    for (size_t l = 0; l < L; ++l) rstd.push_back(at::empty({B, N}, x.options()));
+    out.copy_(mlp_tile_forward(w, x, save ? &zs : nullptr));
+    for (size_t l = 0; l < zs.size(); ++l) acts[l].copy_(zs[l]);
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
-    forward_cpu<scalar_t>(w, x, out, act, rstd, tile_rows, mm_dtype == 1);
+    forward_cpu<scalar_t>(w, x, out, save ? acts : std::vector<at::Tensor>{}, rstd, tile_rows, mm_dtype == 1);
   });
-  result.push_back(out);
-  for (auto& t : act) result.push_back(t);
-  for (auto& t : rstd) result.push_back(t);
-  return result;
 }
 
-std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_,
-                                     const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& W,
-                                     const std::vector<at::Tensor>& b,
-                                     const std::vector<c10::optional<at::Tensor>>& gamma,
-                                     const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                                     const std::vector<bool>& needs, int64_t tile_rows, int64_t mm_dtype) {
+void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vector<at::Tensor>& acts,
+                  const std::vector<at::Tensor>& rstd, const std::vector<at::Tensor>& W,
+                  const std::vector<at::Tensor>& b, const std::vector<c10::optional<at::Tensor>>& gamma,
+                  const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm, int64_t tile_rows,
+                  int64_t mm_dtype, at::Tensor v_x, std::vector<at::Tensor> v_W, std::vector<at::Tensor> v_b,
+                  std::vector<at::Tensor> v_gamma, std::vector<at::Tensor> v_beta) {
   check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous(), v_out = v_out_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
@@ -152,20 +159,27 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
   const size_t L = w.size();
   check_same(kOp, "grad_output", v_out, x, "x");
   check_shape(kOp, "grad_output", v_out, {B, N, w.W[L - 1].size(-2)}, "[B, N, C_out] (the output's shape)");
-  TORCH_CHECK(needs.size() == 5, kOp, ": needs must have 5 flags (x, weights, biases, ln weights, ln biases)");
+  TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
+  TORCH_CHECK(v_W.size() == L && v_b.size() == L && v_gamma.size() == L && v_beta.size() == L, kOp,
+              ": the gradient lists must have one entry per layer");
   const bool batched = x.is_cuda() || tile_rows == 0;  // the batched whole-batch path
-  TORCH_CHECK(saved.empty() || saved.size() == (batched ? L : 2 * L), kOp, ": backward got ", saved.size(),
-              " saved activations, expected none (recompute) or ", batched ? L : 2 * L);
-  const bool need_x = needs[0], need_W = needs[1], need_b = needs[2], need_g = needs[3], need_be = needs[4];
+  const bool saved = !is_placeholder(acts[0]) || (L > 1 && !is_placeholder(acts[L - 2]));
+  const bool need_x = !is_placeholder(v_x);
+  if (need_x) check_out(kOp, "grad_x", v_x, x.sizes(), x);
+  auto wanted = [&](const at::Tensor& out, const at::Tensor& like, const char* what, size_t l) {
+    if (is_placeholder(out)) return false;
+    TORCH_CHECK(like.defined(), kOp, ": ", what, "[", l, "] has no parameter to take a gradient of");
+    check_out(kOp, std::string(what) + "[" + std::to_string(l) + "]", out, like.sizes(), x);
+    return true;
+  };
   const int64_t T = batched ? 1 : at::get_num_threads();
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
-    gW[l] = tile::thread_acc(T, w.W[l], need_W);
-    gb[l] = tile::thread_acc(T, w.b[l], need_b);
-    gg[l] = tile::thread_acc(T, w.gamma[l], need_g);
-    gbe[l] = tile::thread_acc(T, w.beta[l], need_be);
+    gW[l] = tile::thread_acc(T, w.W[l], wanted(v_W[l], w.W[l], "grad_weights", l));
+    gb[l] = tile::thread_acc(T, w.b[l], wanted(v_b[l], w.b[l], "grad_biases", l));
+    gg[l] = tile::thread_acc(T, w.gamma[l], wanted(v_gamma[l], w.gamma[l], "grad_ln_weights", l));
+    gbe[l] = tile::thread_acc(T, w.beta[l], wanted(v_beta[l], w.beta[l], "grad_ln_biases", l));
   }
-  at::Tensor v_x;
   if (batched) {
     c10::DeviceGuard guard(x.device());
     MLPGrads g;
@@ -176,37 +190,45 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out_, const at::Tensor&
       g.gamma.push_back(first(gg[l]));
       g.beta.push_back(first(gbe[l]));
     }
-    std::vector<at::Tensor> zs = saved;
-    if (zs.empty()) mlp_tile_forward(w, x, &zs);
-    v_x = mlp_tile_backward(w, x, zs, {}, v_out, g, need_x);
-  } else {
-    if (need_x) v_x = at::empty_like(x);
-    std::vector<at::Tensor> act, rstd;
-    for (size_t l = 0; l < saved.size() / 2; ++l) {
-      act.push_back(saved[l].contiguous());
-      rstd.push_back(saved[L + l].contiguous());
+    std::vector<at::Tensor> zs;
+    if (saved) {
+      for (auto& a : acts) zs.push_back(a.contiguous());
+    } else {
+      mlp_tile_forward(w, x, &zs);
     }
+    const at::Tensor vx = mlp_tile_backward(w, x, zs, {}, v_out, g, need_x);
+    if (need_x) v_x.copy_(vx);
+  } else {
+    std::vector<at::Tensor> act, rs;
+    if (saved) {
+      for (size_t l = 0; l < L; ++l) {
+        act.push_back(acts[l].contiguous());
+        rs.push_back(rstd[l].contiguous());
+      }
+    }
+    at::Tensor vx = need_x ? v_x : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_backward", [&] {
-      backward_cpu<scalar_t>(w, x, v_out, act, rstd, v_x, gW, gb, gg, gbe, tile_rows, mm_dtype == 1);
+      backward_cpu<scalar_t>(w, x, v_out, act, rs, vx, gW, gb, gg, gbe, tile_rows, mm_dtype == 1);
     });
   }
-  std::vector<at::Tensor> out{v_x};
-  auto reduce = [&](const at::Tensor& t) { return !t.defined() ? t : (T == 1 ? t[0] : t.sum(0)); };
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gW[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gb[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gg[l]));
-  for (size_t l = 0; l < L; ++l) out.push_back(reduce(gbe[l]));
-  return out;
+  for (size_t l = 0; l < L; ++l) {
+    reduce_into(v_W[l], gW[l]);
+    reduce_into(v_b[l], gb[l]);
+    reduce_into(v_gamma[l], gg[l]);
+    reduce_into(v_beta[l], gbe[l]);
+  }
 }
 
 void register_mlp(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("mlp_forward", &mlp_forward, "Fused MLP forward (see csrc/mlp/mlp.h)", py::arg("x"), py::arg("weights"),
-        py::arg("biases"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("norm"), py::arg("save"),
-        py::arg("tile_rows") = 128, py::arg("mm_dtype") = 0);
-  m.def("mlp_backward", &mlp_backward, "Fused MLP backward (see csrc/mlp/mlp.h)", py::arg("v_out"), py::arg("x"),
-        py::arg("saved"), py::arg("weights"), py::arg("biases"), py::arg("ln_weights"), py::arg("ln_biases"),
-        py::arg("norm"), py::arg("needs"), py::arg("tile_rows") = 128, py::arg("mm_dtype") = 0);
+  m.def("mlp_forward", &mlp_forward, "Fused MLP forward into allocated outputs (see csrc/mlp/mlp.h)", py::arg("x"),
+        py::arg("weights"), py::arg("biases"), py::arg("ln_weights"), py::arg("ln_biases"), py::arg("norm"),
+        py::arg("save"), py::arg("tile_rows"), py::arg("mm_dtype"), py::arg("out"), py::arg("acts"), py::arg("rstd"));
+  m.def("mlp_backward", &mlp_backward, "Fused MLP backward into allocated outputs (see csrc/mlp/mlp.h)",
+        py::arg("grad_out"), py::arg("x"), py::arg("acts"), py::arg("rstd"), py::arg("weights"), py::arg("biases"),
+        py::arg("ln_weights"), py::arg("ln_biases"), py::arg("norm"), py::arg("tile_rows"), py::arg("mm_dtype"),
+        py::arg("grad_x"), py::arg("grad_weights"), py::arg("grad_biases"), py::arg("grad_ln_weights"),
+        py::arg("grad_ln_biases"));
   m.def("cpu_gemm_backend", [] { return std::string(cpu::gemm_backend()); },
         "The CPU matmul backend of the tile loops: 'blas' (torch's MKL) or 'aten'");
   m.def("set_cpu_gemm_backend", [](const std::string& name) { cpu::set_gemm_backend(name); },

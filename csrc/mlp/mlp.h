@@ -20,24 +20,28 @@
 
 namespace srn {
 
-// Returns [out [B, N, C_L], saved...]. save=true keeps what backward needs:
-//   CPU: act_0..act_{L-1} [B, N, C_l] (xhat for norm layers, the output for plain layers), rstd_0.. [B, N];
-//   CUDA: z_0..z_{L-1} [B, N, C_l] (pre-norm activations).
-// save=false keeps nothing (backward then recomputes the activations tile by tile).
-std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const std::vector<at::Tensor>& W,
-                                    const std::vector<at::Tensor>& b,
-                                    const std::vector<c10::optional<at::Tensor>>& gamma,
-                                    const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                                    bool save, int64_t tile_rows, int64_t mm_dtype);
+// The Python side (srn_fast/ops/mlp.py, a torch.library custom op) allocates every output from one shape
+// function (srn_fast/ops/shapes.py) that its fake kernel shares; these entry points check and fill them.
+// A tensor of shape [0] in an output slot means "not kept" / "not needed".
+//
+// Forward: writes out [B, N, C_L]. With save, also what backward needs, per layer l:
+//   CPU tiles: acts[l] [B, N, C_l] = xhat_l for norm layers, the output for plain hidden layers ([0] for a plain
+//              last layer: backward does not need it); rstd[l] [B, N] for norm layers ([0] otherwise);
+//   batched path (CUDA, or tile_rows == 0): acts[l] = the pre-norm z_l [B, N, C_l]; rstd[l] [0].
+// Without save every acts/rstd entry is [0] (backward then recomputes the activations tile by tile).
+void mlp_forward(const at::Tensor& x, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
+                 const std::vector<c10::optional<at::Tensor>>& gamma, const std::vector<c10::optional<at::Tensor>>& beta,
+                 const std::vector<bool>& norm, bool save, int64_t tile_rows, int64_t mm_dtype, at::Tensor out,
+                 std::vector<at::Tensor> acts, std::vector<at::Tensor> rstd);
 
-// Backward. v_out [B, N, C_L]; saved: what mlp_forward returned after `out` (or empty: recompute).
-// needs: [x, weights, biases, ln weights, ln biases]. Returns
-// [v_x [B, N, C_0], v_W_0..v_W_{L-1}, v_b_0.., v_gamma_0.., v_beta_0..] shaped like their parameters
-// (per scene stays per scene); undefined where not needed.
-std::vector<at::Tensor> mlp_backward(const at::Tensor& v_out, const at::Tensor& x, const std::vector<at::Tensor>& saved,
-                                     const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
-                                     const std::vector<c10::optional<at::Tensor>>& gamma,
-                                     const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                                     const std::vector<bool>& needs, int64_t tile_rows, int64_t mm_dtype);
+// Backward. v_out [B, N, C_L]; acts/rstd: what mlp_forward saved (all [0]: recompute). Writes the gradients into
+// v_x [B, N, C_0] and v_W[l], v_b[l], v_gamma[l], v_beta[l] (shaped like their parameters: per scene stays per
+// scene); an output of shape [0] is not computed.
+void mlp_backward(const at::Tensor& v_out, const at::Tensor& x, const std::vector<at::Tensor>& acts,
+                  const std::vector<at::Tensor>& rstd, const std::vector<at::Tensor>& W,
+                  const std::vector<at::Tensor>& b, const std::vector<c10::optional<at::Tensor>>& gamma,
+                  const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm, int64_t tile_rows,
+                  int64_t mm_dtype, at::Tensor v_x, std::vector<at::Tensor> v_W, std::vector<at::Tensor> v_b,
+                  std::vector<at::Tensor> v_gamma, std::vector<at::Tensor> v_beta);
 
 }  // namespace srn

@@ -26,9 +26,9 @@ void lift_rays_cpu(int64_t B, int64_t N, const T* uv, const T* K, const T* c2w, 
 }  // namespace
 
 // uv [B, N, 2], K [B, 4] (fx, fy, cx, cy), c2w [B, 3, 4], depth0 [B, N]
-// returns (x0 [B, N, 3], dir [B, N, 3])
-std::vector<at::Tensor> lift_rays(const at::Tensor& uv_, const at::Tensor& K_, const at::Tensor& c2w_,
-                                  const at::Tensor& depth0_) {
+// writes x0 [B, N, 3], dir [B, N, 3] (allocated by the Python side, srn_fast/ops/rays.py)
+void lift_rays(const at::Tensor& uv_, const at::Tensor& K_, const at::Tensor& c2w_, const at::Tensor& depth0_,
+               at::Tensor x0, at::Tensor dir) {
   const char* op = "srn_fast.ops.lift_rays";
   check_float(op, "uv", uv_);
   check_shape(op, "uv", uv_, {-1, -1, 2}, "[B, N, 2]");
@@ -40,8 +40,8 @@ std::vector<at::Tensor> lift_rays(const at::Tensor& uv_, const at::Tensor& K_, c
   check_same(op, "c2w", c2w_, uv_, "uv");
   check_same(op, "depth0", depth0_, uv_, "uv");
   const auto uv = uv_.contiguous(), K = K_.contiguous(), c2w = c2w_.contiguous(), depth0 = depth0_.contiguous();
-  auto x0 = at::empty({B, N, 3}, uv.options());
-  auto dir = at::empty({B, N, 3}, uv.options());
+  check_out(op, "x0", x0, {B, N, 3}, uv);
+  check_out(op, "dir", dir, {B, N, 3}, uv);
   if (uv.is_cuda()) {
 #ifdef SRN_WITH_CUDA
     c10::DeviceGuard guard(uv.device());
@@ -57,11 +57,12 @@ std::vector<at::Tensor> lift_rays(const at::Tensor& uv_, const at::Tensor& K_, c
                               depth0.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), dir.data_ptr<scalar_t>());
     });
   }
-  return {x0, dir};
 }
 
 void register_rays(pybind11::module& m) {
-  m.def("lift_rays", &lift_rays, "Lift pixels to world rays: (uv, K, c2w, depth0) -> (x0, dir)");
+  namespace py = pybind11;
+  m.def("lift_rays", &lift_rays, "Lift pixels to world rays: (uv, K, c2w, depth0) -> x0, dir (written)", py::arg("uv"),
+        py::arg("K"), py::arg("c2w"), py::arg("depth0"), py::arg("x0"), py::arg("dir"));
 }
 
 }  // namespace srn

@@ -1,61 +1,120 @@
-"""The fused ray march (``srn_fast._C.march_forward/march_backward``) as an autograd function."""
+"""The fused ray march as dispatcher ops (``srn_fast::march`` / ``srn_fast::march_backward``: torch.library custom ops
+around ``srn_fast._C.march_forward/march_backward``, fake kernels from :mod:`srn_fast.ops.shapes`, registered
+autograd; see :mod:`srn_fast.ops.mlp` for why custom_op), and the camera-side helpers around it."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from .. import _ext
-from ..torch_impl import Layer, LSTMParams
-from ._layers import check_layers, flatten, grads_to_flat, mm_code, needs_flags, unflatten
+from ..types import MARCH_MODES, TILE_ROWS, Layer, LSTMParams
+from . import shapes as S
+from ._layers import LayerLists, check_devices, check_layers, layer_lists, mm_code, needs, once_differentiable, optional, or_none
 
-MODES = {"inference": 0, "recompute": 1, "store": 2}
-TILE_ROWS = 128
+OP = "srn_fast.ops.march"
 
 
-class _MarchFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, meta, x0, dirs, w_ih, w_hh, bias, w_out, b_out, *flat):
-        struct, steps, mode, clamp, return_steps, tile, mm, grad_on = meta
-        ext = _ext.require("srn_fast.ops.march")
-        W, b, g, be, norm = unflatten(flat, struct)
-        training = grad_on and any(ctx.needs_input_grad)
-        run_mode = MODES[mode] if training else MODES["inference"]
-        outs = ext.march_forward(x0, dirs, W, b, g, be, norm, w_ih, w_hh, bias, w_out, b_out, steps, run_mode,
-                                 return_steps, tile, mm)
-        ctx.meta = meta
-        ctx.run_mode = run_mode
-        if training:
-            ctx.save_for_backward(x0, dirs, w_ih, w_hh, bias, w_out, b_out, *flat, *outs[2:])
-        if return_steps:
-            ctx.mark_non_differentiable(outs[1])
-            return outs[0], outs[1]
-        return outs[0]
+@torch.library.custom_op("srn_fast::march", mutates_args=())
+def march_op(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List[Tensor],
+             ln_weights: List[Tensor], ln_biases: List[Tensor], norm: List[bool], w_ih: Tensor,
+             w_hh: Tensor, bias: Tensor, w_out: Tensor, b_out: Tensor, steps: int, mode: int, grad_clamp: float,
+             return_steps: bool, tile_rows: int, mm_dtype: int
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
+    """(xT, steps, xs, hs, cs, gates, acts, rstd): shapes from :func:`shapes.march_shapes`. grad_clamp (< 0: none)
+    is the clamp of the gradient of h that the registered backward applies."""
+    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
+    outs = [S.empty(s, x0) for s in sh[:6]] + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)]
+    _ext.require(OP).march_forward(x0, dirs, weights, biases, optional(ln_weights), optional(ln_biases), norm, w_ih,
+                                   w_hh, bias, w_out, b_out, steps, mode, tile_rows, mm_dtype, *outs)
+    return tuple(outs)
 
-    @staticmethod
-    def backward(ctx, v_xT, *unused):
-        struct, steps, mode, clamp, return_steps, tile, mm, _ = ctx.meta
-        saved = ctx.saved_tensors
-        x0, dirs, w_ih, w_hh, bias, w_out, b_out = saved[:7]
-        nflat = sum(2 + 2 * affine for _, affine in struct)
-        flat = saved[7:7 + nflat]
-        rest = list(saved[7 + nflat:])
-        W, b, g, be, norm = unflatten(flat, struct)
-        nW, nb, ng, nbe = needs_flags(ctx.needs_input_grad, struct, 8)
-        needs = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], nW, nb, ng, nbe]
-        res = _ext.require("srn_fast.ops.march").march_backward(
-            v_xT, x0, dirs, rest, W, b, g, be, norm, w_ih, w_hh, bias, w_out, b_out, steps, ctx.run_mode,
-            -1.0 if clamp is None else float(clamp), needs, tile)
-        L = len(struct)
-        v_x0, v_dirs = res[0], res[1]
-        gW, gb, gg, gbe = res[2:2 + L], res[2 + L:2 + 2 * L], res[2 + 2 * L:2 + 3 * L], res[2 + 3 * L:2 + 4 * L]
-        g_wih, g_whh, g_bias, g_wout, g_bout = res[2 + 4 * L:]
-        flat_grads = grads_to_flat(struct, gW, gb, gg, gbe)
-        flat_grads = [gr if need else None for gr, need in zip(flat_grads, ctx.needs_input_grad[8:])]
-        n = ctx.needs_input_grad
-        return (None, v_x0 if n[1] else None, v_dirs if n[2] else None, g_wih if n[3] else None,
-                g_whh if n[4] else None, g_bias if n[5] else None, g_wout.view_as(w_out) if n[6] else None,
-                g_bout.view_as(b_out) if n[7] else None, *flat_grads)
+
+@march_op.register_fake
+def _march_fake(x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode,
+                grad_clamp, return_steps, tile_rows, mm_dtype):
+    check_devices(OP, "x0", x0, LayerLists(weights, biases, ln_weights, ln_biases, norm), dirs=dirs,
+                  **{"lstm.weight_ih": w_ih, "lstm.weight_hh": w_hh, "lstm bias": bias, "lstm.out_weight": w_out,
+                     "lstm.out_bias": b_out})
+    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
+    return tuple([S.empty(s, x0) for s in sh[:6]] + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)])
+
+
+def _grad_shapes(x0, weights, biases, ln_weights, ln_biases, lstm, need_x0, need_dirs, nw, nb, ng, nbe, nl):
+    opt = [S.grad_shape(t, n) for t, n in zip(ln_weights, ng)]
+    optb = [S.grad_shape(t, n) for t, n in zip(ln_biases, nbe)]
+    return ([S.grad_shape(x0, need_x0), S.grad_shape(x0, need_dirs),
+             [S.grad_shape(w, n) for w, n in zip(weights, nw)], [S.grad_shape(b, n) for b, n in zip(biases, nb)],
+             opt, optb] + [S.grad_shape(t, n) for t, n in zip(lstm, nl)])
+
+
+def _grad_buffers(x0, shapes):
+    return tuple(S.empties(s, x0) if isinstance(s, list) else S.empty(s, x0) for s in shapes)
+
+
+@torch.library.custom_op("srn_fast::march_backward", mutates_args=())
+def march_backward_op(grad_xT: Tensor, x0: Tensor, dirs: Tensor, xs: Tensor, hs: Tensor, cs: Tensor, gates: Tensor,
+                      acts: List[Tensor], rstd: List[Tensor], weights: List[Tensor], biases: List[Tensor],
+                      ln_weights: List[Tensor], ln_biases: List[Tensor], norm: List[bool],
+                      w_ih: Tensor, w_hh: Tensor, bias: Tensor, w_out: Tensor, b_out: Tensor, steps: int, mode: int,
+                      grad_clamp: float, tile_rows: int, mm_dtype: int, need_x0: bool, need_dirs: bool,
+                      need_weights: List[bool], need_biases: List[bool], need_ln_weights: List[bool],
+                      need_ln_biases: List[bool], need_lstm: List[bool]
+                      ) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor], Tensor,
+                                 Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x0, dirs, every phi tensor and the LSTM's (w_ih, w_hh, bias, w_out, b_out); [0] placeholders
+    where not needed. grad_clamp < 0: no clamp of the gradient of h."""
+    g = _grad_buffers(x0, _grad_shapes(x0, weights, biases, ln_weights, ln_biases, (w_ih, w_hh, bias, w_out, b_out),
+                                       need_x0, need_dirs, need_weights, need_biases, need_ln_weights,
+                                       need_ln_biases, need_lstm))
+    _ext.require(OP).march_backward(grad_xT, x0, dirs, xs, hs, cs, gates, acts, rstd, weights, biases,
+                                    optional(ln_weights), optional(ln_biases), norm, w_ih, w_hh, bias, w_out, b_out, steps, mode, grad_clamp,
+                                    tile_rows, mm_dtype, *g)
+    return g
+
+
+@march_backward_op.register_fake
+def _march_backward_fake(grad_xT, x0, dirs, xs, hs, cs, gates, acts, rstd, weights, biases, ln_weights, ln_biases,
+                         norm, w_ih, w_hh, bias, w_out, b_out, steps, mode, grad_clamp, tile_rows, mm_dtype, need_x0,
+                         need_dirs, need_weights, need_biases, need_ln_weights, need_ln_biases, need_lstm):
+    return _grad_buffers(x0, _grad_shapes(x0, weights, biases, ln_weights, ln_biases, (w_ih, w_hh, bias, w_out, b_out),
+                                          need_x0, need_dirs, need_weights, need_biases, need_ln_weights,
+                                          need_ln_biases, need_lstm))
+
+
+def _setup_context(ctx, inputs, output):
+    (x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode,
+     grad_clamp, return_steps, tile_rows, mm_dtype) = inputs
+    _, _, xs, hs, cs, gates, acts, rstd = output
+    ctx.L = len(weights)
+    ctx.attrs = (list(norm), steps, mode, grad_clamp, tile_rows, mm_dtype)
+    ctx.save_for_backward(x0, dirs, w_ih, w_hh, bias, w_out, b_out, xs, hs, cs, gates, *weights, *biases,
+                          *ln_weights, *ln_biases, *acts, *rstd)
+
+
+@once_differentiable(OP)
+def _backward(ctx, grad_xT, grad_steps, grad_xs, grad_hs, grad_cs, grad_gates, grad_acts, grad_rstd):
+    L = ctx.L
+    norm, steps, mode, grad_clamp, tile_rows, mm_dtype = ctx.attrs
+    if mode == MARCH_MODES["inference"]:
+        raise RuntimeError(f"{OP}: backward of a march run without grad (inference mode)")
+    saved = ctx.saved_tensors
+    x0, dirs, w_ih, w_hh, bias, w_out, b_out, xs, hs, cs, gates = saved[:11]
+    weights, biases, ln_w, ln_b, acts, rstd = (list(saved[11 + i * L:11 + (i + 1) * L]) for i in range(6))
+    ng = ctx.needs_input_grad
+    nw, nb, ngm, nbe = needs(ng, 2, weights), needs(ng, 3, biases), needs(ng, 4, ln_w), needs(ng, 5, ln_b)
+    nl = [bool(ng[i]) for i in range(7, 12)]
+    res = march_backward_op(grad_xT.contiguous(), x0, dirs, xs, hs, cs, gates, acts, rstd, weights, biases, ln_w,
+                            ln_b, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode, grad_clamp, tile_rows,
+                            mm_dtype, bool(ng[0]), bool(ng[1]), nw, nb, ngm, nbe, nl)
+    gx0, gdirs, gw, gb, gg, gbe = res[:6]
+    lstm_grads = [g if n else None for g, n in zip(res[6:], nl)]
+    return (gx0 if ng[0] else None, gdirs if ng[1] else None, or_none(gw, nw), or_none(gb, nb), or_none(gg, ngm),
+            or_none(gbe, nbe), None, *lstm_grads, None, None, None, None, None, None)
+
+
+march_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTMParams, steps: int,
@@ -76,29 +135,33 @@ def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTM
         tile_rows: rays per CPU tile; 0 runs the whole batch as one tile through batched GEMMs, the CUDA
             backend's code path (on the CPU: slower, for testing that path).
     """
-    op = "srn_fast.ops.march"
     if mode not in ("recompute", "store"):
-        raise ValueError(f"{op}: mode must be 'recompute' or 'store', got {mode!r}")
+        raise ValueError(f"{OP}: mode must be 'recompute' or 'store', got {mode!r}")
     for name, t in (("x0", x0), ("dirs", dirs)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != 3:
-            raise ValueError(f"{op}: {name} must be a tensor of shape [B, N, 3], got "
+            raise ValueError(f"{OP}: {name} must be a tensor of shape [B, N, 3], got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if not isinstance(lstm, LSTMParams):
-        raise TypeError(f"{op}: lstm must be a srn_fast.LSTMParams, got {type(lstm).__name__}")
+        raise TypeError(f"{OP}: lstm must be a srn_fast.LSTMParams, got {type(lstm).__name__}")
     if int(steps) < 0:
-        raise ValueError(f"{op}: steps must be >= 0, got {steps}")
+        raise ValueError(f"{OP}: steps must be >= 0, got {steps}")
     if int(tile_rows) < 0:
-        raise ValueError(f"{op}: tile_rows must be >= 1 (or 0 for the batched path), got {tile_rows}")
-    check_layers(phi, op)
-    flat, struct = flatten(phi)
+        raise ValueError(f"{OP}: tile_rows must be >= 1 (or 0 for the batched path), got {tile_rows}")
+    check_layers(phi, OP)
+    ll = layer_lists(phi)
     bias = lstm.bias_ih + lstm.bias_hh
     grad_on = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x0, dirs, bias, lstm.weight_ih, lstm.weight_hh, lstm.out_weight, lstm.out_bias,
-                                  *flat))
-    meta = (tuple(struct), int(steps), mode, grad_clamp, bool(return_steps), int(tile_rows),
-            mm_code(matmul_dtype, x0, op), grad_on)
-    return _MarchFunction.apply(meta, x0, dirs, lstm.weight_ih, lstm.weight_hh, bias, lstm.out_weight,
-                                lstm.out_bias, *flat)
+        t.requires_grad
+        for t in (x0, dirs, bias, lstm.weight_ih, lstm.weight_hh, lstm.out_weight, lstm.out_bias, *ll.weights,
+                  *ll.biases, *ll.ln_weights, *ll.ln_biases))
+    run_mode = MARCH_MODES[mode] if grad_on else MARCH_MODES["inference"]
+    clamp = -1.0 if grad_clamp is None else float(grad_clamp)
+    xT, pts, *_ = march_op(x0, dirs, *ll, lstm.weight_ih, lstm.weight_hh, bias, lstm.out_weight, lstm.out_bias,
+                           int(steps), run_mode, clamp, bool(return_steps), int(tile_rows),
+                           mm_code(matmul_dtype, x0, OP))
+    if return_steps:
+        return xT, pts.detach()
+    return xT
 
 
 class MarchResult(NamedTuple):

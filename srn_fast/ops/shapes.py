@@ -1,0 +1,85 @@
+"""Output and saved-state shapes of the fused ops: the one function per op that both the real kernels' allocation
+(:mod:`srn_fast.ops.mlp`, :mod:`srn_fast.ops.march`) and their fake (meta) kernels call, so that what
+``torch.compile`` traces is by construction what the kernels produce. The C++ entry points check every buffer
+against the same rules (csrc/mlp/mlp.h, csrc/march/march.cpp).
+
+A ``(0,)`` shape is a placeholder: an output that this configuration does not keep (fixed-arity returns: the
+number of tensors never depends on the device, the tile size or the mode). Shapes may hold SymInts.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+
+from ..types import MARCH_MODES
+
+Shape = Tuple
+NONE: Shape = (0,)
+
+
+def batched_path(device: torch.device, tile_rows: int) -> bool:
+    """The whole batch as one tile through batched GEMMs: always on CUDA, and on the CPU with ``tile_rows == 0``."""
+    return device.type == "cuda" or int(tile_rows) == 0
+
+
+class MLPShapes(NamedTuple):
+    out: Shape
+    acts: List[Shape]
+    rstd: List[Shape]
+
+
+def mlp_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequence[bool], save: bool,
+               tile_rows: int) -> MLPShapes:
+    """``out [B, N, C_L]``; per layer l what backward needs when ``save``: CPU tiles keep ``acts[l] [B, N, C_l]``
+    (xhat, or the output of a plain hidden layer; nothing for a plain last layer) and ``rstd[l] [B, N]`` for norm
+    layers; the batched path keeps the pre-norm ``acts[l]`` of every layer and no rstd."""
+    B, N = x.shape[0], x.shape[1]
+    L = len(weights)
+    widths = [w.shape[-2] for w in weights]
+    batched = batched_path(x.device, tile_rows)
+    acts = [(B, N, widths[l]) if save and (batched or l < L - 1 or norm[l]) else NONE for l in range(L)]
+    rstd = [(B, N) if save and not batched and norm[l] else NONE for l in range(L)]
+    return MLPShapes((B, N, widths[-1]), acts, rstd)
+
+
+class MarchShapes(NamedTuple):
+    xT: Shape
+    steps: Shape
+    xs: Shape
+    hs: Shape
+    cs: Shape
+    gates: Shape
+    acts: List[Shape]
+    rstd: List[Shape]
+
+
+def march_shapes(x0: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequence[bool], w_hh: torch.Tensor,
+                 steps: int, mode: int, return_steps: bool, tile_rows: int) -> MarchShapes:
+    """``xT [B, N, 3]``; ``steps [T + 1, B, N, 3]`` with return_steps; unless inference: ``xs [T, B, N, 3]``,
+    ``hs, cs [T + 1, B, N, H]``, ``gates [T, B, N, 4H]``; store mode: per phi layer ``acts[l] [T, B, N, C_l]`` and, on
+    the CPU tiles, ``rstd[l] [T, B, N]`` for norm layers."""
+    B, N = x0.shape[0], x0.shape[1]
+    T, H = int(steps), w_hh.shape[1]
+    keep = mode != MARCH_MODES["inference"]
+    store = mode == MARCH_MODES["store"]
+    batched = batched_path(x0.device, tile_rows)
+    return MarchShapes(
+        (B, N, 3), (T + 1, B, N, 3) if return_steps else NONE,
+        (T, B, N, 3) if keep else NONE, (T + 1, B, N, H) if keep else NONE, (T + 1, B, N, H) if keep else NONE,
+        (T, B, N, 4 * H) if keep else NONE,
+        [(T, B, N, w.shape[-2]) if store else NONE for w in weights],
+        [(T, B, N) if store and not batched and n else NONE for n in norm])
+
+
+def grad_shape(param: torch.Tensor, needed: bool) -> Shape:
+    """A gradient output: the parameter's shape when needed, else the placeholder."""
+    return tuple(param.shape) if needed else NONE
+
+
+def empty(shape: Shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape)
+
+
+def empties(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
+    return [like.new_empty(s) for s in shapes]
