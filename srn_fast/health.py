@@ -1,0 +1,93 @@
+"""Training health: non-finite losses and the constant-image collapse, detected from what a step computes anyway.
+
+**Non-finite loss.** Each step ORs ``not isfinite(loss)`` into a flag on the device (no host sync) and remembers
+the first such step; the loop reads the flag whenever it syncs anyway (logging) and before every checkpoint or
+validation, and stops with :class:`NonFiniteLossError` before anything new is written.
+
+**Collapse.** With a learning rate well above the reference's 5e-5 and a wide model, SRN can collapse to a
+constant image: the ray marcher overshoots every surface (depths far beyond the object), every pixel takes the
+background colour, and the loss sits at the mean-colour level. :func:`batch_stats` measures, per step and on
+the training batch, the spatial variance of the rendered colours (over each view's rays, averaged over views) and
+of the targets; :class:`CollapseMonitor` watches the ratio at each log step. A ratio below
+:data:`COLLAPSE_RATIO` (2 %) for ``patience`` steps, at a step past ``warmup``, is a collapse. Early in every
+run the ratio is low for a while too (the model fits the mean colour before the marcher finds the surfaces:
+50-400 steps in our small CPU runs), hence the warm-up.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+COLLAPSE_RATIO = 0.02  # rendered colour variance below 2 % of the targets' = a constant image
+MIN_TARGET_VARIANCE = 1e-4  # targets with less variance than this (blank images) say nothing
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+
+def batch_stats(rgb: torch.Tensor, target: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """``[4]`` detached float tensor (on the device, no sync): rendered colour variance, target colour variance
+    (each the variance over a view's rays, summed over channels, mean over views), mean depth, mean depth spread
+    (std over a view's rays). ``rgb``/``target`` ``[b, R, 3]``, ``depth`` ``[b, R, 1]``."""
+    with torch.no_grad():
+        rgb, target, depth = rgb.detach().float(), target.detach().float(), depth.detach().float()
+        if rgb.shape[1] < 2:
+            z = torch.zeros((), device=rgb.device)
+            return torch.stack([z, z, depth.mean(), z])
+        vp = rgb.var(dim=1).sum(-1).mean()
+        vt = target.var(dim=1).sum(-1).mean()
+        return torch.stack([vp, vt, depth.mean(), depth.std(dim=1).mean()])
+
+
+class CollapseMonitor:
+    """Decides, from the colour-variance ratio seen at each log step, whether training has collapsed.
+
+    ``warmup``: no verdict before this step (0 turns the check off). ``patience``: the ratio must have stayed
+    below :data:`COLLAPSE_RATIO` at every log step for at least this many steps. :meth:`update` returns an event
+    dict the first time both hold, else None; the verdict is given once per run.
+    """
+
+    def __init__(self, warmup: int = 1000, patience: int = 200, threshold: float = COLLAPSE_RATIO):
+        self.warmup, self.patience, self.threshold = int(warmup), int(patience), float(threshold)
+        self.low_since: Optional[int] = None  # first step of the current low-ratio streak
+        self.last_step = 0
+        self.reported = False
+
+    def state_dict(self) -> Dict:
+        return {"low_since": self.low_since, "last_step": self.last_step, "reported": self.reported}
+
+    def load_state_dict(self, st: Dict) -> None:
+        self.low_since, self.last_step = st.get("low_since"), int(st.get("last_step", 0))
+        self.reported = bool(st.get("reported", False))
+
+    def update(self, step: int, rgb_var: float, target_var: float, depth_mean: float,
+               depth_spread: float) -> Optional[Dict]:
+        """Feed the means over the steps since the previous log step (ending at ``step``)."""
+        first = self.last_step + 1  # the window this measurement covers began here
+        self.last_step = step
+        if self.warmup <= 0 or target_var < MIN_TARGET_VARIANCE:
+            self.low_since = None
+            return None
+        ratio = rgb_var / target_var
+        if ratio >= self.threshold:
+            self.low_since = None
+            return None
+        if self.low_since is None:
+            self.low_since = first
+        if self.reported or step < self.warmup or step - self.low_since + 1 < self.patience:
+            return None
+        self.reported = True
+        return {"kind": "health", "event": "collapse", "step": step, "since": self.low_since,
+                "rgb_var_ratio": ratio, "depth_mean": depth_mean, "depth_spread": depth_spread}
+
+
+def collapse_message(event: Dict, cfg) -> str:
+    """The one warning a collapsed run prints (and writes into metrics.jsonl)."""
+    return (f"warning: training looks collapsed to a constant image: since step {event['since']} the rendered "
+            f"colours vary {100 * event['rgb_var_ratio']:.2g}% as much as the targets' (mean marched depth "
+            f"{event['depth_mean']:.2f}). Likely cause: a learning rate too high for this model (--lr {cfg.lr:g} "
+            f"with --phi-hidden {cfg.phi_hidden}, --tracing-steps {cfg.tracing_steps}); the reference uses 5e-5. "
+            f"Fix: start again with a lower --lr (5e-5) or a narrower model (e.g. --phi-hidden 64); "
+            f"--stop-on-collapse stops such a run by itself.")
