@@ -152,7 +152,7 @@ def _has_checkpoint(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "checkpoints", "step_*.pth")))
 
 
-def stale_sibling_pattern(out: str, kind: str) -> str:
+def sibling_temp_name(out: str, kind: str) -> str:
     """Name of a hidden temporary next to ``out`` owned by this process: ``.NAME.KIND-<pid>-<id>``."""
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

@@ -28,8 +28,10 @@ def add_arguments(p):
                    "config; options given with it must be safe to change (more steps, logging intervals, --lr, "
                    "...): others are an error")
     g = p.add_argument_group("schedule (defaults: the reference's)")
-    g.add_argument("--sidelengths", type=int_list, help=f"image size per stage, e.g. 64,128 (default {dflt('sidelengths')})")
-    g.add_argument("--batch-sizes", type=int_list, help=f"views per step per stage, e.g. 64,16 (default {dflt('batch_sizes')})")
+    g.add_argument("--sidelengths", type=int_list,
+                   help=f"image size per stage, e.g. 64,128 (default {dflt('sidelengths')})")
+    g.add_argument("--batch-sizes", type=int_list,
+                   help=f"views per step per stage, e.g. 64,16 (default {dflt('batch_sizes')})")
     g.add_argument("--steps", type=int_list, help=f"steps per stage, e.g. 5000,170000 (default {dflt('steps')})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {dflt('lr')})")
     g.add_argument("--rays-per-view", type=int, help="random rays per view (default: every pixel)")
