@@ -345,11 +345,11 @@ class TrainLoop:
         if cfg.bf16:
             causes += ", or a bf16 overflow (--bf16)"
         if self.last_ckpt:
-            fix = (f"continue from {self.last_ckpt} (intact; nothing was saved after it) with a lower rate: "
+            fix = (f"Continue from {self.last_ckpt} (intact; nothing was saved after it) with a lower rate: "
                    f"python -m srn_fast train --resume {self.folder.out if self.folder else cfg.out} --lr "
                    f"{cfg.lr / 10:g}")
         else:
-            fix = "no checkpoint was written; start again with a lower --lr"
+            fix = "No checkpoint was written; start again with a lower --lr."
         raise NonFiniteLossError(f"the training loss became non-finite (NaN or inf) at step {first}; training "
                                  f"stopped. Likely cause: {causes}. {fix}")
 

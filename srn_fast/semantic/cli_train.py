@@ -80,9 +80,9 @@ def class_names_for(data: str, labels_max: int = None):
 
 
 def _json_write(path, obj):
-    from ..checkpoint import atomic_write
+    from ..checkpoint import write_json
 
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+    write_json(path, obj)
 
 
 def _run_joint(args, device) -> int:
