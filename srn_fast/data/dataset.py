@@ -272,8 +272,9 @@ class SRNDataset(Dataset):
                             f"instances are not reported)")
         if S > min(h, w):
             self._warn_once(f"upsample{S}",
-                            f"{path}: the images ({w} x {h}) are smaller than the sidelength {S}: they are upsampled, "
-                            f"which adds no detail (use a sidelength <= {min(h, w)}; further files are not reported)")
+                            f"{path}: the images ({w} x {h}, centre-cropped to {min(h, w)} x {min(h, w)}) are smaller "
+                            f"than the sidelength {S}: they are upsampled, which adds no detail (use a sidelength "
+                            f"<= {min(h, w)}; further files are not reported)")
 
     @staticmethod
     def _checked(path: str, a: np.ndarray, S: int) -> np.ndarray:
