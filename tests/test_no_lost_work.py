@@ -14,8 +14,6 @@ import torch
 
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main
-from srn_fast.runfolder import clean_stale_siblings
-from srn_fast.train_loop import ResumeError, resume_changes
 from srn_fast.training import TrainConfig, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +112,9 @@ def test_two_trainers_in_one_run_folder(tiny_data, tmp_path, capsys):
         while not ckpt_io.list_checkpoints(run) and time.time() < deadline and p.poll() is None:
             time.sleep(0.2)
         assert ckpt_io.list_checkpoints(run), p.stderr.read() if p.poll() is not None else "no checkpoint"
-        one_line_error(capsys, ["train", "--resume", run, "--no-progress"], f"process {p.pid} is training")
+        step = ckpt_io.list_checkpoints(run)[-1][0]  # (--stop-at: without the lock this would train on and on)
+        one_line_error(capsys, ["train", "--resume", run, "--stop-at", str(step + 2), "--no-progress"],
+                       f"process {p.pid} is training")
         one_line_error(capsys, train_args(tiny_data, run, "2", "--overwrite"), f"process {p.pid} is training")
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=60)
@@ -159,6 +159,8 @@ def test_resume_options_that_change_the_run_are_errors(run, tiny_data, tmp_path,
 
 
 def test_resume_schedule_rules():
+    from srn_fast.train_loop import ResumeError, resume_changes
+
     run = TrainConfig(sidelengths=[8, 16], batch_sizes=[4, 2], steps=[10, 10])
     ok = lambda **kw: resume_changes(run, TrainConfig(**{**dict(sidelengths=[8, 16], batch_sizes=[4, 2],
                                                                 steps=[10, 10]), **kw}), 15)
@@ -206,6 +208,8 @@ def test_make_data_removes_the_temporaries_of_a_killed_run(tmp_path):
     assert main(["make-data", "--kind", "mix", "--instances", "1", "--views", "2", "--size", "8", "--test-views", "0",
                  "--unseen-instances", "0", "--out", out, "--quiet"]) == 0
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".ds.")) == [alive.name]
+    from srn_fast.runfolder import clean_stale_siblings
+
     assert clean_stale_siblings(out) == []
 
 
