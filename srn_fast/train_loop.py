@@ -95,7 +95,7 @@ def setup(cfg: TrainConfig, extra_loss: Optional[ExtraLoss] = None, log=print) -
 
     from .data import SRNDataset  # imported here: the data module is only needed for training
 
-    kw = dict(with_depth=False, with_semantic=False, **(extra_loss.dataset_kwargs if extra_loss else {}))
+    kw = dict(dict(with_depth=False, with_semantic=False), **(extra_loss.dataset_kwargs if extra_loss else {}))
     ds = SRNDataset(train_root, sidelength=cfg.sidelengths[0], max_num_instances=cfg.max_num_instances,
                     max_observations=cfg.max_observations, specific_observation_idcs=cfg.specific_observation_idcs,
                     **kw)
