@@ -115,7 +115,12 @@ def _run_joint(args, device) -> int:
     names = class_names_for(args.data)
     hidden = args.hidden if args.head == "mlp" else []
     t0 = time.time()
-    res = train_joint(cfg, len(names), hidden=hidden, weight=args.semantic_weight, progress=not args.no_progress)
+    from ..health import NonFiniteLossError
+
+    try:
+        res = train_joint(cfg, len(names), hidden=hidden, weight=args.semantic_weight, progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        raise UserError(str(e)) from None
     if res["interrupted"]:
         print(f"joint training interrupted at step {res['step']}; checkpoint {res['checkpoint']}")
         return 130
