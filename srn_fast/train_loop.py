@@ -271,7 +271,10 @@ class TrainLoop:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[sess.device.index] if sess.device.type == "cuda" else None)
         self.net = net
-        self.health = CollapseMonitor(self.cfg.collapse_warmup, self.cfg.collapse_patience)
+        # overshoot: a mean marched depth beyond twice the cameras' (median) distance from the scene centre
+        radius = _camera_facts(sess.ds)["radius"]
+        self.health = CollapseMonitor(self.cfg.collapse_warmup, self.cfg.collapse_patience,
+                                      depth_limit=2 * radius if radius > 1e-6 else None)
         self.acc = torch.zeros(4, device=sess.device)  # health sums (batch_stats) since the last log
         self.acc_n = 0
         ls = state.loop_state or {}

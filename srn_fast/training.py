@@ -71,7 +71,7 @@ class TrainConfig:
     init_checkpoint: Optional[str] = None
     device: str = "auto"
     chunk_rays: int = 8192
-    collapse_warmup: int = 1000
+    collapse_warmup: int = 500
     collapse_patience: int = 200
     stop_on_collapse: bool = False
 

@@ -128,6 +128,10 @@ def test_collapse_monitor_rules():
     ev = m.update(130, low, 1.0, 5.0, 0.1)
     assert ev is not None and ev["since"] == 81 and ev["step"] == 130 and ev["event"] == "collapse"
     assert m.update(160, low, 1.0, 5.0, 0.1) is None  # reported once
+    slow = CollapseMonitor(warmup=10, patience=15, depth_limit=3.0)  # constant images, depths short of the surfaces:
+    assert all(slow.update(s, low, 1.0, 0.3, 0.01) is None for s in range(10, 2000, 10))  # a slow start, no verdict
+    assert slow.update(2000, low, 1.0, 3.5, 0.01) is None  # past the limit: a streak begins (steps 1991-2000)
+    assert slow.update(2010, low, 1.0, 12.0, 0.01)["since"] == 1991  # 20 steps of overshoot: collapse
     m2 = CollapseMonitor(warmup=10, patience=5)
     assert m2.update(50, 0.0, 0.0, 1.0, 0.0) is None  # blank targets say nothing
     assert CollapseMonitor(warmup=0).update(5000, 0.0, 1.0, 1.0, 0.0) is None  # check off
@@ -150,6 +154,7 @@ def test_forced_collapse_warns_once(tiny_data, tmp_path):
     assert "--lr 0.1" in warnings[0] and "5e-5" in warnings[0]
     health = [rec for rec in strict_records(os.path.join(cfg.out, "metrics.jsonl")) if rec["kind"] == "health"]
     assert len(health) == 1 and health[0]["message"] == warnings[0] and health[0]["rgb_var_ratio"] < COLLAPSE_RATIO
+    assert health[0]["depth_mean"] > health[0]["depth_limit"] == pytest.approx(3.0)  # cameras 1.5 from the centre
 
 
 def test_stop_on_collapse(tiny_data, tmp_path, capsys):
