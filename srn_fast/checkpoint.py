@@ -7,15 +7,21 @@ checkpoints (no ``"srn_fast"`` entry) load here; their model configuration is in
 configuration, instance names, camera facts for rendering.
 
 Files are written to a temporary name in the same folder, flushed to disk, then renamed over the target with
-``os.replace`` (atomic on POSIX), so a crash or Ctrl-C never leaves a half-written checkpoint under the real name.
+``os.replace`` (atomic on POSIX), so a crash or Ctrl-C never leaves a half-written checkpoint under the real name
+(a kill -9 can leave the hidden temporary; :mod:`srn_fast.runfolder` removes those). Reading a run folder takes its
+newest *readable* checkpoint, saying which file was skipped; weights that are not finite are refused. JSON files
+are strict JSON (:func:`strict_json`: NaN and infinities are written as null).
 """
 from __future__ import annotations
 
 import glob
+import json
+import math
 import os
 import re
+import sys
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -54,6 +60,28 @@ def atomic_write(path: str, write_fn) -> None:
         raise
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """``json.dumps`` that writes strict JSON: NaN and +-inf (which ``json.dumps`` writes as bare ``NaN`` /
+    ``Infinity``, rejected by strict parsers) become ``null``."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
+
+
+def write_json(path: str, obj, indent: Optional[int] = 1) -> None:
+    """Write ``obj`` to ``path`` as strict JSON (:func:`strict_json`), atomically."""
+    text = strict_json(obj, indent=indent) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
 def model_config(model: SRNModel) -> Dict[str, Any]:
     """The constructor arguments that determine the parameter shapes (and the march length)."""
     return {"num_instances": model.num_instances, "latent_dim": model.latent_dim,
@@ -81,20 +109,45 @@ def save(path: str, model: SRNModel, optimizer: Optional[torch.optim.Optimizer] 
     return path
 
 
-def load(path: str, map_location="cpu") -> Dict[str, Any]:
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load(path: str, map_location="cpu", log: Optional[Callable[[str], None]] = _warn) -> Dict[str, Any]:
     """Read a checkpoint (ours or the reference's); returns the dict with at least ``"model"``.
 
+    ``path`` is a file, or a run folder: then its newest readable ``step_*.pth``; unreadable newer ones (e.g.
+    truncated by a full disk) are skipped and ``log`` is told which file was skipped and which one is used.
     Raises :class:`CheckpointError` naming the file when it is missing, unreadable or not a checkpoint.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = latest(path)
+        found = list_checkpoints(path)
+        if not found:
+            latest(path)  # raises the "no checkpoints" error
+        skipped = []
+        for _, p in reversed(found):
+            try:
+                obj = _load_file(p, map_location)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                continue
+            if skipped and log is not None:
+                for msg in skipped:
+                    log(f"{msg}; using {p}, the newest readable checkpoint of {path}")
+            return obj
+        raise CheckpointError(f"{path}: no readable checkpoint ({len(skipped)} file(s), e.g. {skipped[0]})")
+    return _load_file(path, map_location)
+
+
+def _load_file(path: str, map_location) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated files raise a zoo of exception types
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and "model" not in obj and obj and all(isinstance(v, torch.Tensor)
                                                                    for v in obj.values()):
         obj = {"model": obj}  # a bare state_dict
@@ -201,7 +254,20 @@ def load_model_state(model: SRNModel, ckpt: Dict[str, Any], skip_latents: bool =
     msg = describe_mismatch(model, sd, where)
     if msg:
         raise CheckpointError(msg)
+    check_finite(sd, where)
     model.load_state_dict(sd)
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """:class:`CheckpointError` if any floating-point tensor of ``state_dict`` holds NaN or inf."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        k = next(iter(bad))
+        raise CheckpointError(f"{where}: holds non-finite weights ({sum(bad.values())} NaN/inf values in "
+                              f"{len(bad)} tensor(s), e.g. {k}); the run diverged before this checkpoint was "
+                              f"written: use an earlier checkpoint")
 
 
 def build_model(ckpt: Dict[str, Any], backend: str = "auto", num_instances: Optional[int] = None,

@@ -62,6 +62,8 @@ def parse_intrinsics(path: str, trgt_sidelength: Optional[int] = None) -> Intrin
     f, cx, cy, _ = _floats(lines[0], path, 1, 4, "f cx cy _")
     bary = np.array(_floats(lines[1], path, 2, 3, "grid barycenter"), dtype=np.float64)
     (scale,) = _floats(lines[2], path, 3, 1, "scale")
+    if f <= 0:
+        raise GeometryError(f"{path}: line 1 (f cx cy _): the focal length must be positive, got {f:g}")
     height, width = _floats(lines[3], path, 4, 2, "height width")
     if height <= 0 or width <= 0:
         raise GeometryError(f"{path}: line 4 (height width) must be positive, got {lines[3].strip()!r}")
@@ -95,7 +97,31 @@ def load_pose(path: str) -> np.ndarray:
         raise GeometryError(f"{path}: pose file must hold 16 numbers (4x4 cam2world), found {len(vals)}")
     if not all(math.isfinite(v) for v in vals):
         raise GeometryError(f"{path}: pose file holds a non-finite number")
-    return np.array(vals, dtype=np.float64).reshape(4, 4)
+    M = np.array(vals, dtype=np.float64).reshape(4, 4)
+    problem = rigid_transform_problem(M)
+    if problem:
+        raise GeometryError(f"{path}: pose is not a rigid transform ({problem}); expected a 4x4 cam2world made of "
+                            f"a rotation and a translation, last row 0 0 0 1")
+    return M
+
+
+RIGID_TOL = 1e-2  # |R^T R - I| and |det R - 1| beyond this are not rounding of a rotation
+
+
+def rigid_transform_problem(M: np.ndarray, tol: float = RIGID_TOL) -> Optional[str]:
+    """None if the 4x4 ``M`` is a rotation plus a translation (to ``tol``), else what is wrong with it."""
+    if np.abs(M[3] - np.array([0.0, 0.0, 0.0, 1.0])).max() > 1e-6:
+        return f"last row {' '.join(f'{v:g}' for v in M[3])}"
+    R = M[:3, :3]
+    det = float(np.linalg.det(R))
+    if det < 0:
+        return f"a mirror: the 3x3 part has determinant {det:.3g}"
+    scales = np.linalg.norm(R, axis=0)
+    if np.abs(scales - 1).max() > tol:
+        return f"a scale: its columns have lengths {', '.join(f'{v:.4g}' for v in scales)}"
+    if np.abs(R.T @ R - np.eye(3)).max() > tol:
+        return "a shear: its columns are not orthogonal"
+    return None
 
 
 def intrinsics_matrix(f: float, cx: float, cy: float) -> torch.Tensor:

@@ -32,8 +32,15 @@ def _shape(t) -> str:
 
 
 def check_model_input(model_input: Dict[str, torch.Tensor], num_instances: Optional[int] = None,
-                      latent_dim: Optional[int] = None) -> int:
-    """Validate the reference's input dict; returns the batch size B. Errors name the key and the expectation."""
+                      latent_dim: Optional[int] = None, values: bool = True) -> int:
+    """Validate the reference's input dict; returns the batch size B. Errors name the key and the expectation.
+
+    Accepts what the reference's ``SceneClassDataset`` + ``collate_fn`` produce: ``instance_idx`` ``[B]`` as a
+    float tensor holding whole numbers (or any integer dtype), ``uv`` ``[B, N, 2]`` int64 or float, ``pose``
+    ``[B, 4, 4]``, ``intrinsics`` ``[B, 4, 4]`` or ``[B, 3, 3]``; other keys (``rgb``, ``param``,
+    ``observation_idx``, ...) are ignored. With ``values`` the values of ``instance_idx`` are checked too, by
+    :func:`check_instance_values` (the one place that reads tensor values; ``SRNModel`` calls it separately).
+    """
     if not isinstance(model_input, dict):
         raise ModelInputError(f"model_input must be a dict with keys instance_idx, pose, intrinsics, uv; "
                               f"got {type(model_input).__name__}")
@@ -54,6 +61,8 @@ def check_model_input(model_input: Dict[str, torch.Tensor], num_instances: Optio
                               f"got {_shape(K)}")
     if uv.dim() != 3 or uv.shape[0] != B or uv.shape[2] != 2:
         raise ModelInputError(f"model_input['uv'] must have shape [B, N, 2] with B={B}, got {_shape(uv)}")
+    if uv.is_complex() or uv.dtype == torch.bool:
+        raise ModelInputError(f"model_input['uv'] must be an integer or floating-point tensor, got {uv.dtype}")
     for k, t in (("pose", pose), ("intrinsics", K)):
         if not t.is_floating_point():
             raise ModelInputError(f"model_input['{k}'] must be a floating-point tensor, got {t.dtype}")
@@ -64,17 +73,32 @@ def check_model_input(model_input: Dict[str, torch.Tensor], num_instances: Optio
                                   f"got {_shape(z)}")
     else:
         idx = model_input["instance_idx"]
-        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise ModelInputError(f"model_input['instance_idx'] must be an integer tensor, got {idx.dtype}")
+        if idx.is_complex() or idx.dtype == torch.bool:
+            raise ModelInputError(f"model_input['instance_idx'] must be an integer tensor or a float tensor of "
+                                  f"whole numbers, got {idx.dtype}")
         if idx.numel() != B or idx.dim() > 2:
             raise ModelInputError(f"model_input['instance_idx'] must have shape [B] with B={B}, got {_shape(idx)}")
-        # reading values syncs and breaks a torch.compile graph: checked in eager mode only
-        if num_instances is not None and idx.numel() and not torch.compiler.is_compiling() and \
-                (int(idx.min()) < 0 or int(idx.max()) >= num_instances):
-            raise ModelInputError(f"model_input['instance_idx'] must lie in [0, {num_instances - 1}] "
-                                  f"(the model has {num_instances} latent codes), got values in "
-                                  f"[{int(idx.min())}, {int(idx.max())}]")
+        if values:
+            check_instance_values(idx, num_instances)
     return B
+
+
+def check_instance_values(idx: torch.Tensor, num_instances: Optional[int]) -> None:
+    """The value checks of ``instance_idx`` (whole numbers, within the model's latent codes): the only place of
+    the forward path that reads tensor values (one host sync), so it can be skipped where syncs are unwanted."""
+    if not idx.numel():
+        return
+    if idx.is_floating_point():
+        bad = ~torch.isfinite(idx) | (idx != torch.round(idx))
+        if bool(bad.any()):
+            v = idx.reshape(-1)[bad.reshape(-1)][0].item()
+            raise ModelInputError(f"model_input['instance_idx'] must hold whole numbers (a float tensor as the "
+                                  f"reference's loader makes is fine), got {v}")
+    if num_instances is not None:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_instances:
+            raise ModelInputError(f"model_input['instance_idx'] must lie in [0, {num_instances - 1}] (the model has "
+                                  f"{num_instances} latent codes), got values in [{lo}, {hi}]")
 
 
 class SRNModel(nn.Module):
@@ -159,7 +183,10 @@ class SRNModel(nn.Module):
         """Render rays; returns a dict with ``rgb [B, N, 3]``, ``depth [B, N, 1]``, ``features [B, N, F]``
         (phi at the surface point, what the pixel generator reads), ``points [B, N, 3]``, ``z``, and with
         ``return_steps`` the per-step depths ``step_depths [T + 1, B, N, 1]``."""
-        B = check_model_input(model_input, None if self.fit_single_srn else self.num_instances, self.latent_dim)
+        B = check_model_input(model_input, latent_dim=self.latent_dim, values=False)
+        if not self.fit_single_srn and "z" not in model_input and not torch.compiler.is_compiling():
+            # reads values (a host sync, and a graph break under torch.compile): checked in eager mode only
+            check_instance_values(model_input["instance_idx"], self.num_instances)
         device = self.pixel_generator.net[0].net[0].weight.device
         dtype = self.pixel_generator.net[0].net[0].weight.dtype
         pose = model_input["pose"].to(device=device, dtype=dtype)

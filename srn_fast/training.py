@@ -5,6 +5,8 @@ As the reference ``train.py``: Adam (lr 5e-5), loss ``200 * MSE + 1e-3 * depth r
 (:meth:`SRNModel.losses`), a schedule of (sidelength, batch size, steps) stages, one random view of one object per
 batch row. Additions: random ray subsets per view, bf16 matmuls, validation PSNR/SSIM on held-out views, a JSON-lines
 metrics log, atomic checkpoints with exact resume, and multi-process data parallelism (DDP, launched by torchrun).
+The loop itself (setup, restore, the step/log/validate/save loop, run-folder locking, health checks) lives in
+:mod:`srn_fast.train_loop`; :func:`train` is its entry point.
 
 Determinism (what makes resume and DDP exact): the order of training views is a stream of seeded permutations
 of the dataset, one per epoch, cut into global batches; the random ray subset and the initial marching depths of a
@@ -21,7 +23,6 @@ import json
 import os
 import random
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -32,7 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from .evaluation import collate, evaluate, write_grid
+from .evaluation import collate
 from .model import SRNModel
 
 
@@ -70,6 +71,9 @@ class TrainConfig:
     init_checkpoint: Optional[str] = None
     device: str = "auto"
     chunk_rays: int = 8192
+    collapse_warmup: int = 500
+    collapse_patience: int = 200
+    stop_on_collapse: bool = False
 
     def __post_init__(self):
         n = len(self.sidelengths)
@@ -82,9 +86,10 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be positive integers, got {vals}")
         if self.rays_per_view is not None and self.rays_per_view < 1:
             raise ValueError(f"--rays-per-view must be >= 1, got {self.rays_per_view}")
-        for name in ("checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, lo in (("checkpoint_every", 1), ("log_every", 1), ("collapse_patience", 1), ("val_every", 0),
+                         ("collapse_warmup", 0), ("keep_checkpoints", 0), ("val_views", 1), ("chunk_rays", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
 
@@ -277,7 +282,7 @@ class MetricsLog:
         self.fh = open(path, "a")
 
     def write(self, rec: Dict) -> None:
-        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.write(ckpt_io.strict_json(rec) + "\n")  # strict JSON: NaN/inf become null
         self.fh.flush()
 
     def close(self):
@@ -315,198 +320,24 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None, progress: bool = True,
-          log=print, extra_loss: Optional[ExtraLoss] = None) -> Dict:
+          log=print, extra_loss: Optional[ExtraLoss] = None, overwrite: bool = False) -> Dict:
     """Run (or with ``resume`` continue) the training described by ``cfg`` into ``cfg.out``.
 
+    Everything that can fail on bad options or data is checked before the run folder is touched. The folder is
+    locked while training (a second trainer gets an error). A folder that already holds a run needs ``resume``
+    or ``overwrite``; with ``overwrite`` the old run is replaced only once the new one has its first checkpoint.
+    On ``resume``, ``cfg`` may differ from the run's own configuration only in options that change neither the
+    model nor the data (more steps, logging intervals, ...: see :func:`srn_fast.train_loop.resume_changes`).
+
     ``stop_at``: stop with a checkpoint after this global step (to split a run across jobs). Returns a summary
-    ``{"step", "checkpoint", "val": {...} or None, "interrupted"}``. Launch under torchrun for DDP.
+    ``{"step", "checkpoint", "val": {...} or None, "interrupted", "collapse": event or None, ...}``. Raises
+    :class:`srn_fast.health.NonFiniteLossError` when the loss becomes NaN/inf (nothing is saved after the last
+    good checkpoint). Launch under torchrun for DDP. The pieces: :mod:`srn_fast.train_loop`.
     """
-    rank, world, local_rank = _dist_info()
-    device = _device(cfg, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    main = rank == 0
-    out = cfg.out
-    ckpt_dir = os.path.join(out, "checkpoints")
-    train_root, val_root = split_roots(cfg.data)
-    val_root = cfg.val_data or val_root
-    for B in cfg.batch_sizes:
-        if B % world:
-            raise ValueError(f"batch size {B} must be divisible by the number of processes ({world})")
+    from .train_loop import train as run_training
 
-    from .data import SRNDataset  # imported here: the data module is only needed for training
-
-    ds = SRNDataset(train_root, sidelength=cfg.sidelengths[0], max_num_instances=cfg.max_num_instances,
-                    max_observations=cfg.max_observations, specific_observation_idcs=cfg.specific_observation_idcs,
-                    **dict(dict(with_depth=False, with_semantic=False), **(extra_loss.dataset_kwargs if extra_loss
-                                                                          else {})))
-    val_ds = val_idx = val_map = None
-    if val_root and cfg.val_every > 0 and main:
-        val_ds = SRNDataset(val_root, sidelength=cfg.sidelengths[0], with_depth=False, with_semantic=False)
-        known = {n: i for i, n in enumerate(ds.instance_names)}
-        # held-out views of the objects being trained (others, e.g. beyond --max-num-instances, are skipped)
-        cand = [k for k, (i, _) in enumerate(val_ds.index) if val_ds.instance_names[i] in known]
-        if cand:
-            pick = np.linspace(0, len(cand) - 1, num=min(len(cand), cfg.val_views)).round().astype(int)
-            val_idx = [cand[int(k)] for k in pick]
-            val_map = torch.tensor([known.get(n, 0) for n in val_ds.instance_names], dtype=torch.long)
-        else:
-            log(f"validation off: no instance of {val_root} is among the training instances")
-            val_ds = None
-
-    torch.manual_seed(cfg.seed)
-    model = SRNModel(num_instances=ds.num_instances, latent_dim=cfg.latent_dim, tracing_steps=cfg.tracing_steps,
-                     fit_single_srn=cfg.fit_single_srn, backend=cfg.backend, phi_hidden=cfg.phi_hidden,
-                     phi_layers=cfg.phi_layers, rendering_layers=cfg.rendering_layers, lstm_hidden=cfg.lstm_hidden,
-                     march_mode=cfg.march_mode).to(device)
-    if cfg.bf16:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; train in fp32")
-        if model.backend_name == "fused":
-            model.matmul_dtype = torch.bfloat16  # bf16 matmuls inside the fused kernels, fp32 accumulation
-        elif device.type == "cpu" and not hasattr(torch, "autocast"):
-            raise ValueError("--bf16 needs torch.autocast or the fused backend")
-    params = list(model.parameters())
-    if extra_loss is not None:
-        extra_loss.module.to(device)
-        params += list(extra_loss.module.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    step = pos = 0
-    extra_static = {"config": cfg.to_json(), "instance_names": ds.instance_names,
-                    "camera": _camera_facts(ds)}
-    if resume:
-        ck = ckpt_io.load(ckpt_io.latest(out))
-        ckpt_io.load_model_state(model, ck)
-        if extra_loss is not None:
-            if "extra_module" not in ck["srn_fast"]:
-                raise ckpt_io.CheckpointError(f"{ck['path']}: has no '{extra_loss.name}' module state to resume")
-            extra_loss.module.load_state_dict(ck["srn_fast"]["extra_module"])
-        optimizer.load_state_dict(ck["optimizer"])
-        meta = ck["srn_fast"]
-        step, pos = int(meta["step"]), int(meta["stream_pos"])
-        set_rng_state(meta["rng"])
-        resumed_from = ck["path"]
-        if main:
-            log(f"resuming {out} at step {step} from {ck['path']}")
-    elif cfg.init_checkpoint:
-        ck = ckpt_io.load(cfg.init_checkpoint)
-        ckpt_io.load_model_state(model, ck)
-        if ck.get("optimizer"):
-            try:
-                optimizer.load_state_dict(ck["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise ckpt_io.CheckpointError(f"{ck['path']}: optimizer state does not fit the model ({e})") from None
-        if main:
-            log(f"initialised from {ck['path']}")
-
-    net = _Renderer(model, extra_loss.module if extra_loss is not None else None)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = None
-    if main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        if not resume:
-            ckpt_io.atomic_write(os.path.join(out, "config.json"),
-                                 lambda fh: fh.write(json.dumps(cfg.to_json(), indent=1).encode()))
-        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after=step if resume else None)
-
-    stream = BatchStream(len(ds), cfg.seed)
-    last_ckpt, last_val, interrupted = (resumed_from if resume else None), None, False
-
-    def save(step_now):
-        nonlocal last_ckpt
-        if not main:
-            return
-        extra = dict(extra_static, step=step_now, stream_pos=pos, rng=rng_state(), world_size=world)
-        if extra_loss is not None:
-            extra.update(extra_module=extra_loss.module.state_dict(), extra_name=extra_loss.name)
-        path = os.path.join(ckpt_dir, f"step_{step_now:08d}.pth")
-        ckpt_io.save(path, model, optimizer, extra)
-        last_ckpt = path
-        if cfg.keep_checkpoints > 0:
-            for _, old in ckpt_io.list_checkpoints(out)[:-cfg.keep_checkpoints]:
-                os.unlink(old)
-
-    def validate(step_now):
-        nonlocal last_val
-        res = evaluate(model, val_ds, val_idx, instance_map=val_map, batch_size=4, chunk_rays=cfg.chunk_rays,
-                       keep_images=4)
-        write_grid(os.path.join(out, "val_latest.png"), res["images"])
-        last_val = {"psnr": res["psnr"], "ssim": res["ssim"], "num_images": res["num_images"]}
-        metrics.write({"kind": "val", "step": step_now, "sidelength": ds.sidelength, "psnr": res["psnr"],
-                       "ssim": res["ssim"], "num_images": res["num_images"]})
-        return res
-
-    total = cfg.total_steps
-    end = total if stop_at is None else min(total, stop_at)
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and main),
-               dynamic_ncols=True)
-    stage = -1
-    t0 = time.time()
-    model.train()
-    with _StopFlag() as stop:
-        while step < end:
-            if cfg.stage(step) != stage:
-                stage = cfg.stage(step)
-                S, B = cfg.sidelengths[stage], cfg.batch_sizes[stage]
-                ds.set_sidelength(S)
-                if val_ds is not None:
-                    val_ds.set_sidelength(S)
-                b = B // world
-            gidx = stream.take(pos, B)
-            mine = gidx[rank * b:(rank + 1) * b]
-            inp, gt, d0 = prepare_batch([ds[i] for i in mine], mine, cfg.seed, step, cfg.rays_per_view, device,
-                                        extra_keys=extra_loss.keys if extra_loss is not None else ())
-            with _autocast(cfg, model, device):
-                outs = net(inp, d0)
-            rgb, depth, z = outs[:3]
-            losses = model.losses((rgb.float(), depth.float()), gt, z=None if z is None else z.float())
-            if extra_loss is not None:
-                xl = extra_loss.loss(outs[3].float(), gt)
-                losses["total"] = losses["total"] + xl["total"]
-                extra_logs = {f"{extra_loss.name}_{k}": v for k, v in xl.items()}
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            step += 1
-            pos += B
-            stop_now = stop.flag or step == end
-            log_now = step % cfg.log_every == 0 or step == end or stop.flag
-            if world > 1:  # one small all-reduce: mean losses for the log and the stop flag
-                t = torch.stack([losses[k].detach().float() for k in ("total", "img", "depth_reg", "latent")]
-                                + [torch.tensor(float(stop.flag), device=device)])
-                dist.all_reduce(t)
-                vals = (t[:4] / world).tolist()
-                stop_now = stop_now or t[4].item() > 0
-            elif log_now:
-                vals = [losses[k].item() for k in ("total", "img", "depth_reg", "latent")]
-            if main and (log_now or stop_now):
-                rec = {"kind": "train", "step": step, "stage": stage, "sidelength": S, "loss": vals[0],
-                       "img_loss": vals[1], "depth_reg": vals[2], "latent_loss": vals[3],
-                       "train_psnr": float(10 * np.log10(4.0 / max(vals[1], 1e-12))), "time": time.time() - t0}
-                if extra_loss is not None:  # rank 0's values (not averaged over processes)
-                    rec.update({k: float(v.detach()) for k, v in extra_logs.items()})
-                metrics.write(rec)
-                bar.set_postfix(loss=f"{vals[0]:.4f}", img=f"{vals[1]:.4f}", psnr=f"{rec['train_psnr']:.1f}",
-                                refresh=False)
-            bar.update(1)
-            if main and val_ds is not None and (step % cfg.val_every == 0 or step == total):
-                validate(step)
-                bar.set_postfix(loss=f"{vals[0]:.4f}", val_psnr=f"{last_val['psnr']:.2f}", refresh=False)
-            if step % cfg.checkpoint_every == 0 or step == end or stop_now:
-                save(step)
-            if stop_now:
-                interrupted = step < end or stop.flag
-                break
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    if world > 1:
-        dist.barrier()
-    if interrupted and main:
-        log(f"stopped at step {step}; continue with: python -m srn_fast train --resume {out}")
-    return {"step": step, "checkpoint": last_ckpt, "val": last_val, "interrupted": interrupted,
-            "model": model, "dataset": ds, "seconds": time.time() - t0}
+    return run_training(cfg, resume=resume, stop_at=stop_at, progress=progress, log=log, extra_loss=extra_loss,
+                        overwrite=overwrite)
 
 
 def _camera_facts(ds) -> Dict:

@@ -81,7 +81,11 @@ def test_compare_bad_input(setup, tmp_path, capsys):
         (base[:5] + ["--data", str(tmp_path / "nowhere")] + base[7:], "--data"),
         (base + ["--input-view", "9"], "input view 9 out of range"),
         (base + ["--fit-steps", "0"], "--fit-steps"),
+        (base[:1] + ["--srn-checkpoint", str(root / "srn_nan.pth")] + base[3:], "holds non-finite weights"),
     ]
+    ck = torch.load(root / "srn.pth", weights_only=False)
+    ck["model"]["ray_marcher.out_layer.bias"][0] = float("inf")
+    torch.save(ck, root / "srn_nan.pth")
     for argv, msg in cases:
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -278,3 +278,50 @@ def test_generated_top_folder_hint(tmp_path):
     make_instance(str(tmp_path / "train" / "x"))
     os.makedirs(tmp_path / "test")
     _expect(tmp_path, r"generated dataset's top folder")
+
+
+# ------------------------------------------------------------------------------------------ data that makes no sense
+
+def test_pose_that_is_not_rigid_names_the_file(tmp_path):
+    make_instance(str(tmp_path / "x"))
+    p = POSE.copy()
+    p[:3, :3] *= 1.5  # a scale
+    (tmp_path / "x" / "pose" / "000001.txt").write_text(" ".join(repr(float(v)) for v in p.ravel()))
+    _expect(tmp_path, r"000001.txt: pose is not a rigid transform \(a scale", exc=GeometryError)
+
+
+def test_zero_focal_length_names_the_file(tmp_path):
+    make_instance(str(tmp_path / "x"))
+    (tmp_path / "x" / "intrinsics.txt").write_text(f"0. 4. 3. 0.\n0. 0. 0.\n1.\n{H} {W}\n")
+    _expect(tmp_path, r"x[/\\]intrinsics.txt: line 1.*focal length must be positive", exc=GeometryError)
+
+
+def _warnings_of(fn):
+    import warnings
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in got if issubclass(w.category, UserWarning) and "not square" not in str(w.message)]
+
+
+def test_intrinsics_image_size_that_disagrees_with_the_images_warns_once(tmp_path):
+    for name in ("a", "b"):
+        make_instance(str(tmp_path / name))
+        (tmp_path / name / "intrinsics.txt").write_text(f"10. 4. 3. 0.\n0. 0. 0.\n1.\n{2 * H} {2 * W}\n")
+    ds = SRNDataset(tmp_path, sidelength=4)
+    got = _warnings_of(lambda: [ds[i] for i in range(len(ds))])
+    assert len(got) == 1, got
+    assert f"a{os.sep}intrinsics.txt: says the images are {2 * W} x {2 * H}" in got[0] and f"is {W} x {H}" in got[0]
+    make_instance(str(tmp_path / "good" / "c"))  # intrinsics.txt says H x W: no warning
+    good = SRNDataset(tmp_path / "good", sidelength=4)
+    assert _warnings_of(lambda: [good[i] for i in range(len(good))]) == []
+
+
+def test_sidelength_above_the_images_size_warns_once(tmp_path):
+    make_instance(str(tmp_path / "x"), n_views=3)
+    make_instance(str(tmp_path / "y"), n_views=2)
+    ds = SRNDataset(tmp_path, sidelength=8)  # images are 8 x 6: the square crop is 6 x 6
+    got = _warnings_of(lambda: [ds[i] for i in range(len(ds))])
+    assert len(got) == 1 and "smaller than the sidelength 8" in got[0] and "000000.png" in got[0], got
+    ds.set_sidelength(6)
+    assert _warnings_of(lambda: [ds[i] for i in range(len(ds))]) == []

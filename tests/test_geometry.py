@@ -89,7 +89,7 @@ def test_intrinsics_malformed(tmp_path, text, match):
 
 
 def test_pose_forms(tmp_path):
-    M = np.arange(16, dtype=np.float64).reshape(4, 4) / 7.0
+    M = g.look_at(np.array([1.1, -0.7, 0.9]))  # a rigid cam2world with full-precision numbers
     one = _write(tmp_path, "a.txt", " ".join(f"{v:.17g}" for v in M.ravel()) + "\n")
     four = _write(tmp_path, "b.txt", "\n".join(" ".join(f"{v:.17g}" for v in row) for row in M) + "\n")
     assert np.array_equal(g.load_pose(one), M)
@@ -103,6 +103,36 @@ def test_pose_malformed(tmp_path, text, match):
     with pytest.raises(g.GeometryError, match=match) as e:
         g.load_pose(path)
     assert "p.txt" in str(e.value)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda M: M.__setitem__((slice(0, 3), slice(0, 3)), 2 * M[:3, :3]), r"a scale: its columns have lengths 2, 2, 2"),
+    (lambda M: M.__setitem__((slice(0, 3), 0), M[:3, 0] * 1.05), r"a scale"),
+    (lambda M: M.__setitem__((slice(0, 3), 1), (M[:3, 1] + 0.3 * M[:3, 0]) / np.sqrt(1.09)),
+     r"a shear: its columns are not orthogonal"),  # unit columns, 73 degrees apart
+    (lambda M: M.__setitem__((slice(0, 3), 0), -M[:3, 0]), r"a mirror: .*determinant -1"),
+    (lambda M: M.__setitem__(3, np.array([0.0, 0.0, 0.1, 1.0])), r"last row 0 0 0.1 1"),
+    (lambda M: M.__setitem__(3, np.zeros(4)), r"last row 0 0 0 0"),
+])
+def test_pose_that_is_not_rigid_is_refused(tmp_path, change, match):
+    M = g.look_at(np.array([1.1, -0.7, 0.9]))
+    change(M)
+    path = _write(tmp_path, "p.txt", " ".join(f"{v:.17g}" for v in M.ravel()))
+    with pytest.raises(g.GeometryError, match=r"p\.txt: pose is not a rigid transform \(" + match):
+        g.load_pose(path)
+
+
+def test_pose_rounding_is_accepted(tmp_path):
+    """Pose files written with few digits are still rotations to rounding: accepted."""
+    M = g.look_at(np.array([1.1, -0.7, 0.9]))
+    path = _write(tmp_path, "p.txt", " ".join(f"{v:.4f}" for v in M.ravel()))
+    assert np.allclose(g.load_pose(path), M, atol=1e-4)
+
+
+def test_zero_focal_length_is_refused(tmp_path):
+    path = _write(tmp_path, "intrinsics.txt", "0. 32. 32. 0.\n0. 0. 0.\n1.\n64 64\n")
+    with pytest.raises(g.GeometryError, match=r"intrinsics.txt: line 1.*focal length must be positive, got 0"):
+        g.parse_intrinsics(path, 32)
 
 
 def test_look_at_is_opencv():

@@ -150,7 +150,11 @@ def test_z_input_overrides_embedding():
     (lambda d: d.update(uv=torch.zeros(3, 36, 2)), r"uv'\] must have shape \[B, N, 2\] with B=2"),
     (lambda d: d.update(pose=torch.zeros(2, 3, 4)), r"pose'\] must have shape \[B, 4, 4\].*got \[2, 3, 4\]"),
     (lambda d: d.update(intrinsics=torch.zeros(2, 2, 2)), r"intrinsics'\] must have shape \[B, 3, 3\] or \[B, 4, 4\]"),
-    (lambda d: d.update(instance_idx=torch.tensor([0.0, 1.0])), r"instance_idx'\] must be an integer tensor"),
+    (lambda d: d.update(instance_idx=torch.tensor([0.0, 1.5])), r"instance_idx'\] must hold whole numbers.*got 1.5"),
+    (lambda d: d.update(instance_idx=torch.tensor([0.0, float("nan")])), r"instance_idx'\] must hold whole numbers"),
+    (lambda d: d.update(instance_idx=torch.tensor([0.0, 3.0])), r"instance_idx'\] must lie in \[0, 2\]"),
+    (lambda d: d.update(instance_idx=torch.tensor([-1.0, 0.0])), r"instance_idx'\] must lie in \[0, 2\].*\[-1, 0\]"),
+    (lambda d: d.update(instance_idx=torch.tensor([True, False])), r"instance_idx'\] must be an integer tensor"),
     (lambda d: d.update(instance_idx=torch.tensor([0, 7])), r"instance_idx'\] must lie in \[0, 2\]"),
     (lambda d: d.update(instance_idx=torch.tensor([0, 1, 2])), r"instance_idx'\] must have shape \[B\]"),
     (lambda d: d.update(pose=torch.zeros(2, 4, 4, dtype=torch.int64)), r"pose'\] must be a floating-point"),
@@ -176,3 +180,80 @@ def test_any_ray_count():
     inp["uv"] = inp["uv"][:, :7]  # not a perfect square
     rgb, depth = m(inp)
     assert rgb.shape == (2, 7, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference's own batches. Its data loader (dataio.SceneInstanceDataset / SceneClassDataset.collate_fn),
+# as documented in ../shared/srn_reference.md and the issue, yields per view a dict with
+#   instance_idx  a 0-d *float32* tensor (built from a one-element float tensor, squeezed),
+#   rgb           float32 [N, 3] in [-1, 1],
+#   pose          float32 [4, 4] cam2world,
+#   uv            *int64* [N, 2], (column, row), row-major over an S x S grid,
+#   param         float32 [1] (a zero when the instance has no params/ folder),
+#   intrinsics    float32 [4, 4] (the full 4x4 matrix its parse_intrinsics builds),
+# and its collate_fn stacks every key over the batch (samples_per_instance views of each object in a row), so
+# SRNModel gets instance_idx [B] float, uv [B, N, 2] int64, param [B, 1], ... and calls .long() on the indices
+# itself. The helper below writes those conventions out (it is not the reference's code).
+def reference_loader_batch(instances, S=5, samples_per_instance=2, intrinsics_3x3=False):
+    eyes = [(1.2, -1.0, 0.6), (-0.8, 1.1, 0.9), (0.2, 1.5, -0.4), (1.0, 1.0, 1.0)]
+    rows, cols = np.mgrid[0:S, 0:S]
+    uv = torch.from_numpy(np.stack([cols.reshape(-1), rows.reshape(-1)], -1)).long()  # [S*S, 2] int64
+    samples = []
+    for k, inst in enumerate(instances):
+        for j in range(samples_per_instance):
+            K = torch.eye(4)
+            K[0, 0] = K[1, 1] = 1.2 * S
+            K[0, 2] = K[1, 2] = S / 2
+            samples.append({
+                "instance_idx": torch.Tensor([inst]).squeeze(),
+                "rgb": torch.rand(S * S, 3) * 2 - 1,
+                "pose": torch.tensor(g.look_at(np.array(eyes[(k + j) % 4])), dtype=torch.float32),
+                "uv": uv.clone(),
+                "param": torch.from_numpy(np.array([0])).float(),
+                "intrinsics": K[:3, :3].clone() if intrinsics_3x3 else K,
+            })
+    return {key: torch.stack([smp[key] for smp in samples]) for key in samples[0]}
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+@pytest.mark.parametrize("intrinsics_3x3", [False, True])
+def test_reference_loader_batch_renders_as_a_long_index_batch(backend, intrinsics_3x3):
+    torch.manual_seed(0)
+    m = small_model(backend=backend)
+    ref = reference_loader_batch([2, 0], intrinsics_3x3=intrinsics_3x3)
+    assert ref["instance_idx"].dtype == torch.float32 and ref["instance_idx"].shape == (4,)
+    assert ref["uv"].dtype == torch.int64 and ref["param"].shape == (4, 1)
+    ours = {"instance_idx": ref["instance_idx"].long(), "pose": ref["pose"], "intrinsics": ref["intrinsics"],
+            "uv": ref["uv"].float()}
+    d0 = m.initial_depth(4, 25, "cpu")
+    a = m.render(ref, initial_depth=d0)
+    b = m.render(ours, initial_depth=d0)
+    assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["depth"], b["depth"])
+    assert torch.equal(a["z"], m.latent_codes.weight[[2, 2, 0, 0]])
+    # the reference's forward signature too: model(model_input) -> (rgb, depth), losses on its ground truth
+    rgb, depth = m(ref)
+    L = m.losses((rgb, depth), {"rgb": ref["rgb"]})
+    assert rgb.shape == (4, 25, 3) and depth.shape == (4, 25, 1) and torch.isfinite(L["total"])
+
+
+def test_reference_loader_batch_bad_index_is_an_error():
+    m = small_model()
+    for bad, match in ((1.5, r"whole numbers.*1.5"), (3.0, r"must lie in \[0, 2\]")):
+        batch = reference_loader_batch([0, bad])
+        with pytest.raises(srn_fast.ModelInputError, match=match):
+            m(batch)
+
+
+def test_srn_dataset_batches_still_work(tiny_data):
+    """srn_fast's own loader (int64 indices, float uv), through torch's DataLoader."""
+    import os
+
+    from srn_fast.data import SRNDataset
+
+    ds = SRNDataset(os.path.join(tiny_data, "train"), sidelength=4)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["instance_idx"].dtype == torch.int64
+    m = srn_fast.SRNModel(ds.num_instances, latent_dim=8, phi_hidden=16, tracing_steps=2, rendering_layers=2,
+                          backend="torch")
+    rgb, depth = m(batch)
+    assert rgb.shape == (3, 16, 3) and depth.shape == (3, 16, 1)

@@ -106,6 +106,30 @@ def test_bad_inputs_are_one_line_errors(run, tiny_data, tmp_path, capsys):
                             "--out", str(tmp_path / "e")], "not among the model's 2 training instances")
 
 
+def test_non_finite_weights_are_refused(run, tiny_data, tmp_path, capsys):
+    ck = torch.load(ckpt_io.latest(run), weights_only=False)
+    ck["model"]["pixel_generator.net.1.net.0.weight"][0, 0] = float("nan")
+    bad = str(tmp_path / "nan.pth")
+    torch.save(ck, bad)
+    for argv in (["eval", "--checkpoint", bad, "--data", tiny_data, "--out", str(tmp_path / "e")],
+                 ["render", "--checkpoint", bad, "--out", str(tmp_path / "r"), "--frames", "1"]):
+        one_line_error(capsys, argv, "nan.pth: holds non-finite weights", "pixel_generator.net.1.net.0.weight")
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "r")
+
+
+def test_json_files_are_strict(run, tmp_path):
+    def no_constants(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    path = str(tmp_path / "r.json")
+    ckpt_io.write_json(path, {"psnr": float("inf"), "per_image": [{"ssim": float("nan")}, {"ssim": 0.5}]})
+    assert json.loads(open(path).read(), parse_constant=no_constants) == {"psnr": None, "per_image": [{"ssim": None},
+                                                                                                     {"ssim": 0.5}]}
+    json.loads(open(os.path.join(run, "config.json")).read(), parse_constant=no_constants)
+    for line in open(os.path.join(run, "metrics.jsonl")):
+        json.loads(line, parse_constant=no_constants)
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     path = str(tmp_path / "c.pth")
     ckpt_io.atomic_write(path, lambda fh: fh.write(b"old"))

@@ -26,6 +26,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from OUT/baseline.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/baseline.pt (kept until the new run's "
+                   "first checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -41,11 +43,14 @@ def run(args) -> int:
         raise UserError(f"--sidelength must be a power of two >= 8, got {S}")
     if args.lr <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the baseline in --out and --overwrite replaces it: pass one of them")
     rep = train(args.data, args.out, sidelength=S, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                 width=args.width, code_dim=args.code_dim, pose_mode=args.pose_mode, depth_weight=args.depth_weight,
                 max_instances=args.max_instances, max_observations=args.max_observations,
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-                device=args.device, resume=args.resume, progress=not args.no_progress)
+                device=args.device, resume=args.resume, progress=not args.no_progress,
+                overwrite=args.overwrite)
     f = rep["final"] or {}
     print(f"trained {rep['step']} steps in {rep['seconds']:.1f} s (this run {rep['seconds_this_run']:.1f} s); final loss {f.get('total', float('nan')):.4f} "
           f"(rgb {f.get('rgb', float('nan')):.4f}, depth {f.get('depth', float('nan')):.4f}); "

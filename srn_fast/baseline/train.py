@@ -1,7 +1,6 @@
 """Training, checkpoints and evaluation of the encoder-decoder baseline (:class:`TatarchenkoNet`)."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -11,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoint import strict_json
 from ..data import SRNDataset
+from ..runfolder import RunLock, clean_run_temporaries
 from .data import PairDataset, eval_pairs, image_sample
 from .model import TatarchenkoNet, baseline_loss, depth_abs_error
 
@@ -40,10 +41,12 @@ def atomic_write_bytes_via(path: str, write) -> None:
 
 
 def write_json(path: str, obj) -> None:
+    """Strict JSON (NaN/inf written as null, e.g. the depth error of a view without foreground), atomically."""
+    text = strict_json(obj, indent=2) + "\n"
+
     def w(tmp):
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
+            fh.write(text)
     atomic_write_bytes_via(path, w)
 
 
@@ -83,78 +86,91 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
           lr: float = 1e-4, width: int = 32, code_dim: int = 1024, pose_mode: str = "both",
           depth_weight: float = 1.0, max_instances: int = -1, max_observations: int = -1,
           checkpoint_every: int = 500, log_every: int = 10, seed: int = 0, device: str = "cpu",
-          resume: bool = False, progress: bool = True) -> Dict:
+          resume: bool = False, progress: bool = True, overwrite: bool = False) -> Dict:
     """Train the baseline on (input view, target view) pairs of the objects under ``data_root``.
 
     Writes ``out_dir/baseline.pt`` (latest, atomically, every ``checkpoint_every`` steps and at the end) and
-    ``out_dir/train_report.json`` (configuration, loss curve, timings). Returns the report.
+    ``out_dir/train_report.json`` (configuration, loss curve, timings). Returns the report. A folder that
+    already holds ``baseline.pt`` needs ``resume`` (continue it) or ``overwrite`` (replace it: the old file stays
+    until the new run's first checkpoint). The folder is locked while training.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     torch.manual_seed(seed)
     ds = SRNDataset(data_root, sidelength=sidelength, max_num_instances=max_instances,
                     max_observations=max_observations, with_semantic=False)
-    use_depth = ds.has_depth and depth_weight != 0
-    if not ds.has_depth and depth_weight != 0:
-        print(f"note: {data_root} has no depth/ folders; training on colour only")
-    pairs = PairDataset(ds, seed=seed)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    start, history, before = 0, [], 0.0
-    if resume and os.path.isfile(ckpt_path):
-        model, ckpt = load_checkpoint(ckpt_path)
-        if model.sidelength != sidelength:
-            raise ValueError(f"{ckpt_path}: trained at sidelength {model.sidelength}, asked for {sidelength}")
-        start, history = ckpt["step"], ckpt["extra"].get("history", [])
-        before = float(ckpt["extra"].get("seconds", 0.0))
-    else:
-        ckpt = None
-        model = TatarchenkoNet(sidelength=sidelength, width=width, code_dim=code_dim, pose_mode=pose_mode)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    if ckpt is not None and ckpt.get("optimizer"):
-        opt.load_state_dict(ckpt["optimizer"])
-    gen = torch.Generator().manual_seed(seed + start)
-    loader = DataLoader(pairs, batch_size=min(batch_size, len(pairs)), shuffle=True, drop_last=True, generator=gen)
-    config = dict(model.config, data_root=os.path.abspath(data_root), steps=steps, batch_size=batch_size, lr=lr,
-                  depth_weight=depth_weight, use_depth=use_depth, max_instances=max_instances,
-                  max_observations=max_observations, seed=seed, num_instances=ds.num_instances, num_views=len(ds))
+    os.makedirs(out_dir, exist_ok=True)
+    lock = RunLock(out_dir, "baseline run folder").acquire()
+    try:
+        clean_run_temporaries(out_dir, log=print)
+        if os.path.isfile(os.path.join(out_dir, CHECKPOINT_NAME)) and not (resume or overwrite):
+            raise ValueError(f"{out_dir}: already holds a trained baseline ({CHECKPOINT_NAME}); continue it with "
+                             f"--resume or replace it with --overwrite")
+        resume = resume and not overwrite
+        use_depth = ds.has_depth and depth_weight != 0
+        if not ds.has_depth and depth_weight != 0:
+            print(f"note: {data_root} has no depth/ folders; training on colour only")
+        pairs = PairDataset(ds, seed=seed)
+        ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
+        start, history, before = 0, [], 0.0
+        if resume and os.path.isfile(ckpt_path):
+            model, ckpt = load_checkpoint(ckpt_path)
+            if model.sidelength != sidelength:
+                raise ValueError(f"{ckpt_path}: trained at sidelength {model.sidelength}, asked for {sidelength}")
+            start, history = ckpt["step"], ckpt["extra"].get("history", [])
+            before = float(ckpt["extra"].get("seconds", 0.0))
+        else:
+            ckpt = None
+            model = TatarchenkoNet(sidelength=sidelength, width=width, code_dim=code_dim, pose_mode=pose_mode)
+        model.to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        if ckpt is not None and ckpt.get("optimizer"):
+            opt.load_state_dict(ckpt["optimizer"])
+        gen = torch.Generator().manual_seed(seed + start)
+        loader = DataLoader(pairs, batch_size=min(batch_size, len(pairs)), shuffle=True, drop_last=True, generator=gen)
+        config = dict(model.config, data_root=os.path.abspath(data_root), steps=steps, batch_size=batch_size, lr=lr,
+                      depth_weight=depth_weight, use_depth=use_depth, max_instances=max_instances,
+                      max_observations=max_observations, seed=seed, num_instances=ds.num_instances, num_views=len(ds))
 
-    def report(step, elapsed):
-        return {"config": config, "step": step, "seconds": before + elapsed, "seconds_this_run": elapsed,
-                "history": history, "final": history[-1] if history else None}
+        def report(step, elapsed):
+            return {"config": config, "step": step, "seconds": before + elapsed, "seconds_this_run": elapsed,
+                    "history": history, "final": history[-1] if history else None}
 
-    t0 = time.time()
-    step = start
-    bar = tqdm(total=steps, initial=start, desc="baseline-train", disable=not progress, dynamic_ncols=True)
-    run = {"total": 0.0, "rgb": 0.0, "depth": 0.0, "n": 0}
-    while step < steps:
-        for batch in loader:
-            b = _batch_to(batch, device)
-            pred = model(b["input_rgb"], b["input_pose"], b["target_pose"])
-            losses = baseline_loss(pred, b["target_rgb"], b.get("target_depth") if use_depth else None,
-                                   depth_weight)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            step += 1
-            for k in ("total", "rgb", "depth"):
-                run[k] += float(losses[k].detach())
-            run["n"] += 1
-            if step % log_every == 0 or step == steps:
-                entry = {"step": step, **{k: run[k] / run["n"] for k in ("total", "rgb", "depth")}}
-                history.append(entry)
-                run = {"total": 0.0, "rgb": 0.0, "depth": 0.0, "n": 0}
-                bar.set_postfix(loss=f"{entry['total']:.4f}", rgb=f"{entry['rgb']:.4f}", depth=f"{entry['depth']:.4f}")
-            bar.update(1)
-            if step % checkpoint_every == 0 or step == steps:
-                save_checkpoint(ckpt_path, model, opt, step, {"history": history, "config": config,
-                                                             "seconds": before + time.time() - t0})
-            if step >= steps:
-                break
-    bar.close()
-    rep = report(step, time.time() - t0)
-    write_json(os.path.join(out_dir, "train_report.json"), rep)
-    return rep
+        t0 = time.time()
+        step = start
+        bar = tqdm(total=steps, initial=start, desc="baseline-train", disable=not progress, dynamic_ncols=True)
+        run = {"total": 0.0, "rgb": 0.0, "depth": 0.0, "n": 0}
+        while step < steps:
+            for batch in loader:
+                b = _batch_to(batch, device)
+                pred = model(b["input_rgb"], b["input_pose"], b["target_pose"])
+                losses = baseline_loss(pred, b["target_rgb"], b.get("target_depth") if use_depth else None,
+                                       depth_weight)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                opt.step()
+                step += 1
+                for k in ("total", "rgb", "depth"):
+                    run[k] += float(losses[k].detach())
+                run["n"] += 1
+                if step % log_every == 0 or step == steps:
+                    entry = {"step": step, **{k: run[k] / run["n"] for k in ("total", "rgb", "depth")}}
+                    history.append(entry)
+                    run = {"total": 0.0, "rgb": 0.0, "depth": 0.0, "n": 0}
+                    bar.set_postfix(loss=f"{entry['total']:.4f}", rgb=f"{entry['rgb']:.4f}",
+                                    depth=f"{entry['depth']:.4f}")
+                bar.update(1)
+                if step % checkpoint_every == 0 or step == steps:
+                    save_checkpoint(ckpt_path, model, opt, step, {"history": history, "config": config,
+                                                                 "seconds": before + time.time() - t0})
+                if step >= steps:
+                    break
+        bar.close()
+        rep = report(step, time.time() - t0)
+        write_json(os.path.join(out_dir, "train_report.json"), rep)
+        return rep
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------------

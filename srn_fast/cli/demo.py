@@ -7,7 +7,6 @@ reference's defaults (``python -m srn_fast train``).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -52,7 +51,7 @@ def run(args) -> int:
 
     from ..data import SRNDataset, generate
     from ..evaluation import baseline_scores, evaluate, mean_colour, render_poses, write_frames, write_grid
-    from ..checkpoint import atomic_write
+    from ..checkpoint import write_json
     from ..training import TrainConfig, _camera_facts, train
     from ..viz import orbit_poses
     from .. import geometry
@@ -110,7 +109,7 @@ def run(args) -> int:
                "gif": paths["gif"], "frames": paths["frames"], "per_image": ev["per_image"],
                "train_config": cfg.to_json(), "torch_threads": torch.get_num_threads(),
                "backend": model.backend_name}
-    atomic_write(os.path.join(out, MARKER), lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+    write_json(os.path.join(out, MARKER), summary)
     print()
     print(f"held-out PSNR {ev['psnr']:.2f} dB (SSIM {ev['ssim']:.3f}) on {ev['num_images']} views of the "
           f"training objects | mean-colour baseline {base['psnr']:.2f} dB (SSIM {base['ssim']:.3f})")

@@ -2,7 +2,6 @@
 unseen objects (``--few-shot``), with a JSON report and an image grid (prediction | truth | depth | normals)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -98,7 +97,7 @@ def run(args) -> int:
     report.update(psnr=res["psnr"], ssim=res["ssim"], num_images=res["num_images"], seconds=time.time() - t0,
                   per_image=res["per_image"], grid=grid)
     path = os.path.join(args.out, "report.json")
-    ckpt_io.atomic_write(path, lambda fh: fh.write(json.dumps(report, indent=1).encode()))
+    ckpt_io.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
     print(f"{report['protocol']}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} views "
           f"at {S} px; report {path}, grid {grid}")
     return 0

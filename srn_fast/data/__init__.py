@@ -6,7 +6,7 @@ exact depth and part labels (:func:`generate`, CLI ``python -m srn_fast make-dat
 >>> ds = SRNDataset("/tmp/chairs/train", sidelength=64)
 >>> batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)))   # SRNModel's input
 """
-from .dataset import SRNDataset
+from .dataset import DataWarning, SRNDataset
 from .generator import generate, load_meta, load_shape
 from .io import DEPTH_SCALE, DataError
 
@@ -14,5 +14,5 @@ DatasetError = DataError  # alias used by earlier code
 from .sdf import Shape
 from .shapes import KINDS, PART_NAMES
 
-__all__ = ["SRNDataset", "generate", "load_meta", "load_shape", "DataError", "DatasetError", "DEPTH_SCALE", "Shape", "KINDS",
+__all__ = ["SRNDataset", "DataWarning", "generate", "load_meta", "load_shape", "DataError", "DatasetError", "DEPTH_SCALE", "Shape", "KINDS",
            "PART_NAMES"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,6 +42,10 @@ def _files(folder: str, exts: Sequence[str], what: str) -> List[str]:
         raise DataError(f"{os.path.join(folder, bad[0])}: unexpected entry in {what}/ (expected only "
                         f"{'/'.join(exts)} files; {len(bad)} such entr{'y' if len(bad) == 1 else 'ies'})")
     return [os.path.join(folder, n) for n in names]
+
+
+class DataWarning(UserWarning):
+    """Data that is probably not what the user meant (given once per dataset, naming the file)."""
 
 
 class _Instance:
@@ -174,6 +179,8 @@ class SRNDataset(Dataset):
         self._uv: Dict[int, torch.Tensor] = {}
         self._rng = None
         self._rng_owner = None
+        self._size_checked = set()  # (instance, sidelength) pairs whose image size was compared
+        self._warned = set()  # kinds of DataWarning already given by this dataset
         self.sidelength = None
         self.set_sidelength(sidelength)
 
@@ -233,6 +240,9 @@ class SRNDataset(Dataset):
         if hit is not None:
             return hit
         inst = self.instances[i]
+        if (i, S) not in self._size_checked:
+            self._check_size(inst, inst.rgb[v], S)
+            self._size_checked.add((i, S))
         arr = {"rgb": io.load_rgb(inst.rgb[v], S).reshape(-1, 3)}
         if self.has_depth:
             arr["depth"] = self._checked(inst.depth[v], io.load_depth(inst.depth[v], S), S).reshape(-1, 1)
@@ -244,6 +254,27 @@ class SRNDataset(Dataset):
         if self.cache:
             self._cache[key] = arr
         return arr
+
+    def _warn_once(self, kind: str, msg: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(msg, DataWarning, stacklevel=4)
+
+    def _check_size(self, inst: "_Instance", path: str, S: int) -> None:
+        """Warn (once per dataset) when intrinsics.txt's image size is not the images' own (the reference's
+        rescaling of f, cx, cy to the sidelength would then be wrong) or when S upsamples the images."""
+        h, w = io.image_size(path)
+        if (h, w) != (round(inst.info.height), round(inst.info.width)):
+            self._warn_once("intrinsics_size",
+                            f"{inst.intrinsics_path}: says the images are {inst.info.width:g} x {inst.info.height:g} "
+                            f"(line 4, height width) but {path} is {w} x {h}: the focal length and principal point "
+                            f"are rescaled from the file's size, so the cameras are probably wrong (further "
+                            f"instances are not reported)")
+        if S > min(h, w):
+            self._warn_once(f"upsample{S}",
+                            f"{path}: the images ({w} x {h}, centre-cropped to {min(h, w)} x {min(h, w)}) are smaller "
+                            f"than the sidelength {S}: they are upsampled, which adds no detail (use a sidelength "
+                            f"<= {min(h, w)}; further files are not reported)")
 
     @staticmethod
     def _checked(path: str, a: np.ndarray, S: int) -> np.ndarray:

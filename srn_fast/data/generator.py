@@ -24,7 +24,8 @@ surface between 0.9 and 2.1 units from the camera, the range of SRN's ShapeNet r
 
 Everything is deterministic per ``seed``: instance ``i`` of a kind gets its own random stream
 (``SeedSequence([seed, crc32(kind), split, i])``), so it is the same object whatever ``instances`` is. The
-dataset is written into a hidden temporary folder next to ``out`` and renamed to ``out`` only when complete.
+dataset is written into a hidden temporary folder next to ``out`` (``.NAME.tmp-<pid>-<id>``) and renamed to ``out``
+only when complete; the next run removes the temporaries of a killed one (whose pid is gone).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ import os
 import shutil
 import signal
 import threading
+import sys
 import time
-import uuid
 import zlib
 from typing import Dict, Optional
 
@@ -43,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..geometry import look_at
+from ..runfolder import clean_stale_siblings, sibling_temp_name
 from . import io
 from .io import DataError
 from .render import render_views
@@ -184,7 +186,9 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
         raise DataError(f"{out}: output folder exists (pass overwrite=True / --overwrite to replace it)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
+    # hidden temporaries carry our pid: those of killed runs (pid gone) are removed here
+    clean_stale_siblings(out, log=lambda m: print(m, file=sys.stderr))
+    tmp = sibling_temp_name(out, "tmp")
     f = focal * size
     tasks = []
     for split, n, v, tv in (("train", instances, views, test_views), ("unseen", unseen_instances, unseen_views, 0)):
@@ -238,7 +242,7 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
         if os.path.exists(out):  # overwrite: swap in the complete new folder, then drop the old one
-            old = os.path.join(parent, f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
+            old = sibling_temp_name(out, "old")
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -97,6 +97,18 @@ def _warn_nonsquare(path: str, shape) -> None:
                       f"principal point for the crop", stacklevel=3)
 
 
+def image_size(path: str):
+    """``(height, width)`` of an image file from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: rgb file not found") from None
+    except Exception as e:
+        raise DataError(f"{path}: cannot read rgb image ({type(e).__name__}: {e})") from None
+    return h, w
+
+
 def read_rgb_raw(path: str) -> np.ndarray:
     """``[H, W, 3]`` float32 in [0, 1]: the first three channels (8-bit / 255, 16-bit grey / 65535)."""
     img = _open(path, "rgb")

@@ -3,7 +3,6 @@ against the number of labelled views K, draw part maps beside RGB, an orbit GIF 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 
@@ -161,7 +160,7 @@ def run(args) -> int:
                          "instance": ds.instance_names[0]}
     report["seconds"] = time.time() - t0
     path = os.path.join(args.out, "report.json")
-    ckpt_io.atomic_write(path, lambda fh: fh.write(json.dumps(report, indent=1).encode()))
+    ckpt_io.write_json(path, report)
     print(f"report {path}; plot {report.get('plot')}; views {report['views_png']}; "
           f"features {report['embedding']['path']}" + (f"; gif {report['gif']['path']}" if "gif" in report else ""))
     return 0

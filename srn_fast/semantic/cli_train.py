@@ -80,9 +80,9 @@ def class_names_for(data: str, labels_max: int = None):
 
 
 def _json_write(path, obj):
-    from ..checkpoint import atomic_write
+    from ..checkpoint import write_json
 
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+    write_json(path, obj)
 
 
 def _run_joint(args, device) -> int:
@@ -115,7 +115,12 @@ def _run_joint(args, device) -> int:
     names = class_names_for(args.data)
     hidden = args.hidden if args.head == "mlp" else []
     t0 = time.time()
-    res = train_joint(cfg, len(names), hidden=hidden, weight=args.semantic_weight, progress=not args.no_progress)
+    from ..health import NonFiniteLossError
+
+    try:
+        res = train_joint(cfg, len(names), hidden=hidden, weight=args.semantic_weight, progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        raise UserError(str(e)) from None
     if res["interrupted"]:
         print(f"joint training interrupted at step {res['step']}; checkpoint {res['checkpoint']}")
         return 130
