@@ -86,7 +86,7 @@ def test_overwrite_replaces_the_old_run_only_at_the_new_runs_first_checkpoint(ru
 
 
 def test_baseline_train_refuses_to_replace_a_trained_baseline(tmp_path, capsys):
-    from ._spheres import write_sphere_root
+    from _spheres import write_sphere_root
 
     data = write_sphere_root(str(tmp_path / "train"), n_objects=2, n_views=3, size=8, seed=0)
     out = str(tmp_path / "b")
