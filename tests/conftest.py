@@ -47,10 +47,13 @@ sys.path.insert(0, HERE)  # the tests' helper modules (op_utils, _spheres): this
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def pytest_report_header(config):
+def pytest_sessionstart(session):
+    """First line of every run (also with -q): which srn_fast is tested and whether its extension loaded."""
     from srn_fast import _ext
 
-    return [_ext.describe()]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_ext.describe())
 
 
 @pytest.fixture
