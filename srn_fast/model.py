@@ -6,16 +6,21 @@ backend (:mod:`srn_fast.backends`): ``"torch"`` (pure PyTorch, the oracle) or ``
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import logging
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import get_backend
+from .ops.precision import choose_march_mode, resolve_matmul_dtype, store_budget, store_bytes
 from .layers import FCBlock, HyperFC, Raymarcher
 from .ops.march import initial_depth as draw_initial_depth
 from .ops.march import lift_and_march
+
+logger = logging.getLogger("srn_fast")
+MARCH_MODE_CHOICES = ("auto", "recompute", "store")
 
 # Loss weights of the reference train.py.
 IMG_LOSS_WEIGHT = 200.0
@@ -114,19 +119,24 @@ class SRNModel(nn.Module):
         phi_layers: layers of phi, input and output included (4).
         rendering_layers: FCLayers of the pixel generator before its final Linear(hidden, 3) (5).
         lstm_hidden: hidden size of the ray-marching LSTM (16).
-        march_mode: what the fused backend keeps for backward. ``"recompute"`` (default, memory-lean): the march
-            stores per step only x, h, c and the LSTM gates, and phi at the surface and the pixel generator keep
-            nothing; backward recomputes the activations. ``"store"``: all of them keep their activations
-            (faster backward, several hundred MB more at 2 x 4096 rays).
-        matmul_dtype: e.g. ``torch.bfloat16`` for reduced-precision matmuls in the fused kernels.
+        march_mode: what the fused backend keeps for backward. ``"recompute"`` (memory-lean): the march stores per
+            step only x, h, c and the LSTM gates, and phi at the surface and the pixel generator keep nothing;
+            backward recomputes the activations. ``"store"``: all of them keep their activations (~25% faster
+            training step, several hundred MB more at 2 x 4096 rays). ``"auto"`` (default): store when what it keeps
+            fits ``store_budget``, else recompute; the choice is logged once (logger ``srn_fast``).
+        matmul_dtype: ``torch.bfloat16`` for bf16 matmuls in the fused kernels (float32 accumulation; LayerNorm,
+            LSTM and step update in float32), None / ``torch.float32`` for float32, ``"auto"``: bf16 only where this
+            machine runs bf16 matmuls faster (measured once; :mod:`srn_fast.ops.precision`).
+        store_budget: for ``march_mode="auto"``: bytes, or a fraction (<= 1) of the memory available on the device
+            at the first render (default ``srn_fast.ops.precision.STORE_BUDGET_FRACTION``, 0.25).
 
     The defaults are the reference's; smaller widths are for demos and tests (then keys match, shapes do not).
     """
 
     def __init__(self, num_instances: int, latent_dim: int = 256, tracing_steps: int = 10,
                  fit_single_srn: bool = False, backend: str = "auto", phi_hidden: int = 256, phi_layers: int = 4,
-                 rendering_layers: int = 5, lstm_hidden: int = 16, march_mode: str = "recompute",
-                 matmul_dtype: Optional[torch.dtype] = None):
+                 rendering_layers: int = 5, lstm_hidden: int = 16, march_mode: str = "auto",
+                 matmul_dtype: Union[None, str, torch.dtype] = None, store_budget: Union[None, int, float] = None):
         super().__init__()
         if num_instances < 1 and not fit_single_srn:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
@@ -137,8 +147,15 @@ class SRNModel(nn.Module):
         self.tracing_steps = tracing_steps
         self.fit_single_srn = fit_single_srn
         self.phi_hidden = phi_hidden
+        if march_mode not in MARCH_MODE_CHOICES:
+            raise ValueError(f"march_mode must be one of {MARCH_MODE_CHOICES}, got {march_mode!r}")
+        resolve_matmul_dtype(matmul_dtype if matmul_dtype != "auto" else None, "cpu")  # validates the value
         self.march_mode = march_mode
         self.matmul_dtype = matmul_dtype
+        self.store_budget = store_budget
+        self._auto: Dict[tuple, object] = {}  # eager-time "auto" decisions per device type (see _auto_value)
+        self._phi_widths = [phi_hidden] * phi_layers
+        self._pix_widths = [phi_hidden] * rendering_layers + [3]
         self.set_backend(backend)
 
         if fit_single_srn:
@@ -158,6 +175,36 @@ class SRNModel(nn.Module):
     def set_backend(self, backend: str) -> None:
         self.backend = get_backend(backend)
         self.backend_name = self.backend.name
+
+    def _auto_value(self, key: tuple, compute):
+        """An "auto" decision's input, computed once in eager mode (it reads files or measures) and cached, so that
+        a compiled render only reads the cache (None when compiling before any eager call)."""
+        if key not in self._auto and not torch.compiler.is_compiling():
+            self._auto[key] = compute()
+        return self._auto.get(key)
+
+    def resolved_matmul_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        """The matmul dtype the kernels get on ``device`` (``"auto"`` resolved; the torch backend: None)."""
+        if self.matmul_dtype != "auto":
+            return resolve_matmul_dtype(self.matmul_dtype, device)
+        if self.backend_name != "fused":
+            return None
+        return self._auto_value(("matmul_dtype", device.type), lambda: resolve_matmul_dtype("auto", device))
+
+    def resolved_march_mode(self, B: int, N: int, device: torch.device, dtype: torch.dtype) -> str:
+        """The march mode for a render of B x N rays (``"auto"`` resolved against the memory budget)."""
+        if self.march_mode != "auto":
+            return self.march_mode
+        budget = self._auto_value(("store_budget", device.type), lambda: store_budget(device, self.store_budget))
+        need = store_bytes(B, N, self.tracing_steps, self._phi_widths, self._pix_widths,
+                           torch.finfo(dtype).bits // 8)
+        mode = choose_march_mode(need, budget)
+        if not torch.compiler.is_compiling() and ("logged", mode) not in self._auto:
+            self._auto[("logged", mode)] = True
+            logger.info(f"srn_fast: march_mode='auto' -> '{mode}' for {B} x {N} rays on {device.type}: store mode "
+                        f"keeps {need / 2 ** 20:.0f} MB, budget "
+                        + (f"{budget / 2 ** 20:.0f} MB" if budget is not None else "unknown"))
+        return mode
 
     def get_z(self, model_input: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         if self.fit_single_srn:
@@ -203,10 +250,12 @@ class SRNModel(nn.Module):
             raise ModelInputError(f"initial_depth must have shape [B, N, 1] = [{B}, {N}, 1], "
                                   f"got {_shape(initial_depth)}")
         lstm = self.ray_marcher.params()
+        mode = self.resolved_march_mode(B, N, device, dtype)
+        mm = self.resolved_matmul_dtype(device)
 
         def march(x0, dirs, rs):
             return self.backend.march(x0, dirs, phi, lstm, self.tracing_steps, grad_clamp=10.0, return_steps=rs,
-                                      mode=self.march_mode, matmul_dtype=self.matmul_dtype)
+                                      mode=mode, matmul_dtype=mm)
 
         marched = lift_and_march(march, uv, pose, K, initial_depth.to(device=device, dtype=dtype), return_steps)
         points, depth = marched.points, marched.depth
@@ -215,10 +264,9 @@ class SRNModel(nn.Module):
             result["step_depths"] = marched.step_depths
         # march_mode "recompute" is the memory-lean mode throughout: phi at the surface and the pixel generator
         # recompute their activations in backward too; "store" keeps them (faster, more memory).
-        keep = self.march_mode == "store"
-        features = self.backend.mlp(points, phi, matmul_dtype=self.matmul_dtype, save_activations=keep)
-        rgb = self.backend.mlp(features, self.pixel_generator.layers(), matmul_dtype=self.matmul_dtype,
-                               save_activations=keep)
+        keep = mode == "store"
+        features = self.backend.mlp(points, phi, matmul_dtype=mm, save_activations=keep)
+        rgb = self.backend.mlp(features, self.pixel_generator.layers(), matmul_dtype=mm, save_activations=keep)
         result.update(rgb=rgb, depth=depth, features=features, points=points, z=z)
         return result
 

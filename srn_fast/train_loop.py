@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -31,6 +32,7 @@ from . import checkpoint as ckpt_io
 from .evaluation import evaluate, write_grid
 from .health import CollapseMonitor, NonFiniteLossError, batch_stats, collapse_message
 from .model import SRNModel
+from .ops.precision import bf16_pays, describe_rates
 from .runfolder import RunFolder
 from .training import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _camera_facts, _device,
                        _dist_info, _Renderer, _StopFlag, prepare_batch, rng_state, set_rng_state, split_roots)
@@ -118,13 +120,17 @@ def setup(cfg: TrainConfig, extra_loss: Optional[ExtraLoss] = None, log=print) -
                      fit_single_srn=cfg.fit_single_srn, backend=cfg.backend, phi_hidden=cfg.phi_hidden,
                      phi_layers=cfg.phi_layers, rendering_layers=cfg.rendering_layers, lstm_hidden=cfg.lstm_hidden,
                      march_mode=cfg.march_mode).to(device)
-    if cfg.bf16:
+    if cfg.bf16 is True:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"--bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; train in fp32")
         if model.backend_name == "fused":
             model.matmul_dtype = torch.bfloat16  # bf16 matmuls inside the fused kernels, fp32 accumulation
-        elif device.type == "cpu" and not hasattr(torch, "autocast"):
-            raise ValueError("--bf16 needs torch.autocast or the fused backend")
+        if device.type == "cpu" and not bf16_pays(device):
+            warnings.warn(f"--bf16: this CPU runs bf16 matmuls no faster than float32 (no bf16 matmul instructions; "
+                          f"tile GEMM rates: {describe_rates()}), so training will be slower and less precise; "
+                          "--bf16 auto uses bf16 only where it is faster", RuntimeWarning, stacklevel=2)
+    elif cfg.bf16 == "auto" and model.backend_name == "fused":
+        model.matmul_dtype = "auto"  # resolved (and logged) by the model: bf16 where it measures faster
     params = list(model.parameters())
     if extra_loss is not None:
         extra_loss.module.to(device)

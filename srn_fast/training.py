@@ -24,7 +24,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Union, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from .evaluation import collate
 from .model import SRNModel
+from .ops.precision import bf16_pays
 
 
 @dataclass
@@ -66,8 +67,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     backend: str = "auto"
-    bf16: bool = False
-    march_mode: str = "recompute"
+    bf16: Union[bool, str] = False  # True, False or "auto" (bf16 where it is faster here)
+    march_mode: str = "auto"
     init_checkpoint: Optional[str] = None
     device: str = "auto"
     chunk_rays: int = 8192
@@ -92,6 +93,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ValueError(f"--bf16 takes no value or 'auto', got {self.bf16!r}")
+        if self.march_mode not in ("auto", "recompute", "store"):
+            raise ValueError(f"--march-mode must be auto, recompute or store, got {self.march_mode!r}")
 
     @property
     def total_steps(self) -> int:
@@ -230,8 +235,9 @@ class ExtraLoss:
 
 
 def _autocast(cfg: TrainConfig, model: SRNModel, device: torch.device):
-    """bf16: matmul_dtype on the fused backend, torch.autocast on the torch backend."""
-    if not cfg.bf16 or model.backend_name == "fused":
+    """bf16: matmul_dtype on the fused backend, torch.autocast on the torch backend ("auto": where bf16 pays)."""
+    want = cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_pays(device))
+    if not want or model.backend_name == "fused":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

@@ -2,7 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -105,18 +109,125 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, in
   gemm_aten<double, double>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+namespace {
+
+enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2 };
+
+std::atomic<int>& bf16_flag() {
+  static std::atomic<int> flag([] {
+    const char* env = std::getenv("SRN_FAST_BF16_GEMM");
+    if (env && std::strcmp(env, "mkl") == 0) return int(kRouteMkl);
+    if (env && std::strcmp(env, "onednn") == 0) return int(kRouteOneDnn);
+    return int(kRouteAuto);
+  }());
+  return flag;
+}
+
+bool mkl_bf16_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+void gemm_bf16_mkl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                   const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(M), int(N), int(K), 1.f,
+                         reinterpret_cast<const uint16_t*>(A), int(lda), reinterpret_cast<const uint16_t*>(B), int(ldb),
+                         beta, C, int(ldc));
+}
+
+// GFLOP/s of fn(thread) on a [M, K] x [K, N] product, run as the tile loops run their GEMMs: every thread of an
+// at::parallel_for calling it on its own buffers (so each library call is single-threaded inside the parallel
+// region, and the threads share the memory system); median of 5 timings.
+template <typename F>
+double rate(F fn, int64_t M, int64_t N, int64_t K, int64_t threads) {
+  constexpr int kReps = 4;
+  auto run = [&] {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int j = 0; j < kReps; ++j) fn(t);
+    });
+  };
+  run();  // warm-up (oneDNN creates and caches its primitive here)
+  std::vector<double> ts;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return 2.0 * M * N * K * kReps * threads / ts[ts.size() / 2] / 1e9;
+}
+
+const std::vector<std::pair<std::string, double>>& measured_rates() {
+  static const std::vector<std::pair<std::string, double>> rates = [] {
+    constexpr int64_t M = 128, N = 256, K = 256;  // one tile through one 256-wide layer: C = A B^T
+    const int64_t T = std::max(1, at::get_num_threads());
+    std::vector<float> a(T * M * K), b(N * K), c(T * M * N);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = float((i * 7919) % 1000) / 1000.f - 0.5f;
+    for (size_t i = 0; i < b.size(); ++i) b[i] = float((i * 104729) % 1000) / 1000.f - 0.5f;
+    std::vector<c10::BFloat16> ah(a.begin(), a.end()), bh(b.begin(), b.end());
+    std::vector<std::pair<std::string, double>> out;
+    out.emplace_back("float32", rate([&](int64_t t) {
+      gemm(false, true, M, N, K, a.data() + t * M * K, K, b.data(), K, 0.f, c.data() + t * M * N, N);
+    }, M, N, K, T));
+    if (mkl_bf16_available()) {
+      out.emplace_back("mkl", rate([&](int64_t t) {
+        gemm_bf16_mkl(false, true, M, N, K, ah.data() + t * M * K, K, bh.data(), K, 0.f, c.data() + t * M * N, N);
+      }, M, N, K, T));
+    }
+    out.emplace_back("onednn", rate([&](int64_t t) {
+      gemm_aten<c10::BFloat16, float>(false, true, M, N, K, ah.data() + t * M * K, K, bh.data(), K, 0.f,
+                                      c.data() + t * M * N, N);
+    }, M, N, K, T));
+    return out;
+  }();
+  return rates;
+}
+
+int chosen_route() {
+  const int f = bf16_flag().load(std::memory_order_relaxed);
+  if (f != kRouteAuto) return f;
+  static const int best = [] {
+    double best_rate = -1;
+    int route = kRouteOneDnn;
+    for (const auto& [name, r] : measured_rates()) {
+      if (name == "float32") continue;
+      if (r > best_rate) best_rate = r, route = name == "mkl" ? kRouteMkl : kRouteOneDnn;
+    }
+    return route;
+  }();
+  return best;
+}
+
+}  // namespace
+
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
           const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (trivial(M, N, K, beta, C, ldc)) return;
-  if (use_blas() && cblas_gemm_bf16bf16f32 != nullptr) {
-    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-    cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(M), int(N), int(K), 1.f,
-                           reinterpret_cast<const uint16_t*>(A), int(lda), reinterpret_cast<const uint16_t*>(B),
-                           int(ldb), beta, C, int(ldc));
+  if (use_blas() && chosen_route() == kRouteMkl && mkl_bf16_available()) {  // SRN_FAST_GEMM=aten: ATen only
+    gemm_bf16_mkl(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   gemm_aten<c10::BFloat16, float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
+
+const char* bf16_route() {
+  return use_blas() && chosen_route() == kRouteMkl && mkl_bf16_available() ? "mkl" : "onednn";
+}
+
+void set_bf16_route(const std::string& name) {
+  if (name == "auto") {
+    bf16_flag() = kRouteAuto;
+  } else if (name == "mkl") {
+    TORCH_CHECK(mkl_bf16_available(), "srn_fast: bf16 route 'mkl' is unavailable: this torch build exports no "
+                "cblas_gemm_bf16bf16f32");
+    bf16_flag() = kRouteMkl;
+  } else if (name == "onednn") {
+    bf16_flag() = kRouteOneDnn;
+  } else {
+    TORCH_CHECK(false, "srn_fast: bf16 route must be 'auto', 'mkl' or 'onednn', got '", name, "'");
+  }
+}
+
+std::vector<std::pair<std::string, double>> tile_gemm_rates() { return measured_rates(); }
 
 const char* gemm_backend() { return use_blas() ? "blas" : "aten"; }
 

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace srn {
 namespace cpu {
@@ -31,6 +33,17 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16
 const char* gemm_backend();
 // Selects "blas" (error if unavailable), "aten", or "auto" (blas when available).
 void set_gemm_backend(const std::string& name);
+
+// The bf16 GEMM route (bf16 inputs, float32 accumulation and output), chosen separately because the fastest one
+// depends on the CPU and its vendor: "mkl" (cblas_gemm_bf16bf16f32: AMX / AVX512-BF16 on Intel, emulated
+// elsewhere) or "onednn" (ATen's bf16 matmul, i.e. oneDNN's, with a bf16 result widened to float32; the route of
+// torch.bmm in bf16). "auto" (the default, or SRN_FAST_BF16_GEMM=mkl|onednn) measures each available route once,
+// as the tile loops call it (every thread on its own tile), and keeps the fastest.
+const char* bf16_route();
+void set_bf16_route(const std::string& name);
+// GFLOP/s (all threads) of each route and of the float32 GEMM at a tile's shape ([128, 256] x [256, 256]),
+// measured once per process (cached): {"float32", "mkl", "onednn"} (a route this torch build lacks is absent).
+std::vector<std::pair<std::string, double>> tile_gemm_rates();
 
 }  // namespace cpu
 }  // namespace srn

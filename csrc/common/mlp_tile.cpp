@@ -51,17 +51,28 @@ at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std
                                                   g.gamma.empty() ? at::Tensor() : g.gamma[li],
                                                   g.beta.empty() ? at::Tensor() : g.beta[li])
                                : v;
+    // bf16 layers (W_mm in bf16): both gradient GEMMs in bf16 with float32 accumulation (cuBLAS on CUDA)
+    const at::Tensor& Wm = w.W_mm[li];
+    const bool lowp = Wm.scalar_type() != v_z.scalar_type();
+    const at::Tensor vzm = lowp ? v_z.to(Wm.scalar_type()) : v_z, am = lowp ? a.to(Wm.scalar_type()) : a;
     const int64_t Co = v_z.size(2), Ci = a.size(2);
     if (w.per_scene(li)) {
-      if (g.W[li].defined()) g.W[li].baddbmm_(v_z.transpose(1, 2), a);
+      if (g.W[li].defined()) {
+        if (lowp) g.W[li].add_(at::bmm(vzm.transpose(1, 2), am));
+        else g.W[li].baddbmm_(v_z.transpose(1, 2), a);
+      }
       if (g.b[li].defined()) g.b[li].add_(v_z.sum(1));
     } else {
-      const auto v2 = v_z.reshape({S * R, Co});
-      if (g.W[li].defined()) g.W[li].addmm_(v2.t(), a.reshape({S * R, Ci}));
-      if (g.b[li].defined()) g.b[li].add_(v2.sum(0));
+      const auto v2 = vzm.reshape({S * R, Co});
+      if (g.W[li].defined()) {
+        if (lowp) g.W[li].add_(at::mm(v2.t(), am.reshape({S * R, Ci})));
+        else g.W[li].addmm_(v2.t(), a.reshape({S * R, Ci}));
+      }
+      if (g.b[li].defined()) g.b[li].add_(v_z.reshape({S * R, Co}).sum(0));
     }
     if (li > 0 || need_vx) {
-      v = w.per_scene(li) ? at::bmm(v_z, w.W[li]) : at::mm(v_z.reshape({S * R, Co}), w.W[li]).view({S, R, Ci});
+      v = w.per_scene(li) ? at::bmm(vzm, Wm) : at::mm(vzm.reshape({S * R, Co}), Wm).view({S, R, Ci});
+      if (lowp) v = v.to(v_z.scalar_type());
     }
   }
   return need_vx ? v : at::Tensor();
@@ -108,7 +119,8 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
     }
     const at::Tensor Wc = Wl.contiguous();
     w.W.push_back(Wc);
-    w.W_mm.push_back(mm_dtype == 1 ? Wc.to(at::kBFloat16) : Wc);
+    // bf16 copies only for layers at least tile::kMinBf16Width wide on both sides (see mlp_tile.h), on every path
+    w.W_mm.push_back(mm_dtype == 1 && std::min(Co, Ci) >= tile::kMinBf16Width ? Wc.to(at::kBFloat16) : Wc);
     w.b.push_back(b[l].contiguous());
     w.gamma.push_back(g);
     w.beta.push_back(be);

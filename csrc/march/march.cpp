@@ -202,11 +202,11 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor&
 template <typename T>
 void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0, const at::Tensor& dirs,
                   const at::Tensor& v_xT, int64_t steps, double clamp_v, const Saved& sv, Accumulators& acc,
-                  at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows) {
+                  at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows, bool bf16) {
   const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
   const int L = static_cast<int>(phi.size());
   const tile::Grid grid = tile::make_grid(B, N, tile_rows);
-  const auto layers = tile::all_scene_layers<T>(phi, B, false);
+  const auto layers = tile::all_scene_layers<T>(phi, B, bf16);  // bf16: both gradient GEMMs of phi in bf16
   const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
   const march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
   const T* dp = dirs.data_ptr<T>();
@@ -301,6 +301,7 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
     c10::DeviceGuard guard(x0.device());
     xT.copy_(march_tile_forward(phi, lw, x0, dirs, T, mode, sv));
   } else {
+    if (mm_dtype == 1) cpu::bf16_route();  // the bf16 GEMM route is measured once, outside the parallel loop
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_forward", [&] {
       forward_cpu<scalar_t>(phi, lw, x0, dirs, T, sv, xT, tile_rows, mm_dtype == 1);
     });
@@ -398,7 +399,7 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
     vdirs = at::empty_like(x0);
     Accumulators acc{gW, gb, gg, gbe, g_wih, g_whh, g_bias, g_wout, g_bout};
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_backward", [&] {
-      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, vx0, vdirs, tile_rows);
+      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, vx0, vdirs, tile_rows, mm_dtype == 1);
     });
   }
   if (!is_placeholder(v_x0)) {

@@ -141,6 +141,7 @@ void mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W, const s
     for (size_t l = 0; l < zs.size(); ++l) acts[l].copy_(zs[l]);
     return;
   }
+  if (mm_dtype == 1) cpu::bf16_route();  // picks the bf16 GEMM route (a one-time measurement) outside the parallel loop
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
     forward_cpu<scalar_t>(w, x, out, save ? acts : std::vector<at::Tensor>{}, rstd, tile_rows, mm_dtype == 1);
   });
@@ -233,6 +234,12 @@ void register_mlp(pybind11::module& m) {
         "The CPU matmul backend of the tile loops: 'blas' (torch's MKL) or 'aten'");
   m.def("set_cpu_gemm_backend", [](const std::string& name) { cpu::set_gemm_backend(name); },
         "Select the CPU matmul backend: 'auto', 'blas' or 'aten' (for tests and benchmarks)");
+  m.def("cpu_bf16_route", [] { return std::string(cpu::bf16_route()); },
+        "The CPU bf16 GEMM route of the tile loops: 'mkl' or 'onednn' (chosen by measurement unless set)");
+  m.def("set_cpu_bf16_route", [](const std::string& name) { cpu::set_bf16_route(name); },
+        "Select the CPU bf16 GEMM route: 'auto' (fastest measured), 'mkl' or 'onednn'");
+  m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
+        "Single-thread GFLOP/s at a tile's shape of the float32 GEMM and of each bf16 route (measured once)");
 }
 
 }  // namespace srn

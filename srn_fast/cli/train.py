@@ -1,6 +1,7 @@
 """``python -m srn_fast train``: the reference SRN training (see :mod:`srn_fast.training`)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -9,6 +10,12 @@ from . import UserError
 from .common import add_backend, check_writable_dir, int_list
 
 HELP = "train an SRN (auto-decoder over the training objects) with checkpoints, validation and exact resume"
+
+
+def _bf16_value(text: str):
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"takes no value or 'auto', got {text!r}")
+    return "auto"
 
 
 def add_arguments(p):
@@ -40,11 +47,13 @@ def add_arguments(p):
     for name in ("latent_dim", "tracing_steps", "phi_hidden", "phi_layers", "rendering_layers", "lstm_hidden"):
         m.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {dflt(name)}")
     m.add_argument("--fit-single-srn", action="store_true", default=None, help="one SRN for one scene, no hypernetwork")
-    m.add_argument("--march-mode", choices=["recompute", "store"],
-                   help="fused backend: 'recompute' (default) keeps only ~100 numbers per ray and step and "
-                        "recomputes activations in backward (least memory); 'store' keeps them (faster, more memory)")
-    m.add_argument("--bf16", action="store_true", default=None,
-                   help="bf16 matmuls (fused backend) / autocast (torch backend)")
+    m.add_argument("--march-mode", choices=["auto", "recompute", "store"],
+                   help="fused backend: 'recompute' keeps only ~100 numbers per ray and step and recomputes "
+                        "activations in backward (least memory); 'store' keeps them (~25%% faster, more memory); "
+                        "'auto' (default) stores when that fits a quarter of the free memory")
+    m.add_argument("--bf16", nargs="?", const=True, default=None, type=_bf16_value, metavar="auto",
+                   help="bf16 matmuls (fused backend; float32 accumulation) / autocast (torch backend); "
+                        "'--bf16 auto': only where this machine runs bf16 matmuls faster (measured)")
     d = p.add_argument_group("data selection")
     d.add_argument("--max-num-instances", type=int, help="default -1 (all)")
     d.add_argument("--max-observations", type=int, help="evenly spaced views per object (default -1: all)")
