@@ -1,0 +1,152 @@
+"""Reduced precision and the choices made for the user.
+
+Precision budget (as flash-attention's tests): the fused ops' bf16 outputs and gradients, against a float64
+oracle, may be off by at most K_BUDGET times what PyTorch's own bf16 (torch.autocast) is off by against the same
+oracle. The fused path keeps LayerNorm, the LSTM and the step update in float32 and accumulates in float32, so it
+is expected well inside the budget; K_BUDGET = 2 leaves room for the different rounding order. Errors are RMS errors
+relative to the reference's RMS, for the output, the inputs' gradients, and the gradients of each parameter group
+(phi's tensors together, the LSTM's together): a single bias of a few numbers is a sum over every ray and step with
+heavy cancellation, whose relative error is noise (it varied 1x-9x between seeds for either implementation).
+"""
+import logging
+
+import pytest
+import torch
+
+import srn_fast
+from srn_fast import ops, torch_impl
+from srn_fast.ops import precision
+
+from op_utils import layer_tensors, make_layers, make_lstm, require_extension
+
+require_extension()
+
+K_BUDGET = 2.0
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS error relative to the reference's RMS."""
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def _f32(ts):
+    return [t.detach().float().requires_grad_() for t in ts]
+
+
+def _with(layers, tensors):
+    it = iter(tensors)
+    return [srn_fast.Layer(*(next(it) if isinstance(t, torch.Tensor) else t for t in layer)) for layer in layers]
+
+
+def _errors(fn_fused, fn_oracle, inputs64, v64, groups):
+    """(fused bf16 errors, autocast bf16 errors) vs float64 of the output and of the gradients of each group of
+    inputs (``groups``: lists of input indices)."""
+    ref = fn_oracle(inputs64)
+    g_ref = torch.autograd.grad(ref, inputs64, v64)
+    inputs = _f32(inputs64)
+    out = fn_fused(inputs)
+    g = torch.autograd.grad(out, inputs, v64.float())
+    inputs_ac = _f32(inputs64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac = fn_oracle(inputs_ac)
+    g_ac = torch.autograd.grad(out_ac.float(), inputs_ac, v64.float())
+    def cat(gs, idx):
+        return torch.cat([gs[i].detach().reshape(-1).double() for i in idx])
+
+    fused = [rel_err(out, ref)] + [rel_err(cat(g, ix), cat(g_ref, ix)) for ix in groups]
+    auto = [rel_err(out_ac, ref)] + [rel_err(cat(g_ac, ix), cat(g_ref, ix)) for ix in groups]
+    return fused, auto
+
+
+def _assert_budget(fused, auto, names):
+    for name, f, a in zip(names, fused, auto):
+        assert f <= K_BUDGET * a, f"{name}: fused bf16 error {f:.2e} > {K_BUDGET} x autocast bf16 error {a:.2e}"
+
+
+@pytest.mark.filterwarnings("ignore:.*bf16 matmul instructions")
+@pytest.mark.parametrize("tile_rows", [128, 0], ids=["tiles", "batched"])
+def test_mlp_bf16_within_budget_of_autocast(tile_rows):
+    gen = torch.Generator().manual_seed(0)
+    layers = make_layers(2, [3, 64, 64, 64], per_scene=True, affine=True, dtype=torch.float64, gen=gen)
+    x = torch.randn(2, 300, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    inputs = [x] + layer_tensors(layers)
+    v = torch.randn(2, 300, 64, dtype=torch.float64, generator=gen)
+    fused, auto = _errors(
+        lambda t: ops.mlp(t[0], _with(layers, t[1:]), matmul_dtype=torch.bfloat16, tile_rows=tile_rows),
+        lambda t: torch_impl.mlp(t[0], _with(layers, t[1:])), inputs, v, [[0], list(range(1, len(inputs)))])
+    _assert_budget(fused, auto, ["out", "grad x", "grad layers"])
+
+
+@pytest.mark.filterwarnings("ignore:.*bf16 matmul instructions")
+@pytest.mark.parametrize("mode", ["recompute", "store"])
+def test_march_bf16_within_budget_of_autocast(mode):
+    gen = torch.Generator().manual_seed(1)
+    phi = make_layers(2, [3, 64, 64], per_scene=True, dtype=torch.float64, gen=gen)
+    lstm = make_lstm(64, 16, dtype=torch.float64, gen=gen)
+    x0 = (torch.randn(2, 150, 3, dtype=torch.float64, generator=gen) * 0.3).requires_grad_()
+    dirs = torch.nn.functional.normalize(torch.randn(2, 150, 3, dtype=torch.float64, generator=gen), dim=-1)
+    dirs.requires_grad_()
+    n_phi = len(layer_tensors(phi))
+    inputs = [x0, dirs] + layer_tensors(phi) + list(lstm)
+
+    def split(t):
+        return t[0], t[1], _with(phi, t[2:2 + n_phi]), srn_fast.LSTMParams(*t[2 + n_phi:])
+
+    v = torch.randn(2, 150, 3, dtype=torch.float64, generator=gen)
+    fused, auto = _errors(
+        lambda t: ops.march(*split(t), 4, mode=mode, matmul_dtype=torch.bfloat16),
+        lambda t: torch_impl.march(*split(t), 4), inputs, v,
+        [[0], [1], list(range(2, 2 + n_phi)), list(range(2 + n_phi, len(inputs)))])
+    _assert_budget(fused, auto, ["x_T", "grad x0", "grad dirs", "grad phi", "grad lstm"])
+
+
+def test_matmul_dtype_auto_follows_the_measured_rates(monkeypatch):
+    # the real measurement on this machine: the float32 rate and at least one bf16 route, all positive
+    rates = precision.tile_gemm_rates()
+    assert rates["float32"] > 0 and "onednn" in rates and all(r > 0 for r in rates.values())
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 60.0, "onednn": 150.0})
+    assert precision.resolve_matmul_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 81.0, "onednn": 12.0})
+    assert precision.resolve_matmul_dtype("auto", "cpu") is None  # within the margin: not worth the precision
+    for spec, want in ((None, None), (torch.float32, None), (torch.bfloat16, torch.bfloat16)):
+        assert precision.resolve_matmul_dtype(spec, "cpu") is want
+    with pytest.raises(ValueError, match="matmul_dtype must be None, torch.float32, torch.bfloat16 or 'auto'"):
+        precision.resolve_matmul_dtype(torch.float16, "cpu")
+
+
+def test_model_auto_precision_and_march_mode(monkeypatch, caplog):
+    from test_model import make_input
+
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 200.0})
+    torch.manual_seed(0)
+    inp = make_input()
+    kw = dict(latent_dim=16, phi_hidden=32, tracing_steps=3, backend="fused")
+    with caplog.at_level(logging.INFO, logger="srn_fast"):
+        big = srn_fast.SRNModel(3, matmul_dtype="auto", store_budget=10 ** 9, **kw)
+        assert big.resolved_matmul_dtype(torch.device("cpu")) is torch.bfloat16
+        assert big.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "store"
+        small = srn_fast.SRNModel(3, store_budget=1000, **kw)
+        assert small.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "recompute"
+        for _ in range(3):
+            small.render(inp)
+    logged = [r.getMessage() for r in caplog.records if "march_mode='auto'" in r.getMessage()]
+    assert sum("'recompute'" in m for m in logged) == 1 and sum("'store'" in m for m in logged) == 1, logged
+    # what store mode keeps: 2 x 36 rays x ((3 + 1) phi evaluations x (4 x 32 + 4) + (5 x 32 + 3 + 6)) floats
+    assert precision.store_bytes(2, 36, 3, [32] * 4, [32] * 5 + [3]) == 2 * 36 * (4 * 132 + 169) * 4
+    # the default budget: a quarter of the available memory
+    assert precision.store_budget("cpu") == pytest.approx(0.25 * precision.available_memory("cpu"), rel=0.2)
+    with pytest.raises(ValueError, match="march_mode must be one of"):
+        srn_fast.SRNModel(3, march_mode="fast", **kw)
+
+
+def test_train_bf16_warns_where_bf16_is_slower(monkeypatch, tiny_data, tmp_path):
+    from srn_fast.cli import main
+
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 20.0, "onednn": 5.0})
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--sidelengths", "8",
+            "--batch-sizes", "2", "--steps", "1", "--latent-dim", "8", "--phi-hidden", "16", "--tracing-steps", "2",
+            "--rendering-layers", "1", "--val-every", "0", "--no-progress"]
+    with pytest.warns(RuntimeWarning, match="--bf16: this CPU runs bf16 matmuls no faster than float32"):
+        assert main(args + ["--bf16"]) == 0
+    assert main(args[:4] + [str(tmp_path / "run_auto")] + args[5:] + ["--bf16", "auto"]) == 0
