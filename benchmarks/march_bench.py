@@ -5,19 +5,23 @@
     python benchmarks/march_bench.py --quick --json benchmarks/results/cpu.json
 
 Cases (per view size S, B scenes, N = S*S rays per scene, the reference architecture: width 256, 10 steps):
-  mlp         phi alone (issue 4's case, from benchmarks/mlp_bench.py): B = 2, N = 8192, width 256, forward and
-              forward+backward, fused (kept / recomputed activations, bf16) vs torch, once per run (not per size)
+  mlp         phi alone (from benchmarks/mlp_bench.py): B = 2, N = 8192, width 256, forward and forward+backward,
+              fused (kept / recomputed activations, bf16) vs torch and torch+autocast, once per run (not per size)
   march       the ray march alone (no grad)
   render      march + phi at the surface + pixel generator (no grad)
   train_step  render + the reference losses + backward (gradients for every parameter)
-Backends: fused (recompute mode), fused-store (train step, activations kept), torch (the oracle: the reference's
-code path), torch+compile (torch.compile of the same, where it compiles), fused+compile (torch.compile of the whole
-fused model: the fused ops are dispatcher ops that the compiled graph calls, everything around them is compiled),
-fused-bf16 (bf16 matmuls; render only, with the PSNR of its image against the float32 render).
+Backends: fused (the model's defaults: march_mode "auto"), fused-recompute / fused-store (train step, the march mode
+forced), torch (the oracle: the reference's code path), torch+autocast (the torch backend under
+torch.autocast(bfloat16): what a user who knows autocast would otherwise pick), torch+compile (torch.compile of the
+torch backend, where it compiles), fused+compile (torch.compile of the whole fused model: the fused ops are
+dispatcher ops that the compiled graph calls, everything around them is compiled), fused-bf16 (bf16 matmuls with
+float32 accumulation, forward and backward). bf16 rows also give their share of the bf16 bmm rate (measured in the
+same case) and their error against the float32 torch backend: the PSNR of the rendered image, the relative error of
+the training loss.
 
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
-machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32,
-[B, 8192, 256] x [B, 256, 256]), and peak memory: on CUDA the growth of torch.cuda.max_memory_allocated over
+machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32 and for bf16 rows
+bfloat16, [B, 8192, 256] x [B, 256, 256]), and peak memory: on CUDA the growth of torch.cuda.max_memory_allocated over
 what is allocated before the run; on the CPU the peak resident-set growth (VmHWM after resetting it, minus VmRSS
 before) of a fresh child process running the case once (so every number includes the allocator's slack, and for
 torch+compile the compiler's own memory).
@@ -70,35 +74,41 @@ def make_inputs(B: int, S: int, device):
     return inp, gt
 
 
-def make_model(B: int, backend: str, device, bf16: bool = False, mode: str = "recompute"):
+def make_model(B: int, backend: str, device, bf16: bool = False, mode: str = "auto"):
     torch.manual_seed(0)
     m = srn_fast.SRNModel(B, backend="torch" if backend.startswith("torch") else "fused", march_mode=mode,
                           matmul_dtype=torch.bfloat16 if bf16 else None).to(device)
     return m
 
 
-def case_fn(case: str, model, inp, gt, d0, compiled=None, set_to_none=True):
+def case_fn(case: str, model, inp, gt, d0, compiled=None, set_to_none=True, autocast=False):
+    """The timed function of a case; with autocast, under torch.autocast(bf16) (the torch+autocast backend)."""
+    def ctx():
+        return torch.autocast(d0.device.type, dtype=torch.bfloat16, enabled=autocast)
+
     if case == "march":
         def run():
-            with torch.no_grad():
-                B, N = inp["uv"].shape[:2]
+            with torch.no_grad(), ctx():
                 z = model.get_z(inp)
                 phi = model.phi_layers(z)
                 dirs = geometry.get_ray_directions(inp["uv"], inp["pose"], inp["intrinsics"])
                 x0 = geometry.world_from_xy_depth(inp["uv"], d0, inp["pose"], inp["intrinsics"])
                 march = compiled or model.backend.march
-                return march(x0, dirs, phi, model.ray_marcher.params(), STEPS)
+                mm = model.resolved_matmul_dtype(d0.device)
+                kw = {} if compiled or model.backend_name == "torch" else {"matmul_dtype": mm}
+                return march(x0, dirs, phi, model.ray_marcher.params(), STEPS, **kw)
         return run
     if case == "render":
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), ctx():
                 return (compiled or model.render)(inp, initial_depth=d0)["rgb"]
         return run
 
     def run():
         model.zero_grad(set_to_none=set_to_none)
-        out = (compiled or model.render)(inp, initial_depth=d0)
-        loss = model.losses((out["rgb"], out["depth"]), gt, out["z"])["total"]
+        with ctx():
+            out = (compiled or model.render)(inp, initial_depth=d0)
+            loss = model.losses((out["rgb"].float(), out["depth"].float()), gt, out["z"])["total"]
         loss.backward()
         return loss
     return run
@@ -122,17 +132,21 @@ def timeit(fn, device, repeats: int, warmup: int = 1):
     return statistics.median(ts)
 
 
-def bmm_gflops(device, repeats: int) -> float:
+def bmm_gflops(device, repeats: int, dtype=torch.float32) -> float:
+    """The yardstick: this machine's batched matmul [B, 8192, 256] x [B, 256, 256] in ``dtype``."""
     B, N, C = 2, 8192, WIDTH
-    a = torch.randn(B, N, C, device=device)
-    w = torch.randn(B, C, C, device=device)
+    a = torch.randn(B, N, C, device=device, dtype=dtype)
+    w = torch.randn(B, C, C, device=device, dtype=dtype)
     t = timeit(lambda: torch.bmm(a, w), device, max(repeats, 5))
     return 2 * B * N * C * C / t / 1e9
 
 
+BF16_BACKENDS = ("fused-bf16", "torch+autocast")
+
+
 def build(case, backend, B, S, device, set_to_none=True):
     bf16 = backend == "fused-bf16"
-    mode = "store" if backend == "fused-store" else "recompute"
+    mode = {"fused-store": "store", "fused-recompute": "recompute"}.get(backend, "auto")
     model = make_model(B, backend, device, bf16=bf16, mode=mode)
     inp, gt = make_inputs(B, S, device)
     d0 = model.initial_depth(B, S * S, device, generator=torch.Generator().manual_seed(2))
@@ -143,7 +157,8 @@ def build(case, backend, B, S, device, set_to_none=True):
         else:
             target = model.render
         compiled = torch.compile(target)
-    return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled, set_to_none)
+    return model, inp, gt, d0, case_fn(case, model, inp, gt, d0, compiled, set_to_none,
+                                       autocast=backend == "torch+autocast")
 
 
 def cuda_step_mem_mb(model, S, B, device) -> float:
@@ -222,13 +237,16 @@ def run_case(case, S, args, device):
     """One case at one size for every backend. The backends' runs are interleaved (fused, torch, fused, torch,
     ...) so that a change in machine load during the case hits them alike; medians over the repeats."""
     backends = [b for b in args.backends.split(",")
-                if not (b == "fused-store" and case != "train_step") and not (b == "fused-bf16" and case != "render")]
+                if not (b in ("fused-store", "fused-recompute") and case != "train_step")]
     name = f"{case}_{S}x{S}"
     yard = bmm_gflops(device, args.repeats)
+    yard16 = bmm_gflops(device, args.repeats, torch.bfloat16) if any(b in BF16_BACKENDS for b in backends) else None
     rows, fns, times = {}, {}, {}
     for backend in backends:
         row = rows[backend] = {"name": name, "case": case, "size": S, "batch": args.batch, "backend": backend,
                                "bmm_gflops": yard}
+        if backend in BF16_BACKENDS:
+            row["bmm_bf16_gflops"] = yard16
         try:
             model, inp, gt, d0, fn = build(case, backend, args.batch, S, device)
             for _ in range(2 if backend.endswith("+compile") else 1):  # warm-up (and compilation)
@@ -250,7 +268,8 @@ def run_case(case, S, args, device):
                 times[backend].append(time.perf_counter() - t)
             except Exception as e:
                 rows[backend]["error"] = error_text(e)
-    ref_img = fns["torch"][1]().float() if case == "render" and "torch" in fns else None
+    # float32 references for the error columns: the torch backend's image (render) or loss (train step)
+    ref_out = fns["torch"][1]().detach().float() if case in ("render", "train_step") and "torch" in fns else None
     n_rays = args.batch * S * S
     for backend, row in rows.items():
         ts = times.get(backend)
@@ -262,6 +281,8 @@ def run_case(case, S, args, device):
         gflops = flops_per_ray(case) * n_rays / t / 1e9
         row.update(ms_median=t * 1e3, ms_all=[x * 1e3 for x in ts], rays_per_s=n_rays / t, gflops=gflops,
                    pct_of_bmm=100 * gflops / yard)
+        if backend in BF16_BACKENDS:  # bf16 rows: also the share of the bf16 bmm rate
+            row["pct_of_bmm_bf16"] = 100 * gflops / yard16
         if device.type == "cuda":  # growth over what is allocated before the run, as on the CPU
             model, fn = fns[backend]
             model.zero_grad(set_to_none=True)
@@ -273,8 +294,12 @@ def run_case(case, S, args, device):
             row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             if case == "train_step" and not backend.endswith("+compile"):
                 row["step_mem_mb"] = cuda_step_mem_mb(model, S, args.batch, device)
-        if ref_img is not None and backend != "torch":
-            row["psnr_vs_torch_db"] = psnr01(fns[backend][1]().float(), ref_img)
+        if ref_out is not None and backend != "torch":
+            out = fns[backend][1]().detach().float()
+            if case == "render":
+                row["psnr_vs_torch_db"] = psnr01(out, ref_out)
+            else:
+                row["loss_rel_err_vs_torch"] = float((out - ref_out).abs() / ref_out.abs())
     fns.clear()
     if device.type == "cpu":
         for backend, row in rows.items():
@@ -298,7 +323,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2, help="scenes B")
     p.add_argument("--sizes", default="64,128", help="view sizes S (N = S*S rays per scene)")
     p.add_argument("--cases", default="mlp,march,render,train_step")
-    p.add_argument("--backends", default="fused,fused-store,torch,torch+compile,fused+compile,fused-bf16")
+    p.add_argument("--backends",
+                   default="fused,fused-recompute,fused-store,torch,torch+autocast,torch+compile,fused+compile,"
+                           "fused-bf16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile backends")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
@@ -355,9 +382,14 @@ def print_row(r):
         print(f"{'case':<20}{'backend':<15}{'ms':>10}{'rays/s':>12}{'x torch':>9}{'GFLOP/s':>9}{'% bmm':>7}"
               f"{'peak MB':>9}{'step MB':>9}  notes")
         _HEADER = True
-    notes = r.get("error", "")
+    notes = [r["error"]] if "error" in r else []
     if "psnr_vs_torch_db" in r:
-        notes = f"PSNR vs torch {r['psnr_vs_torch_db']:.1f} dB"
+        notes.append(f"PSNR vs torch fp32 {r['psnr_vs_torch_db']:.1f} dB")
+    if "loss_rel_err_vs_torch" in r:
+        notes.append(f"loss rel. err. vs torch fp32 {r['loss_rel_err_vs_torch']:.1e}")
+    if "pct_of_bmm_bf16" in r:
+        notes.append(f"{r['pct_of_bmm_bf16']:.0f}% of bf16 bmm ({r['bmm_bf16_gflops']:.0f} GFLOP/s)")
+    notes = "; ".join(notes)
     print(f"{r['name']:<20}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
           f"{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gflops']:>9.1f}{r['pct_of_bmm']:>7.0f}"
           f"{r['peak_mem_mb']:>9.0f}{r.get('step_mem_mb', float('nan')):>9.0f}  {notes}", flush=True)
