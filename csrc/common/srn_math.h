@@ -43,8 +43,10 @@ SRN_HD T clamp(T x, T lo, T hi) {
 //   that every lane takes part in. Every channel k is read and written by the lane that owns it, so the only
 //   communication between lanes is sum().
 struct SerialLanes {
-  static SRN_HD int first() { return 0; }
-  static SRN_HD int step() { return 1; }
+  // constexpr, so that the loops are in OpenMP's canonical form with a constant step: their `omp simd` reductions
+  // (SRN_SIMD_SUM) then vectorise (a plain call here measured 2.5-3.6x slower LayerNorm rows)
+  static constexpr int first() { return 0; }
+  static constexpr int step() { return 1; }
   template <typename T>
   static SRN_HD T sum(T v) {
     return v;

@@ -11,13 +11,13 @@ from torch import Tensor
 from .. import _ext
 from ..types import MARCH_MODES, TILE_ROWS, Layer, LSTMParams
 from . import shapes as S
-from ._layers import LayerLists, check_devices, check_layers, layer_lists, mm_code, needs, once_differentiable, optional, or_none
+from ._layers import (LayerLists, check_devices, check_layers, define_op, layer_lists, mm_code, needs,
+                      once_differentiable, optional, or_none, register_autograd)
 
 OP = "srn_fast.ops.march"
 
 
-@torch.library.custom_op("srn_fast::march", mutates_args=())
-def march_op(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List[Tensor],
+def _march_op_impl(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List[Tensor],
              ln_weights: List[Tensor], ln_biases: List[Tensor], norm: List[bool], w_ih: Tensor,
              w_hh: Tensor, bias: Tensor, w_out: Tensor, b_out: Tensor, steps: int, mode: int, grad_clamp: float,
              return_steps: bool, tile_rows: int, mm_dtype: int
@@ -31,7 +31,6 @@ def march_op(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List[Tenso
     return tuple(outs)
 
 
-@march_op.register_fake
 def _march_fake(x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode,
                 grad_clamp, return_steps, tile_rows, mm_dtype):
     check_devices(OP, "x0", x0, LayerLists(weights, biases, ln_weights, ln_biases, norm), dirs=dirs,
@@ -39,6 +38,9 @@ def _march_fake(x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_
                      "lstm.out_bias": b_out})
     sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
     return tuple([S.empty(s, x0) for s in sh[:6]] + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)])
+
+
+march_op = define_op("march", _march_op_impl, _march_fake)
 
 
 def _grad_shapes(x0, weights, biases, ln_weights, ln_biases, lstm, need_x0, need_dirs, nw, nb, ng, nbe, nl):
@@ -53,8 +55,7 @@ def _grad_buffers(x0, shapes):
     return tuple(S.empties(s, x0) if isinstance(s, list) else S.empty(s, x0) for s in shapes)
 
 
-@torch.library.custom_op("srn_fast::march_backward", mutates_args=())
-def march_backward_op(grad_xT: Tensor, x0: Tensor, dirs: Tensor, xs: Tensor, hs: Tensor, cs: Tensor, gates: Tensor,
+def _march_backward_op_impl(grad_xT: Tensor, x0: Tensor, dirs: Tensor, xs: Tensor, hs: Tensor, cs: Tensor, gates: Tensor,
                       acts: List[Tensor], rstd: List[Tensor], weights: List[Tensor], biases: List[Tensor],
                       ln_weights: List[Tensor], ln_biases: List[Tensor], norm: List[bool],
                       w_ih: Tensor, w_hh: Tensor, bias: Tensor, w_out: Tensor, b_out: Tensor, steps: int, mode: int,
@@ -74,13 +75,15 @@ def march_backward_op(grad_xT: Tensor, x0: Tensor, dirs: Tensor, xs: Tensor, hs:
     return g
 
 
-@march_backward_op.register_fake
 def _march_backward_fake(grad_xT, x0, dirs, xs, hs, cs, gates, acts, rstd, weights, biases, ln_weights, ln_biases,
                          norm, w_ih, w_hh, bias, w_out, b_out, steps, mode, grad_clamp, tile_rows, mm_dtype, need_x0,
                          need_dirs, need_weights, need_biases, need_ln_weights, need_ln_biases, need_lstm):
     return _grad_buffers(x0, _grad_shapes(x0, weights, biases, ln_weights, ln_biases, (w_ih, w_hh, bias, w_out, b_out),
                                           need_x0, need_dirs, need_weights, need_biases, need_ln_weights,
                                           need_ln_biases, need_lstm))
+
+
+march_backward_op = define_op("march_backward", _march_backward_op_impl, _march_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,7 +117,7 @@ def _backward(ctx, grad_xT, grad_steps, grad_xs, grad_hs, grad_cs, grad_gates, g
             or_none(gbe, nbe), None, *lstm_grads, None, None, None, None, None, None)
 
 
-march_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(march_op, _backward, _setup_context)
 
 
 def march(x0: torch.Tensor, dirs: torch.Tensor, phi: Sequence[Layer], lstm: LSTMParams, steps: int,

@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import _ext
 from ..types import TILE_ROWS, Layer
 from . import shapes as S
-from ._layers import LayerLists, check_devices, check_layers, layer_lists, mm_code, needs, once_differentiable, optional, or_none
+from ._layers import (LayerLists, check_devices, check_layers, define_op, layer_lists, mm_code, needs,
+                      once_differentiable, optional, or_none, register_autograd)
 
 OP = "srn_fast.ops.mlp"
 #: Keep the normalised activations for backward (True) or recompute them tile by tile in backward (False).
@@ -25,8 +26,7 @@ OP = "srn_fast.ops.mlp"
 SAVE_ACTIVATIONS = True
 
 
-@torch.library.custom_op("srn_fast::mlp", mutates_args=())
-def mlp_op(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weights: List[Tensor],
+def _mlp_op_impl(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weights: List[Tensor],
            ln_biases: List[Tensor], norm: List[bool], save: bool, tile_rows: int,
            mm_dtype: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """out [B, N, C_L]; acts, rstd: what backward needs when ``save`` (shapes: :func:`shapes.mlp_shapes`).
@@ -38,11 +38,13 @@ def mlp_op(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weights: L
     return out, acts, rstd
 
 
-@mlp_op.register_fake
 def _mlp_fake(x, weights, biases, ln_weights, ln_biases, norm, save, tile_rows, mm_dtype):
     check_devices(OP, "x", x, LayerLists(weights, biases, ln_weights, ln_biases, norm))
     sh = S.mlp_shapes(x, weights, norm, save, tile_rows)
     return S.empty(sh.out, x), S.empties(sh.acts, x), S.empties(sh.rstd, x)
+
+
+mlp_op = define_op("mlp", _mlp_op_impl, _mlp_fake)
 
 
 def _grad_shapes(x, weights, biases, ln_weights, ln_biases, need_x, need_w, need_b, need_g, need_be):
@@ -57,8 +59,7 @@ def _grad_buffers(x, shapes):
     return S.empty(gx, x), S.empties(gw, x), S.empties(gb, x), S.empties(gg, x), S.empties(gbe, x)
 
 
-@torch.library.custom_op("srn_fast::mlp_backward", mutates_args=())
-def mlp_backward_op(grad_out: Tensor, x: Tensor, acts: List[Tensor], rstd: List[Tensor], weights: List[Tensor],
+def _mlp_backward_op_impl(grad_out: Tensor, x: Tensor, acts: List[Tensor], rstd: List[Tensor], weights: List[Tensor],
                     biases: List[Tensor], ln_weights: List[Tensor], ln_biases: List[Tensor],
                     norm: List[bool], need_x: bool, need_weights: List[bool], need_biases: List[bool],
                     need_ln_weights: List[bool], need_ln_biases: List[bool], tile_rows: int, mm_dtype: int
@@ -71,11 +72,13 @@ def mlp_backward_op(grad_out: Tensor, x: Tensor, acts: List[Tensor], rstd: List[
     return g
 
 
-@mlp_backward_op.register_fake
 def _mlp_backward_fake(grad_out, x, acts, rstd, weights, biases, ln_weights, ln_biases, norm, need_x, need_weights,
                        need_biases, need_ln_weights, need_ln_biases, tile_rows, mm_dtype):
     return _grad_buffers(x, _grad_shapes(x, weights, biases, ln_weights, ln_biases, need_x, need_weights,
                                          need_biases, need_ln_weights, need_ln_biases))
+
+
+mlp_backward_op = define_op("mlp_backward", _mlp_backward_op_impl, _mlp_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,7 +105,7 @@ def _backward(ctx, grad_out, grad_acts, grad_rstd):
             None, None, None, None)
 
 
-mlp_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(mlp_op, _backward, _setup_context)
 
 
 def mlp(x: torch.Tensor, layers: Sequence[Layer], matmul_dtype: Optional[torch.dtype] = None,

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from .. import _ext, geometry
+from ._layers import define_op
 
 OP = "srn_fast.ops.lift_rays"
 
 
-@torch.library.custom_op("srn_fast::lift_rays", mutates_args=())
-def lift_rays_op(uv: Tensor, K: Tensor, c2w: Tensor, depth0: Tensor) -> Tuple[Tensor, Tensor]:
+def _lift_rays_op_impl(uv: Tensor, K: Tensor, c2w: Tensor, depth0: Tensor) -> Tuple[Tensor, Tensor]:
     """uv [B, N, 2], K [B, 4] (fx, fy, cx, cy), c2w [B, 3, 4], depth0 [B, N] -> (x0 [B, N, 3], dir [B, N, 3])."""
     x0, d = uv.new_empty(_ray_shape(uv)), uv.new_empty(_ray_shape(uv))
     _ext.require(OP).lift_rays(uv, K, c2w, depth0, x0, d)
@@ -28,9 +28,11 @@ def _ray_shape(uv: Tensor):
     return (uv.shape[0], uv.shape[1], 3)
 
 
-@lift_rays_op.register_fake
 def _lift_rays_fake(uv, K, c2w, depth0):
     return uv.new_empty(_ray_shape(uv)), uv.new_empty(_ray_shape(uv))
+
+
+lift_rays_op = define_op("lift_rays", _lift_rays_op_impl, _lift_rays_fake)
 
 
 def lift_rays(uv: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Tensor,
