@@ -16,5 +16,5 @@ from .torch_impl import Layer, LSTMParams
 __version__ = "0.1.0"
 
 __all__ = ["SRNModel", "ModelInputError", "check_model_input", "Layer", "LSTMParams", "geometry", "torch_impl",
-           "get_backend", "fused_available", "extension_available", "extension_with_cuda", "fit_latents", "FitConfig", "FitResult",
-           "__version__"]
+           "get_backend", "fused_available", "extension_available", "extension_with_cuda", "fit_latents", "FitConfig",
+           "FitResult", "__version__"]

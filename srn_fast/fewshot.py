@@ -54,7 +54,7 @@ class FitConfig:
             object's given views.
         candidates: with ``init="best"``: how many training codes to try, evenly spaced (0: all of them).
         init_std: standard deviation of the ``"random"`` init (the reference's 0.01).
-        rays_per_view: random pixels per given view in each step (None: every pixel).
+        rays_per_view: random pixels per given view in each step (0: every pixel).
         latent_weight: weight of the reference's latent loss ``mean(z^2)`` (1 in the reference).
         prior_weight: weight of ``mean(((z - mu) / sigma)^2)``, a diagonal Gaussian fitted to the model's
             training codes (mean ``mu``, per-dimension standard deviation ``sigma``); 0 turns it off.
@@ -69,7 +69,7 @@ class FitConfig:
     init: str = "best"
     candidates: int = 64
     init_std: float = 0.01
-    rays_per_view: Optional[int] = None
+    rays_per_view: int = 0
     latent_weight: float = 1.0
     prior_weight: float = 0.0
     schedule: str = "plateau"
@@ -91,8 +91,8 @@ class FitConfig:
                 raise ValueError(f"fit_latents: {name} must be > 0, got {getattr(self, name)}")
         if not self.factor < 1:
             raise ValueError(f"fit_latents: factor must be < 1, got {self.factor}")
-        if self.rays_per_view is not None and self.rays_per_view < 1:
-            raise ValueError(f"fit_latents: rays_per_view must be >= 1 or None, got {self.rays_per_view}")
+        if self.rays_per_view < 0:
+            raise ValueError(f"fit_latents: rays_per_view must be >= 0 (0: every pixel), got {self.rays_per_view}")
         if self.candidates < 0 or self.patience < 1 or not 0 <= self.smoothing < 1:
             raise ValueError(f"fit_latents: candidates must be >= 0, patience >= 1 and smoothing in [0, 1), got "
                              f"{self.candidates}, {self.patience}, {self.smoothing}")
@@ -102,7 +102,7 @@ class FitConfig:
 
 PROTOCOLS: Dict[str, FitConfig] = {
     "fast": FitConfig(),
-    "reference": FitConfig(steps=100000, lr=5e-5, init="random", rays_per_view=None, latent_weight=1.0,
+    "reference": FitConfig(steps=100000, lr=5e-5, init="random", rays_per_view=0, latent_weight=1.0,
                            prior_weight=0.0, schedule="constant"),
 }
 
@@ -152,6 +152,14 @@ class FitResult:
                 "steps_taken": list(self.steps_taken), "mean_steps_taken": float(np.mean(self.steps_taken)),
                 "seconds": self.seconds, "seconds_per_object": self.seconds / max(n, 1),
                 "final_loss": self.history[-1]["loss"] if self.history else None}
+
+    def thinned_history(self, max_points: int = 2000) -> List[Dict]:
+        """``history`` at most ``max_points`` evenly spaced entries long, the last step always included."""
+        h = self.history
+        if len(h) <= max_points:
+            return list(h)
+        keep = np.unique(np.linspace(0, len(h) - 1, max_points).round().astype(int))
+        return [h[k] for k in keep]
 
 
 class PerObjectAdam:
@@ -210,11 +218,11 @@ class _Views:
         self.views_per_obj = counts                                            # [n]
 
 
-def _draws(views: _Views, rows: torch.Tensor, R: Optional[int], seed: int, step: int):
-    """Ray subset ``[k, R]`` (None: every pixel) and initial depths ``[k, R, 1]`` of views ``rows`` at ``step``;
+def _draws(views: _Views, rows: torch.Tensor, R: int, seed: int, step: int):
+    """Ray subset ``[k, R]`` (None when R is 0: every pixel) and initial depths ``[k, R, 1]`` of views ``rows`` at ``step``;
     every view's draw depends only on (seed, step, view), not on which other views are being fitted."""
     N = views.uv.shape[1]
-    R = N if R is None or R >= N else R
+    R = N if R <= 0 or R >= N else R
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
     V = views.uv.shape[0]
     sel = torch.argsort(torch.rand(V, N, generator=g), dim=1)[:, :R] if R < N else None   # [V, R]

@@ -109,15 +109,20 @@ def write_gif(path: str, frames: List[np.ndarray], fps: float = 12.0) -> str:
     return path
 
 
-def orbit_poses(n: int, radius: float, elevation_deg: float, up=(0.0, 0.0, 1.0), centre=(0.0, 0.0, 0.0),
-                start_deg: float = 0.0) -> np.ndarray:
-    """``[n, 4, 4]`` cam2world poses (OpenCV) on a circle around ``up`` through ``centre``, looking at it."""
+def _orbit_basis(up) -> tuple:
+    """Unit ``up`` and two unit vectors ``e1, e2`` spanning the plane normal to it (azimuth 0 along e1)."""
     up = np.asarray(up, np.float64)
     up = up / np.linalg.norm(up)
     a = np.array([1.0, 0.0, 0.0]) if abs(up[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
     e1 = np.cross(up, a)
     e1 /= np.linalg.norm(e1)
-    e2 = np.cross(up, e1)
+    return up, e1, np.cross(up, e1)
+
+
+def orbit_poses(n: int, radius: float, elevation_deg: float, up=(0.0, 0.0, 1.0), centre=(0.0, 0.0, 0.0),
+                start_deg: float = 0.0) -> np.ndarray:
+    """``[n, 4, 4]`` cam2world poses (OpenCV) on a circle around ``up`` through ``centre``, looking at it."""
+    up, e1, e2 = _orbit_basis(up)
     el = math.radians(elevation_deg)
     out = []
     for k in range(n):
@@ -125,6 +130,19 @@ def orbit_poses(n: int, radius: float, elevation_deg: float, up=(0.0, 0.0, 1.0),
         d = math.cos(el) * (math.cos(az) * e1 + math.sin(az) * e2) + math.sin(el) * up
         out.append(geometry.look_at(np.asarray(centre) + radius * d, np.asarray(centre, np.float64), up))
     return np.stack(out)
+
+
+def orbit_through(position, n: int, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """``[n, 4, 4]`` orbit around ``up`` through the origin whose first camera sits at ``position [3]`` (same
+    radius, elevation and azimuth), e.g. the camera of a photo being reconstructed."""
+    p = np.asarray(position, np.float64)
+    u, e1, e2 = _orbit_basis(up)
+    r = float(np.linalg.norm(p))
+    if r < 1e-9:
+        raise ValueError("orbit_through: the camera sits at the orbit centre (the origin)")
+    el = math.degrees(math.asin(float(np.clip(p @ u / r, -1.0, 1.0))))
+    az = math.degrees(math.atan2(float(p @ e2), float(p @ e1)))
+    return orbit_poses(n, r, el, up=u, start_deg=az)
 
 
 def camera_facts(poses: Sequence[np.ndarray], K_rel: np.ndarray) -> dict:
