@@ -131,7 +131,8 @@ class FitResult:
         steps_taken: ``[n]`` steps each object took (less than the cap when it stopped on its own).
         seconds: wall time of the whole fit (initialisation included), for all objects together.
         snapshots: ``{step: [n, D] codes after that step}`` for the requested steps (a stopped object's final
-            code).
+            code; after the last step taken when the fit ended earlier).
+        snapshot_seconds: ``{step: wall time of the fit up to that step}``.
         config, protocol: the procedure used.
     """
 
@@ -142,6 +143,7 @@ class FitResult:
     steps_taken: List[int]
     seconds: float
     snapshots: Dict[int, torch.Tensor]
+    snapshot_seconds: Dict[int, float]
     config: FitConfig
     protocol: str
 
@@ -254,11 +256,10 @@ def _prior(model: SRNModel):
 
 
 @torch.no_grad()
-def _best_codes(model: SRNModel, views: _Views, cfg: FitConfig, seed: int, device, max_rays: int,
-                progress: bool) -> torch.Tensor:
-    """Per object the candidate code (training codes, evenly spaced, and their mean) whose renders of the
-    object's given views have the lowest mean image loss; ``[n, D]``."""
-    W = model.latent_codes.weight.detach()
+def _best_codes(model: SRNModel, W: torch.Tensor, views: _Views, cfg: FitConfig, seed: int, device,
+                max_rays: int, progress: bool) -> torch.Tensor:
+    """Per object the candidate code (rows of the training codes ``W [M, D]``, evenly spaced, and their mean)
+    whose renders of the object's given views have the lowest mean image loss; ``[n, D]``."""
     k = W.shape[0] if cfg.candidates == 0 else min(cfg.candidates, W.shape[0])
     pick = np.unique(np.linspace(0, W.shape[0] - 1, k).round().astype(int))
     cands = torch.cat([W.mean(0, keepdim=True), W[torch.as_tensor(pick)]])             # [C, D]
@@ -338,7 +339,8 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
     elif cfg.init == "mean":
         codes = model.latent_codes.weight.detach().float().mean(0, keepdim=True).repeat(n, 1).to(device)
     else:
-        codes = _best_codes(frozen, views, cfg, seed, device, max_rays, progress).float().to(device)
+        W = model.latent_codes.weight.detach()
+        codes = _best_codes(frozen, W, views, cfg, seed, device, max_rays, progress).float().to(device)
     mu, sd = (t.to(device) for t in _prior(model))
     opt = PerObjectAdam(codes, cfg.lr)
     active = torch.ones(n, dtype=torch.bool)
@@ -349,8 +351,9 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
     history: List[Dict] = []
     per_obj: List[np.ndarray] = []
     snaps = {int(s): None for s in snapshots if 0 <= int(s)}
+    snap_t: Dict[int, float] = {}
     if 0 in snaps:
-        snaps[0] = codes.detach().clone().cpu()
+        snaps[0], snap_t[0] = codes.detach().clone().cpu(), time.time() - t0
     vcount = views.views_per_obj.to(torch.float64)
 
     bar = tqdm(range(cfg.steps), desc=f"fit latents ({cfg.init}, {protocol})", unit="step", disable=not progress,
@@ -405,15 +408,16 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
                 best[cut] = ema[cut]
                 active[cut[opt.lr[cut] < cfg.min_lr]] = False
         if step + 1 in snaps:
-            snaps[step + 1] = codes.detach().clone().cpu()
+            snaps[step + 1], snap_t[step + 1] = codes.detach().clone().cpu(), time.time() - t0
         if progress:
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", fitting=int(active.sum()), refresh=False)
     bar.close()
     final = codes.detach().clone()
+    seconds = time.time() - t0
     for s in snaps:
-        if snaps[s] is None:  # every object stopped before this step: its codes are final
-            snaps[s] = final.cpu()
+        if snaps[s] is None:  # the fit ended before this step (every object stopped, or the cap): codes are final
+            snaps[s], snap_t[s] = final.cpu(), seconds
     result_model = with_codes(model, final)
     return FitResult(model=result_model, codes=final.cpu(), history=history,
                      loss_per_object=np.stack(per_obj) if per_obj else np.zeros((0, n)), steps_taken=steps_taken,
-                     seconds=time.time() - t0, snapshots=snaps, config=cfg, protocol=protocol)
+                     seconds=seconds, snapshots=snaps, snapshot_seconds=snap_t, config=cfg, protocol=protocol)
