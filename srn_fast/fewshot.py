@@ -168,7 +168,8 @@ class PerObjectAdam:
     """Adam over the rows of ``codes [n, D]``, each row with its own moments, step count and learning rate.
 
     ``step(rows, grad)`` updates only ``rows`` (the objects still fitting); with equal learning rates and every
-    row updated each step it is torch.optim.Adam (betas 0.9/0.999, eps 1e-8) on the whole tensor.
+    row updated each step it is torch.optim.Adam (betas 0.9/0.999, eps 1e-8) on the whole tensor. Step counts
+    and learning rates (``t``, ``lr``, ``[n]``) live on the CPU, the moments beside the codes.
     """
 
     def __init__(self, codes: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -183,16 +184,17 @@ class PerObjectAdam:
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """``rows [k]`` long indices, ``grad [k, D]`` their gradients."""
-        self.t[rows] += 1
-        t = self.t[rows].double()
-        m = self.m[rows].mul_(self.b1).add_(grad, alpha=1 - self.b1)
-        v = self.v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        self.m[rows], self.v[rows] = m, v
+        """``rows [k]`` indices of the rows to update, ``grad [k, D]`` their gradients."""
+        rc, rd = rows.cpu(), rows.to(self.codes.device)
+        self.t[rc] += 1
+        t = self.t[rc].double()
+        m = self.m[rd].mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        v = self.v[rd].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        self.m[rd], self.v[rd] = m, v
         bc1 = (1 - self.b1 ** t).to(grad)[:, None]                             # [k, 1]
         bc2 = (1 - self.b2 ** t).to(grad)[:, None]
-        lr = self.lr[rows].to(grad)[:, None]
-        self.codes[rows] -= lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+        lr = self.lr[rc].to(grad)[:, None]
+        self.codes[rd] -= lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
 
 
 class _Views:
@@ -221,15 +223,19 @@ class _Views:
 
 
 def _draws(views: _Views, rows: torch.Tensor, R: int, seed: int, step: int):
-    """Ray subset ``[k, R]`` (None when R is 0: every pixel) and initial depths ``[k, R, 1]`` of views ``rows`` at ``step``;
-    every view's draw depends only on (seed, step, view), not on which other views are being fitted."""
+    """Ray subset ``[k, R]`` (None when R is 0: every pixel) and initial depths ``[k, R, 1]`` of views ``rows``
+    at ``step``. Each view's draw comes from its own generator keyed by (seed, step, view), so it does not depend
+    on which other views are being fitted."""
     N = views.uv.shape[1]
     R = N if R <= 0 or R >= N else R
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-    V = views.uv.shape[0]
-    sel = torch.argsort(torch.rand(V, N, generator=g), dim=1)[:, :R] if R < N else None   # [V, R]
-    d0 = torch.empty(V, R, 1).normal_(mean=0.05, std=5e-4, generator=g)                  # [V, R, 1]
-    return (None if sel is None else sel[rows]), d0[rows]
+    sel, d0 = [], []
+    for r in rows.tolist():
+        st = np.random.SeedSequence([int(seed), int(step) + 1, int(r)]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator().manual_seed(int(st[0]) << 32 | int(st[1]))
+        if R < N:
+            sel.append(torch.randperm(N, generator=g)[:R])
+        d0.append(torch.empty(R, 1).normal_(mean=0.05, std=5e-4, generator=g))
+    return (torch.stack(sel) if sel else None), torch.stack(d0)                          # [k, R], [k, R, 1]
 
 
 def _per_view_losses(model: SRNModel, views: _Views, rows: torch.Tensor, z: torch.Tensor, sel, d0,
@@ -385,7 +391,7 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
             grad.index_add_(0, o.to(device), z.grad)
             img_sum.index_add_(0, o, (w * lv["img"]).detach().double().cpu())
             tot_sum.index_add_(0, o, total.detach().double().cpu())
-        opt.step(objs.to(device), grad[objs.to(device)])
+        opt.step(objs, grad[objs.to(device)])
         for i in objs.tolist():
             steps_taken[i] = step + 1
         row = np.full(n, np.nan)

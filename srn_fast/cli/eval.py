@@ -105,8 +105,8 @@ def run(args) -> int:
     ckpt_io.atomic_write(path, lambda fh: fh.write(json.dumps(report, indent=1).encode()))
     if args.few_shot:
         fs = report["fit"]
-        print(f"few-shot ({args.protocol}, {len(args.observations)} view(s) per object): PSNR {res['psnr']:.2f} dB, "
-              f"SSIM {res['ssim']:.4f} over {res['num_images']} held-out views at {S} px; fit: "
+        print(f"few-shot: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} held-out views "
+              f"at {S} px ({args.protocol} protocol, {len(args.observations)} given view(s) per object); fit: "
               f"{fs['mean_steps_taken']:.0f} steps per object on average (cap {fs['config']['steps']}), "
               f"{fs['seconds_per_object']:.1f} s per object ({fs['objects']} objects fitted together in "
               f"{fs['seconds']:.1f} s)")
