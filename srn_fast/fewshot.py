@@ -53,6 +53,9 @@ class FitConfig:
             codes, ``"best"`` per object the training code (or their mean) with the lowest image loss on the
             object's given views.
         candidates: with ``init="best"``: how many training codes to try, evenly spaced (0: all of them).
+        starts: fits per object from different starts (the ``starts`` best candidates with ``init="best"``,
+            independent draws with ``"random"``), run side by side; the one whose code renders the given views
+            best (every pixel) is kept.
         init_std: standard deviation of the ``"random"`` init (the reference's 0.01).
         rays_per_view: random pixels per given view in each step (0: every pixel).
         latent_weight: weight of the reference's latent loss ``mean(z^2)`` (1 in the reference).
@@ -68,6 +71,7 @@ class FitConfig:
     lr: float = 5e-3
     init: str = "best"
     candidates: int = 64
+    starts: int = 1
     init_std: float = 0.01
     rays_per_view: int = 0
     latent_weight: float = 1.0
@@ -93,6 +97,8 @@ class FitConfig:
             raise ValueError(f"fit_latents: factor must be < 1, got {self.factor}")
         if self.rays_per_view < 0:
             raise ValueError(f"fit_latents: rays_per_view must be >= 0 (0: every pixel), got {self.rays_per_view}")
+        if self.starts < 1 or (self.starts > 1 and self.init == "mean"):
+            raise ValueError(f"fit_latents: starts must be >= 1 (and 1 with init='mean'), got {self.starts}")
         if self.candidates < 0 or self.patience < 1 or not 0 <= self.smoothing < 1:
             raise ValueError(f"fit_latents: candidates must be >= 0, patience >= 1 and smoothing in [0, 1), got "
                              f"{self.candidates}, {self.patience}, {self.smoothing}")
@@ -221,6 +227,18 @@ class _Views:
                              f"view to fit")
         self.views_per_obj = counts                                            # [n]
 
+    def repeat(self, k: int) -> "_Views":
+        """The views of ``n * k`` fitting units: unit ``i * k + j`` is start j of object i (its views repeated)."""
+        if k == 1:
+            return self
+        out = copy.copy(self)
+        for name in ("rgb", "pose", "K", "uv"):
+            setattr(out, name, getattr(self, name).repeat_interleave(k, dim=0))
+        out.obj = (self.obj[:, None] * k + torch.arange(k)).reshape(-1)
+        out.n = self.n * k
+        out.views_per_obj = self.views_per_obj.repeat_interleave(k)
+        return out
+
 
 def _draws(views: _Views, rows: torch.Tensor, R: int, seed: int, step: int):
     """Ray subset ``[k, R]`` (None when R is 0: every pixel) and initial depths ``[k, R, 1]`` of views ``rows``
@@ -262,28 +280,50 @@ def _prior(model: SRNModel):
 
 
 @torch.no_grad()
-def _best_codes(model: SRNModel, W: torch.Tensor, views: _Views, cfg: FitConfig, seed: int, device,
-                max_rays: int, progress: bool) -> torch.Tensor:
-    """Per object the candidate code (rows of the training codes ``W [M, D]``, evenly spaced, and their mean)
-    whose renders of the object's given views have the lowest mean image loss; ``[n, D]``."""
-    k = W.shape[0] if cfg.candidates == 0 else min(cfg.candidates, W.shape[0])
-    pick = np.unique(np.linspace(0, W.shape[0] - 1, k).round().astype(int))
-    cands = torch.cat([W.mean(0, keepdim=True), W[torch.as_tensor(pick)]])             # [C, D]
+def _image_loss(model: SRNModel, views: _Views, z_of_row, R: int, seed: int, key: int, device,
+                max_rays: int) -> torch.Tensor:
+    """``[n]`` each object's image loss summed over its views, rendered without grad with codes
+    ``z_of_row(rows) -> [k, D]``; rays and initial depths drawn with step key ``key``."""
     V = views.obj.shape[0]
     rows = torch.arange(V)
-    sel, d0 = _draws(views, rows, cfg.rays_per_view, seed, -1)
-    R = d0.shape[1]
-    chunk = max(1, max_rays // R)
-    loss = torch.zeros(cands.shape[0], views.n, dtype=torch.float64)                    # [C, n]
-    for c in tqdm(range(cands.shape[0]), desc="initial codes", unit="code", disable=not progress, leave=False):
-        for s in range(0, V, chunk):
-            r = rows[s:s + chunk]
-            z = cands[c].expand(len(r), -1).to(device)
-            img = _per_view_losses(model, views, r, z, None if sel is None else sel[s:s + chunk],
-                                   d0[s:s + chunk], device)["img"].double().cpu()
-            loss[c].index_add_(0, views.obj[r], img)
-    best = loss.argmin(0)                                                               # [n]
-    return cands[best].clone()
+    sel, d0 = _draws(views, rows, R, seed, key)
+    chunk = max(1, max_rays // d0.shape[1])
+    loss = torch.zeros(views.n, dtype=torch.float64)
+    for s in range(0, V, chunk):
+        r = rows[s:s + chunk]
+        img = _per_view_losses(model, views, r, z_of_row(r).to(device), None if sel is None else sel[s:s + chunk],
+                               d0[s:s + chunk], device)["img"]
+        loss.index_add_(0, views.obj[r], img.double().cpu())
+    return loss
+
+
+def _best_codes(model: SRNModel, W: torch.Tensor, views: _Views, cfg: FitConfig, seed: int, device,
+                max_rays: int, progress: bool) -> torch.Tensor:
+    """``[n, K, D]``: per object the K candidate codes (rows of the training codes ``W [M, D]``, evenly spaced,
+    and their mean) whose renders of the object's given views have the lowest image loss, best first."""
+    k = W.shape[0] if cfg.candidates == 0 else min(cfg.candidates, W.shape[0])
+    pick = np.unique(np.linspace(0, W.shape[0] - 1, k).round().astype(int))
+    cands = torch.cat([W.mean(0, keepdim=True), W[torch.as_tensor(pick)]]).float()     # [C, D]
+    if cfg.starts > cands.shape[0]:
+        raise ValueError(f"fit_latents: starts={cfg.starts} but only {cands.shape[0]} candidate codes (the "
+                         f"model's training codes and their mean)")
+    loss = torch.stack([_image_loss(model, views, lambda r, c=c: cands[c].expand(len(r), -1), cfg.rays_per_view,
+                                    seed, -1, device, max_rays)
+                        for c in tqdm(range(cands.shape[0]), desc="initial codes", unit="code", disable=not progress,
+                                      leave=False)])                                   # [C, n]
+    order = loss.argsort(0)[:cfg.starts]                                                # [K, n]
+    return cands[order].transpose(0, 1).clone()                                         # [n, K, D]
+
+
+def _select(model: SRNModel, views: _Views, units: torch.Tensor, K: int, seed: int, device,
+            max_rays: int) -> torch.Tensor:
+    """``[n]`` per object the start (0..K-1) whose code (``units [n * K, D]``) renders the object's given views
+    with the lowest image loss, every pixel, the same initial depths for every start."""
+    if K == 1:
+        return torch.zeros(views.n, dtype=torch.long)
+    loss = torch.stack([_image_loss(model, views, lambda r, j=j: units[views.obj[r].to(units.device) * K + j], 0,
+                                    seed, -2, device, max_rays) for j in range(K)])  # [K, n]
+    return loss.argmin(0)
 
 
 def with_codes(model: SRNModel, codes: torch.Tensor) -> SRNModel:
@@ -334,55 +374,60 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
     t0 = time.time()
     device = next(model.parameters()).device
     views = _Views(dataset)
-    n, D = views.n, model.latent_dim
+    n, D, K = views.n, model.latent_dim, cfg.starts
     frozen = with_codes(model, model.latent_codes.weight.detach()[:1])   # a frozen copy: grads reach only z
     frozen.latent_codes = None
     frozen.train()
+    W = model.latent_codes.weight.detach().float()
 
+    # fitting units: unit i * K + j is start j of object i, with its own code, loss, Adam state and lr
     if cfg.init == "random":
         g = torch.Generator().manual_seed(int(seed))
-        codes = (torch.randn(n, D, generator=g) * cfg.init_std).to(device)
+        codes = torch.randn(n * K, D, generator=g) * cfg.init_std
     elif cfg.init == "mean":
-        codes = model.latent_codes.weight.detach().float().mean(0, keepdim=True).repeat(n, 1).to(device)
+        codes = W.mean(0, keepdim=True).repeat(n, 1)
     else:
-        W = model.latent_codes.weight.detach()
-        codes = _best_codes(frozen, W, views, cfg, seed, device, max_rays, progress).float().to(device)
+        codes = _best_codes(frozen, W, views, cfg, seed, device, max_rays, progress).reshape(n * K, D)
+    codes = codes.to(device)
+    units = views.repeat(K)
     mu, sd = (t.to(device) for t in _prior(model))
     opt = PerObjectAdam(codes, cfg.lr)
-    active = torch.ones(n, dtype=torch.bool)
-    ema = torch.full((n,), math.nan, dtype=torch.float64)
-    best = torch.full((n,), math.inf, dtype=torch.float64)
-    bad = torch.zeros(n, dtype=torch.long)
-    steps_taken = [0] * n
+    active = torch.ones(n * K, dtype=torch.bool)
+    ema = torch.full((n * K,), math.nan, dtype=torch.float64)
+    best = torch.full((n * K,), math.inf, dtype=torch.float64)
+    bad = torch.zeros(n * K, dtype=torch.long)
     history: List[Dict] = []
     per_obj: List[np.ndarray] = []
-    snaps = {int(s): None for s in snapshots if 0 <= int(s)}
+    vcount = units.views_per_obj.to(torch.float64)
+
+    def chosen() -> torch.Tensor:  # [n, D] each object's kept code
+        pick = _select(frozen, views, codes.detach(), K, seed, device, max_rays)
+        return codes.detach()[torch.arange(n, device=device) * K + pick.to(device)].clone()
+
+    snaps: Dict[int, Optional[torch.Tensor]] = {int(s): None for s in snapshots if 0 <= int(s)}
     snap_t: Dict[int, float] = {}
     if 0 in snaps:
-        snaps[0], snap_t[0] = codes.detach().clone().cpu(), time.time() - t0
-    vcount = views.views_per_obj.to(torch.float64)
-
-    bar = tqdm(range(cfg.steps), desc=f"fit latents ({cfg.init}, {protocol})", unit="step", disable=not progress,
-               leave=False)
+        snaps[0], snap_t[0] = chosen().cpu(), time.time() - t0
+    bar = tqdm(range(cfg.steps), desc=f"fit latents ({protocol})", unit="step", disable=not progress, leave=False)
     for step in bar:
-        objs = torch.nonzero(active).flatten()                                          # [a]
-        if len(objs) == 0:
+        live = torch.nonzero(active).flatten()                                          # [a] units still fitting
+        if len(live) == 0:
             break
-        rows = torch.nonzero(active[views.obj]).flatten()                              # [k] views to render
-        sel, d0 = _draws(views, rows, cfg.rays_per_view, seed, step)
+        rows = torch.nonzero(active[units.obj]).flatten()                              # [k] views to render
+        sel, d0 = _draws(units, rows, cfg.rays_per_view, seed, step)
         chunk = max(1, max_rays // d0.shape[1])
-        grad = torch.zeros(n, D, device=device)
-        img_sum = torch.zeros(n, dtype=torch.float64)
-        tot_sum = torch.zeros(n, dtype=torch.float64)
+        grad = torch.zeros(n * K, D, device=device)
+        img_sum = torch.zeros(n * K, dtype=torch.float64)
+        tot_sum = torch.zeros(n * K, dtype=torch.float64)
         for s in range(0, len(rows), chunk):
             r = rows[s:s + chunk]
-            o = views.obj[r]
+            o = units.obj[r]
             z = codes[o.to(device)].detach().requires_grad_(True)                       # [c, D] one row per view
-            lv = _per_view_losses(frozen, views, r, z, None if sel is None else sel[s:s + chunk],
+            lv = _per_view_losses(frozen, units, r, z, None if sel is None else sel[s:s + chunk],
                                   d0[s:s + chunk], device)
-            w = (1.0 / vcount[o]).to(device=device, dtype=torch.float32)              # mean over an object's views
-            # each object's loss: 200 * img + 1e-3 * depth reg (means over its views) + latent terms of its code,
-            # written per view row so that the rows of one object add up to exactly that
+            w = (1.0 / vcount[o]).to(device=device, dtype=torch.float32)              # mean over a unit's views
+            # each unit's loss: 200 * img + 1e-3 * depth reg (means over its views) + latent terms of its code,
+            # written per view row so that the rows of one unit add up to exactly that
             lat = cfg.latent_weight * (z ** 2).mean(1)
             if cfg.prior_weight > 0:
                 lat = lat + cfg.prior_weight * (((z - mu) / sd) ** 2).mean(1)
@@ -391,38 +436,38 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
             grad.index_add_(0, o.to(device), z.grad)
             img_sum.index_add_(0, o, (w * lv["img"]).detach().double().cpu())
             tot_sum.index_add_(0, o, total.detach().double().cpu())
-        opt.step(objs, grad[objs.to(device)])
-        for i in objs.tolist():
-            steps_taken[i] = step + 1
-        row = np.full(n, np.nan)
-        row[objs.numpy()] = tot_sum[objs].numpy()
-        per_obj.append(row)
-        history.append({"step": step + 1, "loss": float(tot_sum[objs].mean()), "img_loss": float(img_sum[objs].mean()),
-                        "active": int(len(objs))})
+        opt.step(live, grad[live.to(device)])
+        row = np.full(n * K, np.nan)
+        row[live.numpy()] = tot_sum[live].numpy()
+        per_unit = row.reshape(n, K)                                                     # best start per object
+        fin = np.isfinite(per_unit)
+        per_obj.append(np.where(fin.any(1), np.where(fin, per_unit, np.inf).min(1), np.nan))
+        history.append({"step": step + 1, "loss": float(tot_sum[live].mean()), "img_loss": float(img_sum[live].mean()),
+                        "active": int(active.reshape(n, K).any(1).sum())})
         if cfg.schedule == "plateau":
-            cur = tot_sum[objs]
-            prev = ema[objs]
+            cur, prev = tot_sum[live], ema[live]
             sm = torch.where(torch.isnan(prev), cur, cfg.smoothing * prev + (1 - cfg.smoothing) * cur)
-            ema[objs] = sm
-            improved = sm < best[objs] * (1 - cfg.rel_tol)
-            best[objs] = torch.where(improved, sm, best[objs])
-            bad[objs] = torch.where(improved, torch.zeros_like(bad[objs]), bad[objs] + 1)
-            cut = objs[bad[objs] >= cfg.patience]
+            ema[live] = sm
+            improved = sm < best[live] * (1 - cfg.rel_tol)
+            best[live] = torch.where(improved, sm, best[live])
+            bad[live] = torch.where(improved, torch.zeros_like(bad[live]), bad[live] + 1)
+            cut = live[bad[live] >= cfg.patience]
             if len(cut):
                 opt.lr[cut] *= cfg.factor
                 bad[cut] = 0
                 best[cut] = ema[cut]
                 active[cut[opt.lr[cut] < cfg.min_lr]] = False
         if step + 1 in snaps:
-            snaps[step + 1], snap_t[step + 1] = codes.detach().clone().cpu(), time.time() - t0
+            snaps[step + 1], snap_t[step + 1] = chosen().cpu(), time.time() - t0
         if progress:
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", fitting=int(active.sum()), refresh=False)
     bar.close()
-    final = codes.detach().clone()
+    final = chosen()
     seconds = time.time() - t0
     for s in snaps:
         if snaps[s] is None:  # the fit ended before this step (every object stopped, or the cap): codes are final
             snaps[s], snap_t[s] = final.cpu(), seconds
+    steps_taken = opt.t.reshape(n, K).max(1).values.tolist()
     result_model = with_codes(model, final)
     return FitResult(model=result_model, codes=final.cpu(), history=history,
                      loss_per_object=np.stack(per_obj) if per_obj else np.zeros((0, n)), steps_taken=steps_taken,
