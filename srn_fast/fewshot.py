@@ -139,6 +139,8 @@ class FitResult:
         snapshots: ``{step: [n, D] codes after that step}`` for the requested steps (a stopped object's final
             code; after the last step taken when the fit ended earlier).
         snapshot_seconds: ``{step: wall time of the fit up to that step}``.
+        start_codes: ``[n, K, D]`` the final code of every start (K = ``config.starts``).
+        chosen_start: ``[n]`` the start kept per object.
         config, protocol: the procedure used.
     """
 
@@ -150,6 +152,8 @@ class FitResult:
     seconds: float
     snapshots: Dict[int, torch.Tensor]
     snapshot_seconds: Dict[int, float]
+    start_codes: torch.Tensor
+    chosen_start: torch.Tensor
     config: FitConfig
     protocol: str
 
@@ -240,15 +244,19 @@ class _Views:
         return out
 
 
+# step keys of the draws that are not fitting steps
+KEY_SEARCH, KEY_SELECT = -2, -1
+
+
 def _draws(views: _Views, rows: torch.Tensor, R: int, seed: int, step: int):
     """Ray subset ``[k, R]`` (None when R is 0: every pixel) and initial depths ``[k, R, 1]`` of views ``rows``
-    at ``step``. Each view's draw comes from its own generator keyed by (seed, step, view), so it does not depend
-    on which other views are being fitted."""
+    at ``step`` (>= 0, or one of the keys above). Each view's draw comes from its own generator keyed by
+    (seed, step, view), so it does not depend on which other views are being fitted."""
     N = views.uv.shape[1]
     R = N if R <= 0 or R >= N else R
     sel, d0 = [], []
     for r in rows.tolist():
-        st = np.random.SeedSequence([int(seed), int(step) + 1, int(r)]).generate_state(2, dtype=np.uint32)
+        st = np.random.SeedSequence([int(seed), int(step) + 2, int(r)]).generate_state(2, dtype=np.uint32)
         g = torch.Generator().manual_seed(int(st[0]) << 32 | int(st[1]))
         if R < N:
             sel.append(torch.randperm(N, generator=g)[:R])
@@ -308,7 +316,7 @@ def _best_codes(model: SRNModel, W: torch.Tensor, views: _Views, cfg: FitConfig,
         raise ValueError(f"fit_latents: starts={cfg.starts} but only {cands.shape[0]} candidate codes (the "
                          f"model's training codes and their mean)")
     loss = torch.stack([_image_loss(model, views, lambda r, c=c: cands[c].expand(len(r), -1), cfg.rays_per_view,
-                                    seed, -1, device, max_rays)
+                                    seed, KEY_SEARCH, device, max_rays)
                         for c in tqdm(range(cands.shape[0]), desc="initial codes", unit="code", disable=not progress,
                                       leave=False)])                                   # [C, n]
     order = loss.argsort(0)[:cfg.starts]                                                # [K, n]
@@ -322,7 +330,7 @@ def _select(model: SRNModel, views: _Views, units: torch.Tensor, K: int, seed: i
     if K == 1:
         return torch.zeros(views.n, dtype=torch.long)
     loss = torch.stack([_image_loss(model, views, lambda r, j=j: units[views.obj[r].to(units.device) * K + j], 0,
-                                    seed, -2, device, max_rays) for j in range(K)])  # [K, n]
+                                    seed, KEY_SELECT, device, max_rays) for j in range(K)])  # [K, n]
     return loss.argmin(0)
 
 
@@ -400,14 +408,14 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
     per_obj: List[np.ndarray] = []
     vcount = units.views_per_obj.to(torch.float64)
 
-    def chosen() -> torch.Tensor:  # [n, D] each object's kept code
+    def chosen():  # ([n, D] each object's kept code, [n] its start)
         pick = _select(frozen, views, codes.detach(), K, seed, device, max_rays)
-        return codes.detach()[torch.arange(n, device=device) * K + pick.to(device)].clone()
+        return codes.detach()[torch.arange(n, device=device) * K + pick.to(device)].clone(), pick
 
     snaps: Dict[int, Optional[torch.Tensor]] = {int(s): None for s in snapshots if 0 <= int(s)}
     snap_t: Dict[int, float] = {}
     if 0 in snaps:
-        snaps[0], snap_t[0] = chosen().cpu(), time.time() - t0
+        snaps[0], snap_t[0] = chosen()[0].cpu(), time.time() - t0
     bar = tqdm(range(cfg.steps), desc=f"fit latents ({protocol})", unit="step", disable=not progress, leave=False)
     for step in bar:
         live = torch.nonzero(active).flatten()                                          # [a] units still fitting
@@ -458,11 +466,11 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
                 best[cut] = ema[cut]
                 active[cut[opt.lr[cut] < cfg.min_lr]] = False
         if step + 1 in snaps:
-            snaps[step + 1], snap_t[step + 1] = chosen().cpu(), time.time() - t0
+            snaps[step + 1], snap_t[step + 1] = chosen()[0].cpu(), time.time() - t0
         if progress:
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", fitting=int(active.sum()), refresh=False)
     bar.close()
-    final = chosen()
+    final, pick = chosen()
     seconds = time.time() - t0
     for s in snaps:
         if snaps[s] is None:  # the fit ended before this step (every object stopped, or the cap): codes are final
@@ -471,4 +479,6 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
     result_model = with_codes(model, final)
     return FitResult(model=result_model, codes=final.cpu(), history=history,
                      loss_per_object=np.stack(per_obj) if per_obj else np.zeros((0, n)), steps_taken=steps_taken,
-                     seconds=seconds, snapshots=snaps, snapshot_seconds=snap_t, config=cfg, protocol=protocol)
+                     seconds=seconds, snapshots=snaps, snapshot_seconds=snap_t,
+                     start_codes=codes.detach().reshape(n, K, D).cpu(), chosen_start=pick, config=cfg,
+                     protocol=protocol)

@@ -106,6 +106,24 @@ def test_snapshots_equal_fits_with_that_cap(model, tiny_data):
     assert not torch.equal(long.codes, short.codes)
 
 
+def test_several_starts_keep_the_best(model, tiny_data):
+    """starts=2: the two best candidate codes fitted side by side; start 0 is the single-start fit (the same init
+    and draws; rounding may differ with the batch size), and the kept code is the start whose code renders the
+    given views best."""
+    ds = views(os.path.join(tiny_data, "unseen"), [1])
+    one = fit_latents(model, ds, 12, progress=False, rays_per_view=20)
+    two = fit_latents(model, ds, 12, progress=False, rays_per_view=20, starts=2)
+    assert two.start_codes.shape == (1, 2, 8) and one.start_codes.shape == (1, 1, 8)
+    torch.testing.assert_close(two.start_codes[0, 0], one.codes[0], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(two.start_codes[0, 0], two.start_codes[0, 1])
+    k = int(two.chosen_start[0])
+    assert torch.equal(two.codes[0], two.start_codes[0, k])
+    losses = [image_loss(srn_fast.fewshot.with_codes(model, two.start_codes[:, j]), ds) for j in range(2)]
+    assert losses[k] <= losses[1 - k] * 1.05, losses  # kept by its render of the given view (other depths here)
+    with pytest.raises(ValueError, match="only 3 candidate codes"):
+        fit_latents(model, ds, 2, starts=4)
+
+
 def test_per_object_adam_is_adam_and_updates_only_its_rows():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 5, generator=g, dtype=torch.float64)
