@@ -11,7 +11,8 @@ depend on its cap, so a snapshot is the fit with budget N) are scored on every o
 the reference's PSNR / SSIM. Reported per row: PSNR, SSIM, the mean number of steps the objects actually took
 (the fast protocol stops each object on its own) and the wall time per object (the run's time up to that
 snapshot, initialisation included, divided by the number of objects, which are fitted together). ``--variant
-LABEL:PROTOCOL:JSON`` adds a procedure with :class:`srn_fast.FitConfig` fields overridden (for choosing one).
+LABEL:PROTOCOL:JSON`` adds a procedure with :class:`srn_fast.FitConfig` fields overridden (for choosing one;
+a ``"seed"`` key sets the fit's seed instead, to measure a protocol's spread over seeds).
 
 The table is printed (markdown) and, with ``--json``, written with the machine facts (CPU model and flags from
 /proc/cpuinfo, cores, load average before and after, threads), versions and the git commit.
@@ -75,6 +76,7 @@ def git_commit():
 
 
 def parse_variant(text: str):
+    """``LABEL:PROTOCOL:JSON`` -> (label, protocol, FitConfig overrides); a ``"seed"`` key sets the fit's seed."""
     label, protocol, opts = (text.split(":", 2) + ["", ""])[:3]
     if not label or protocol not in ("fast", "reference"):
         raise SystemExit(f"--variant {text!r}: expected LABEL:PROTOCOL:JSON with PROTOCOL fast or reference")
@@ -83,6 +85,8 @@ def parse_variant(text: str):
 
 def run_one(model, root, S, views, label, protocol, opts, steps, seed, progress):
     """Fit the objects of ``root`` on ``views``, score every other view at each snapshot; rows of the table."""
+    opts = dict(opts)
+    seed = int(opts.pop("seed", seed))
     fit_ds = SRNDataset(root, sidelength=S, specific_observation_idcs=views, with_depth=False, with_semantic=False)
     full = SRNDataset(root, sidelength=S, with_depth=False, with_semantic=False)
     idx = [k for k, (i, v) in enumerate(full.index) if full.instances[i].observation_idcs[v] not in set(views)]
@@ -93,7 +97,8 @@ def run_one(model, root, S, views, label, protocol, opts, steps, seed, progress)
     rows = []
     for s in snaps:
         ev = evaluate(with_codes(model, fit.snapshots[s]), full, idx, batch_size=8)
-        rows.append({"variant": label, "protocol": protocol, "options": opts, "views": views, "steps": s,
+        rows.append({"variant": label, "protocol": protocol, "options": opts, "seed": seed, "views": views,
+                     "steps": s,
                      "psnr": ev["psnr"], "ssim": ev["ssim"], "num_images": ev["num_images"],
                      "mean_steps_taken": float(np.minimum(taken, s).mean()),
                      "seconds_per_object": fit.snapshot_seconds[s] / n, "objects": n,
@@ -102,7 +107,7 @@ def run_one(model, root, S, views, label, protocol, opts, steps, seed, progress)
         print(f"  {label:12s} views {','.join(map(str, views)):5s} {s:5d} steps: PSNR {ev['psnr']:.2f} "
               f"SSIM {ev['ssim']:.3f} | steps taken {rows[-1]['mean_steps_taken']:.0f} | "
               f"{rows[-1]['seconds_per_object']:.1f} s/object", flush=True)
-    return rows, {"variant": label, "views": views, "config": fit.summary()["config"],
+    return rows, {"variant": label, "views": views, "seed": seed, "config": fit.summary()["config"],
                   "steps_taken": fit.steps_taken, "seconds": fit.seconds,
                   "loss_curve": [h["loss"] for h in fit.thinned_history(500)]}
 
@@ -146,24 +151,31 @@ def main(argv=None) -> int:
     load_before = load_average()
     t0 = time.time()
     rows, fits = [], []
+
+    def write(done: bool) -> dict:
+        text = table(rows)
+        result = {"benchmark": "fewshot", "complete": done, "note": args.note, "commit": git_commit(),
+                  "cpu": cpu_facts(), "load_average_before": load_before, "load_average_after": load_average(),
+                  "threads": torch.get_num_threads(), "backend": model.backend_name,
+                  "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                               "srn_fast": srn_fast.__version__},
+                  "setup": {"checkpoint": ck["path"], "training_step": meta.get("step"), "data": root,
+                            "sidelength": S, "model_config": ckpt_io.checkpoint_model_config(ck), "steps": steps,
+                            "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)},
+                  "seconds_total": time.time() - t0, "rows": rows, "fits": fits, "table": text}
+        if args.json:  # rewritten after every fit, so that an interrupted run keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            ckpt_io.atomic_write(args.json, lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+        return result
+
     for views in ([int(v) for v in vs.split(",")] for vs in args.view_sets):
         for label, protocol, opts in variants:
             r, f = run_one(model, root, S, views, label, protocol, opts, steps, args.seed, args.progress)
             rows += r
             fits.append(f)
-    text = table(rows)
-    print(text)
-    result = {"benchmark": "fewshot", "note": args.note, "commit": git_commit(), "cpu": cpu_facts(),
-              "load_average_before": load_before, "load_average_after": load_average(),
-              "threads": torch.get_num_threads(), "backend": model.backend_name,
-              "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                           "srn_fast": srn_fast.__version__},
-              "setup": {"checkpoint": ck["path"], "training_step": meta.get("step"), "data": root, "sidelength": S,
-                        "model_config": ckpt_io.checkpoint_model_config(ck), "steps": steps, "seed": args.seed},
-              "seconds_total": time.time() - t0, "rows": rows, "fits": fits, "table": text}
+            write(False)
+    print(write(True)["table"])
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        ckpt_io.atomic_write(args.json, lambda fh: fh.write(json.dumps(result, indent=1).encode()))
         print(f"wrote {args.json}")
     return 0
 
