@@ -64,6 +64,7 @@ def run(args) -> int:
     report = {"checkpoint": ck["path"], "data": root, "sidelength": S, "protocol": "few-shot" if args.few_shot
               else "held-out views of training objects"}
     if args.few_shot:
+        opts = fit_options(args)  # checked before the (long) work
         model = ckpt_io.build_model(ck, backend=args.backend).to(device)
         fit_ds = SRNDataset(root, sidelength=S, specific_observation_idcs=args.observations, with_depth=False,
                             with_semantic=False)
@@ -72,7 +73,7 @@ def run(args) -> int:
         n = {i: full.num_views(i) for i in range(full.num_instances)}
         idx = [k for k, (i, v) in enumerate(full.index)
                if full.instances[i].observation_idcs[v] not in {o % n[i] for o in given}]
-        fit = fit_latents(model, fit_ds, **fit_options(args))
+        fit = fit_latents(model, fit_ds, **opts)
         model = fit.model
         report.update(observations=args.observations, fit=fit.summary(), fit_history=fit.thinned_history(2000),
                       fit_per_object=[{"instance": name, "steps_taken": fit.steps_taken[i]}
