@@ -357,46 +357,4 @@ def _camera_facts(ds) -> Dict:
     return camera_facts(poses, np.array([K[0, 0] / S, K[0, 2] / S, K[1, 2] / S]))
 
 
-def fit_latents(model: SRNModel, dataset, steps: int, lr: float = 5e-5, batch_size: int = 8,
-                rays_per_view: Optional[int] = None, seed: int = 0, progress: bool = True,
-                history: Optional[list] = None) -> SRNModel:
-    """The reference's few-shot protocol for unseen objects: a copy of ``model`` with fresh latent codes
-    N(0, 0.01), one per instance of ``dataset``; every network frozen; only the codes optimised (Adam, same
-    losses) on the views ``dataset`` holds (e.g. built with ``specific_observation_idcs=[64]`` or ``[64, 104]``).
-
-    ``dataset`` yields full or subset views like :class:`srn_fast.data.SRNDataset`; ``history`` (a list) receives
-    ``{"step", "loss", "img_loss"}`` per step. Returns the new model (the input model is not modified).
-    """
-    if model.fit_single_srn:
-        raise ValueError("fit_latents: a single-SRN model (fit_single_srn) has no latent codes to fit")
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"fit_latents: steps must be >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-    n_inst = dataset.num_instances
-    new = copy.deepcopy(model)
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    new.latent_codes = nn.Embedding(n_inst, model.latent_dim).to(device)
-    with torch.no_grad():
-        new.latent_codes.weight.copy_(torch.randn(n_inst, model.latent_dim, generator=g) * 0.01)
-    new.num_instances = n_inst
-    for p in new.parameters():
-        p.requires_grad_(False)
-    new.latent_codes.weight.requires_grad_(True)
-    opt = torch.optim.Adam([new.latent_codes.weight], lr=lr)
-    stream = BatchStream(len(dataset), seed)
-    B = min(batch_size, len(dataset))
-    new.train()
-    pos = 0
-    for step in tqdm(range(steps), desc="fit latents", unit="step", disable=not progress, leave=False):
-        idx = stream.take(pos, B)
-        pos += B
-        inp, gt, d0 = prepare_batch([dataset[i] for i in idx], idx, seed, step, rays_per_view, device)
-        out = new.render(inp, initial_depth=d0)
-        losses = new.losses((out["rgb"], out["depth"]), gt, z=out["z"])
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-        if history is not None:
-            history.append({"step": step + 1, "loss": losses["total"].item(), "img_loss": losses["img"].item()})
-    new.eval()
-    return new
+from .fewshot import fit_latents  # noqa: F401,E402  (moved to srn_fast/fewshot.py; re-exported here)

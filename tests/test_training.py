@@ -1,4 +1,4 @@
-"""Training: exact resume, the two-process DDP equivalence (gloo), Ctrl-C, few-shot latent fitting."""
+"""Training: exact resume, the two-process DDP equivalence (gloo), Ctrl-C (few-shot fitting: test_fewshot.py)."""
 import json
 import os
 import signal
@@ -12,7 +12,7 @@ import torch
 import srn_fast
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.data import SRNDataset
-from srn_fast.training import BatchStream, TrainConfig, fit_latents, read_metrics, train
+from srn_fast.training import BatchStream, TrainConfig, read_metrics, train
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -139,20 +139,3 @@ def test_ctrl_c_saves_a_clean_checkpoint(tiny_data, tmp_path):
     assert ck["srn_fast"]["step"] == step >= 5  # the final checkpoint is the step it stopped at
     assert max(r["step"] for r in read_metrics(str(run))) == step
     assert not [f for f in os.listdir(run / "checkpoints") if f.endswith(".tmp")]
-
-
-def test_fit_latents_optimises_only_new_codes(tiny_data):
-    from srn_fast.data import SRNDataset
-
-    torch.manual_seed(0)
-    model = srn_fast.SRNModel(2, latent_dim=8, phi_hidden=16, rendering_layers=2, tracing_steps=3, backend="torch")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ds = SRNDataset(os.path.join(tiny_data, "unseen"), sidelength=8, specific_observation_idcs=[1, 3],
-                    with_depth=False, with_semantic=False)
-    hist = []
-    new = fit_latents(model, ds, steps=12, lr=1e-2, batch_size=2, seed=0, progress=False, history=hist)
-    assert new.latent_codes.weight.shape == (1, 8) and new.num_instances == 1
-    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)  # input model untouched
-    sd = new.state_dict()
-    assert all(torch.equal(sd[k], before[k]) for k in before if k != "latent_codes.weight")  # networks frozen
-    assert hist[-1]["img_loss"] < hist[0]["img_loss"]

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "srn_fast.cli.train",
     "eval": "srn_fast.cli.eval",
     "render": "srn_fast.cli.render",
+    "reconstruct": "srn_fast.cli.reconstruct",
     "demo": "srn_fast.cli.demo",
     "semantic-train": "srn_fast.semantic.cli_train",
     "semantic-eval": "srn_fast.semantic.cli_eval",

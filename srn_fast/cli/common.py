@@ -49,3 +49,31 @@ def pick_device(name: Optional[str]):
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     return d
+
+
+def add_fit_arguments(g) -> None:
+    """The few-shot latent-fitting options shared by ``eval --few-shot`` and ``reconstruct``
+    (:func:`srn_fast.fit_latents`); None means "the protocol's default"."""
+    g.add_argument("--protocol", default="fast", choices=["fast", "reference"], help="latent fitting: fast "
+                   "(default: best training code as the start, larger lr, each object stops when its fit loss "
+                   "stops improving) or reference (fresh N(0, 0.01) codes, Adam lr 5e-5, 100,000 steps)")
+    g.add_argument("--fit-steps", type=int, default=None, help="step cap (default: the protocol's: fast 1000, "
+                   "reference 100000)")
+    g.add_argument("--fit-lr", type=float, default=None, help="Adam learning rate (default: the protocol's)")
+    g.add_argument("--fit-init", default=None, choices=["random", "mean", "best"], help="initial codes (default: "
+                   "the protocol's)")
+    g.add_argument("--fit-rays-per-view", type=int, default=None, help="random pixels per view in each fitting "
+                   "step, 0 = every pixel (default: the protocol's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the fit (initial codes, rays, marching depths)")
+
+
+def fit_options(args) -> dict:
+    """Keyword arguments for :func:`srn_fast.fit_latents` from :func:`add_fit_arguments`' options."""
+    if args.fit_steps is not None and args.fit_steps < 0:
+        raise UserError(f"--fit-steps must be >= 0, got {args.fit_steps}")
+    if args.fit_lr is not None and not args.fit_lr > 0:
+        raise UserError(f"--fit-lr must be > 0, got {args.fit_lr}")
+    if args.fit_rays_per_view is not None and args.fit_rays_per_view < 0:
+        raise UserError(f"--fit-rays-per-view must be >= 0 (0: every pixel), got {args.fit_rays_per_view}")
+    return {"steps": args.fit_steps, "protocol": args.protocol, "seed": args.seed, "lr": args.fit_lr,
+            "init": args.fit_init, "rays_per_view": args.fit_rays_per_view, "progress": not args.no_progress}

@@ -6,7 +6,7 @@ import os
 import time
 
 from . import UserError
-from .common import add_backend, check_writable_dir, int_list, pick_device
+from .common import add_backend, add_fit_arguments, check_writable_dir, fit_options, int_list, pick_device
 
 HELP = "evaluate a checkpoint: held-out views (PSNR/SSIM) or few-shot reconstruction of unseen objects"
 
@@ -26,11 +26,7 @@ def add_arguments(p):
     f.add_argument("--few-shot", action="store_true", help="fit new latent codes on given views, score the rest")
     f.add_argument("--observations", type=int_list, default=[64], help="view indices to fit on (reference: 64 or "
                    "64,104)")
-    f.add_argument("--fit-steps", type=int, default=1000, help="latent optimisation steps (reference: 100000)")
-    f.add_argument("--fit-lr", type=float, default=5e-5)
-    f.add_argument("--fit-batch-size", type=int, default=8)
-    f.add_argument("--fit-rays-per-view", type=int, default=None)
-    f.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(f)
     p.add_argument("--no-progress", action="store_true")
     add_backend(p)
 
@@ -52,7 +48,8 @@ def run(args) -> int:
     from .. import checkpoint as ckpt_io
     from ..data import SRNDataset
     from ..evaluation import evaluate, remap_instances, write_grid
-    from ..training import fit_latents
+    from ..fewshot import fit_latents
+    from ..viz import loss_curve_png
 
     check_writable_dir(args.out)
     device = pick_device(args.device)
@@ -66,6 +63,7 @@ def run(args) -> int:
     report = {"checkpoint": ck["path"], "data": root, "sidelength": S, "protocol": "few-shot" if args.few_shot
               else "held-out views of training objects"}
     if args.few_shot:
+        opts = fit_options(args)  # checked before the (long) work
         model = ckpt_io.build_model(ck, backend=args.backend).to(device)
         fit_ds = SRNDataset(root, sidelength=S, specific_observation_idcs=args.observations, with_depth=False,
                             with_semantic=False)
@@ -74,12 +72,11 @@ def run(args) -> int:
         n = {i: full.num_views(i) for i in range(full.num_instances)}
         idx = [k for k, (i, v) in enumerate(full.index)
                if full.instances[i].observation_idcs[v] not in {o % n[i] for o in given}]
-        history = []
-        model = fit_latents(model, fit_ds, args.fit_steps, lr=args.fit_lr, batch_size=args.fit_batch_size,
-                            rays_per_view=args.fit_rays_per_view, seed=args.seed, progress=not args.no_progress,
-                            history=history)
-        report.update(observations=args.observations, fit_steps=args.fit_steps,
-                      fit_final_loss=history[-1]["loss"] if history else None)
+        fit = fit_latents(model, fit_ds, **opts)
+        model = fit.model
+        report.update(observations=args.observations, fit=fit.summary(), fit_history=fit.thinned_history(2000),
+                      fit_per_object=[{"instance": name, "steps_taken": fit.steps_taken[i]}
+                                      for i, name in enumerate(fit_ds.instance_names)])
         ds, imap = full, None
     else:
         model = ckpt_io.build_model(ck, backend=args.backend).to(device)
@@ -96,8 +93,25 @@ def run(args) -> int:
     grid = write_grid(os.path.join(args.out, "grid.png"), res["images"], upscale=max(1, 128 // S))
     report.update(psnr=res["psnr"], ssim=res["ssim"], num_images=res["num_images"], seconds=time.time() - t0,
                   per_image=res["per_image"], grid=grid)
+    if args.few_shot:
+        for i, row in enumerate(report["fit_per_object"]):
+            mine = [r for r in res["per_image"] if r["instance"] == i]
+            row.update(psnr=float(np.mean([r["psnr"] for r in mine])) if mine else None,
+                       ssim=float(np.mean([r["ssim"] for r in mine])) if mine else None, num_images=len(mine))
+        report["fit_loss_plot"] = loss_curve_png(
+            os.path.join(args.out, "fit_loss.png"), fit.loss_per_object,
+            f"fit loss per object ({args.protocol}, views {','.join(map(str, args.observations))})")
     path = os.path.join(args.out, "report.json")
     ckpt_io.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
-    print(f"{report['protocol']}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} views "
-          f"at {S} px; report {path}, grid {grid}")
+    if args.few_shot:
+        fs = report["fit"]
+        print(f"few-shot: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} held-out views "
+              f"at {S} px ({args.protocol} protocol, {len(args.observations)} given view(s) per object); fit: "
+              f"{fs['mean_steps_taken']:.0f} steps per object on average (cap {fs['config']['steps']}), "
+              f"{fs['seconds_per_object']:.1f} s per object ({fs['objects']} objects fitted together in "
+              f"{fs['seconds']:.1f} s)")
+        print(f"report {path}, grid {grid}, fit-loss curve {report['fit_loss_plot']}")
+    else:
+        print(f"{report['protocol']}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} "
+              f"views at {S} px; report {path}, grid {grid}")
     return 0

@@ -2,7 +2,7 @@
 
 Protocol (the SRN paper's Figure 2 / few-shot setting): every object under the data root (objects unseen in
 training) is observed in ONE view, ``input_view``. SRN fits a new latent code to that view with all networks
-frozen (:func:`srn_fast.training.fit_latents`), then renders the object's other views; the baseline receives the
+frozen (:func:`srn_fast.fit_latents`), then renders the object's other views; the baseline receives the
 same image and pose and predicts the same views directly. Both are scored on the same held-out views with
 :func:`srn_fast.metrics.psnr` / :func:`srn_fast.metrics.ssim` and the mean absolute depth error on the ground
 truth's foreground pixels.
@@ -54,11 +54,11 @@ def fit_srn_latents(srn_model, data_root: str, input_view: int, sidelength: int,
                     max_instances: int = -1, **fit_kwargs):
     """Few-shot: a copy of ``srn_model`` with one new latent code per object of ``data_root`` (in sorted order),
     fitted to that object's single ``input_view`` with every network frozen
-    (:func:`srn_fast.training.fit_latents`)."""
-    from ..training import fit_latents
+    (:func:`srn_fast.fit_latents`; ``fit_kwargs``: its ``protocol`` and options)."""
+    from ..fewshot import fit_latents
     ds = SRNDataset(data_root, sidelength=sidelength, max_num_instances=max_instances,
                     specific_observation_idcs=[input_view], with_semantic=False)
-    return fit_latents(srn_model, ds, steps, **fit_kwargs)
+    return fit_latents(srn_model, ds, steps, **fit_kwargs).model
 
 
 def image_scores(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor) -> Dict[str, float]:

@@ -17,10 +17,12 @@ def add_arguments(p):
                    "(default: all but the input view)")
     p.add_argument("--max-instances", type=int, default=-1, help="use the first N objects (-1: all)")
     p.add_argument("--fit-steps", type=int, default=500, help="optimiser steps of the SRN latent fit")
+    p.add_argument("--fit-protocol", default="fast", choices=["fast", "reference"], help="latent fitting "
+                   "procedure (srn_fast.fit_latents: fast = the default, reference = the reference's)")
     p.add_argument("--fit-lr", type=float, default=None, help="learning rate of the latent fit "
-                   "(default: fit_latents' own)")
+                   "(default: the protocol's)")
     p.add_argument("--fit-rays-per-view", type=int, default=None, help="random rays per view in each step of "
-                   "the latent fit (default: every pixel)")
+                   "the latent fit (default: the protocol's)")
     p.add_argument("--grid-objects", type=int, default=4, help="objects shown in the image grid")
     p.add_argument("--grid-views", type=int, default=2, help="held-out views per object in the grid")
     p.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare_grid.png, "
@@ -48,7 +50,7 @@ def run(args) -> int:
     srn, srn_step = load_srn_model(args.srn_checkpoint, args.device)
     if args.fit_rays_per_view is not None and args.fit_rays_per_view < 1:
         raise UserError(f"--fit-rays-per-view must be >= 1, got {args.fit_rays_per_view}")
-    fit_kwargs = {"seed": args.seed}
+    fit_kwargs = {"seed": args.seed, "protocol": args.fit_protocol}
     if args.fit_lr is not None:
         fit_kwargs["lr"] = args.fit_lr
     if args.fit_rays_per_view is not None:
