@@ -222,10 +222,10 @@ def test_reconstruct_refuses_bad_inputs(run, tiny_data, tmp_path, capsys):
     scaled = str(tmp_path / "scaled.txt")
     np.savetxt(scaled, np.diag([2.0, 2.0, 2.0, 1.0]) @ P)
     one_line_error(capsys, base + ["--image", img, "--pose", scaled, "--intrinsics", K], "not a rigid transform",
-                   "R^T R")
+                   "a scale")
     row = str(tmp_path / "row.txt")
     np.savetxt(row, np.vstack([P[:3], [0.0, 0.0, 1.0, 1.0]]))
-    one_line_error(capsys, base + ["--image", img, "--pose", row], "not a rigid transform", "last row")
+    one_line_error(capsys, base + ["--image", img, "--pose", row], "not a rigid transform", "last row 0 0 1 1")
     # a checkpoint without latent codes (a single SRN)
     single = srn_fast.SRNModel(1, fit_single_srn=True, phi_hidden=16, rendering_layers=2, tracing_steps=3)
     ck = str(tmp_path / "single.pth")

@@ -45,19 +45,6 @@ def add_arguments(p):
     add_backend(p)
 
 
-def check_rigid(P: np.ndarray, where: str) -> None:
-    """A one-line :class:`UserError` unless ``P [4, 4]`` is a rigid transform (rotation + translation)."""
-    R = P[:3, :3]
-    err = float(np.abs(R.T @ R - np.eye(3)).max())
-    if not np.allclose(P[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
-        raise UserError(f"{where}: not a rigid transform: the last row is {P[3].tolist()}, expected [0, 0, 0, 1]")
-    if err > RIGID_TOL:
-        raise UserError(f"{where}: not a rigid transform: the rotation part R has max |R^T R - I| = {err:.3g} "
-                        f"(> {RIGID_TOL:g}; scaled or sheared?)")
-    if np.linalg.det(R) < 0:
-        raise UserError(f"{where}: not a rigid transform: the rotation part is a reflection (det R < 0)")
-
-
 def _intrinsics(path: str, H: int, W: int, image: str):
     """(f, cx, cy) in pixels of the full image from an SRN intrinsics file, whose size must be ``H x W``."""
     from ..geometry import parse_intrinsics
@@ -94,8 +81,7 @@ def load_view(image: str, pose: str, intrinsics, camera, S: int) -> dict:
     crop = io.square_crop(rgb)
     cx, cy = cx - c0, cy - r0
     s = S / m
-    P = geometry.load_pose(pose)
-    check_rigid(P, f"--pose {pose}")
+    P = geometry.load_pose(pose)                                   # [4, 4], checked rigid
     return {"rgb": torch.from_numpy((io.resize_area(crop, S) - 0.5) * 2.0).reshape(-1, 3),
             "pose": torch.from_numpy(P).float(), "intrinsics": geometry.intrinsics_matrix(f * s, cx * s, cy * s),
             "uv": geometry.uv_grid(S), "instance_idx": torch.tensor(0)}
