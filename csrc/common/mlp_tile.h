@@ -159,8 +159,12 @@ namespace detail {
 
 template <typename T>
 void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* dst) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = 0; k < C; ++k) dst[r * C + k] = to_storage<c10::BFloat16, T>(src[r * ld_src + k]);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* s = src + r * ld_src;
+    c10::BFloat16* d = dst + r * C;
+    SRN_SIMD
+    for (int64_t k = 0; k < C; ++k) d[k] = to_storage<c10::BFloat16, T>(s[k]);
+  }
 }
 
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
@@ -286,12 +290,17 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
         if (l == 0) {
           detail::to_bf16(x, ldx, R, ci, a_mm);
         } else {
+          // the previous layer's output from its saved activation, a row at a time through a float row
+          // buffer so that both loops vectorise (the branchy fused loop did not: 12% of a bf16 step)
           const Layer<T>& p = layers[l - 1];
           for (int64_t r = 0; r < R; ++r) {
             const T* xr = act[l - 1] + r * ci;
-            for (int64_t k = 0; k < ci; ++k)
-              a_mm[r * ci + k] = to_storage<c10::BFloat16, T>(
-                  p.norm ? ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k)) : xr[k]);
+            if (p.norm) {
+              SRN_SIMD
+              for (int64_t k = 0; k < ci; ++k) a_buf[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));
+              xr = a_buf;
+            }
+            detail::to_bf16(xr, ci, 1, ci, a_mm + r * ci);
           }
         }
         c10::BFloat16* vz_mm = ws.buf_mm(1);
