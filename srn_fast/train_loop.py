@@ -32,6 +32,7 @@ from . import checkpoint as ckpt_io
 from .evaluation import evaluate, write_grid
 from .health import CollapseMonitor, NonFiniteLossError, batch_stats, collapse_message
 from .model import SRNModel
+from .ops._layers import cpu_has_bf16_matmul
 from .ops.precision import bf16_pays, describe_rates
 from .runfolder import RunFolder
 from .training import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _camera_facts, _device,
@@ -126,8 +127,9 @@ def setup(cfg: TrainConfig, extra_loss: Optional[ExtraLoss] = None, log=print) -
         if model.backend_name == "fused":
             model.matmul_dtype = torch.bfloat16  # bf16 matmuls inside the fused kernels, fp32 accumulation
         if device.type == "cpu" and not bf16_pays(device):
-            warnings.warn(f"--bf16: this CPU runs bf16 matmuls no faster than float32 (no bf16 matmul instructions; "
-                          f"tile GEMM rates: {describe_rates()}), so training will be slower and less precise; "
+            why = "it has bf16 instructions, but" if cpu_has_bf16_matmul() else "it has no bf16 instructions;"
+            warnings.warn(f"--bf16: this CPU runs bf16 matmuls no faster than float32 ({why} tile GEMM rates: "
+                          f"{describe_rates()}), so training will be slower and less precise; "
                           "--bf16 auto uses bf16 only where it is faster", RuntimeWarning, stacklevel=2)
     elif cfg.bf16 == "auto" and model.backend_name == "fused":
         model.matmul_dtype = "auto"  # resolved (and logged) by the model: bf16 where it measures faster
