@@ -22,57 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_env import import_srn_fast, machine_facts  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import srn_fast  # noqa: E402
+srn_fast = import_srn_fast()  # the installed srn_fast when there is one, else this source tree
 from srn_fast import checkpoint as ckpt_io  # noqa: E402
 from srn_fast.data import SRNDataset  # noqa: E402
 from srn_fast.evaluation import evaluate  # noqa: E402
 from srn_fast.fewshot import fit_latents, with_codes  # noqa: E402
 
 
-def cpu_facts() -> dict:
-    """CPU model, flags and counts from /proc/cpuinfo (Linux), plus the load average."""
-    facts = {"machine": platform.machine(), "logical_cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read()
-        for line in text.splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and "model" not in facts:
-                facts["model"] = val.strip()
-            elif key == "flags" and "flags" not in facts:
-                facts["flags"] = val.split()
-    except OSError:
-        facts["model"] = platform.processor()
-    return facts
-
-
 def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return None
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def parse_variant(text: str):
@@ -154,11 +121,9 @@ def main(argv=None) -> int:
 
     def write(done: bool) -> dict:
         text = table(rows)
-        result = {"benchmark": "fewshot", "complete": done, "note": args.note, "commit": git_commit(),
-                  "cpu": cpu_facts(), "load_average_before": load_before, "load_average_after": load_average(),
-                  "threads": torch.get_num_threads(), "backend": model.backend_name,
-                  "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                               "srn_fast": srn_fast.__version__},
+        result = {"benchmark": "fewshot", "complete": done, "note": args.note, **machine_facts(),
+                  "load_average_before": load_before, "load_average_after": load_average(),
+                  "backend": model.backend_name, "srn_fast_version": srn_fast.__version__,
                   "setup": {"checkpoint": ck["path"], "training_step": meta.get("step"), "data": root,
                             "sidelength": S, "model_config": ckpt_io.checkpoint_model_config(ck), "steps": steps,
                             "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)},
