@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from . import files
 from .evaluation import evaluate, write_grid
 from .health import CollapseMonitor, NonFiniteLossError, batch_stats, collapse_message
 from .model import SRNModel
@@ -238,7 +239,7 @@ def restore(sess: Session, resume: bool = False, overwrite: bool = False) -> Res
             if sess.main:
                 log(f"initialised from {ck['path']}")
         if sess.main and (not resume or res.changes):
-            ckpt_io.write_json(folder.join("config.json"), cfg.to_json())
+            files.write_json(folder.join("config.json"), cfg.to_json())
         return res
     except BaseException:
         if folder is not None:

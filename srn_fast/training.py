@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import checkpoint as ckpt_io
+from . import files
 from .evaluation import collate
 from .model import SRNModel
 from .ops.precision import bf16_pays
@@ -284,11 +284,11 @@ class MetricsLog:
         if truncate_after is not None and os.path.exists(path):  # drop lines logged after the resumed checkpoint
             with open(path) as fh:
                 keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after]
-            ckpt_io.atomic_write(path, lambda f: f.write("".join(keep).encode()))
+            files.write_text(path, "".join(keep))
         self.fh = open(path, "a")
 
     def write(self, rec: Dict) -> None:
-        self.fh.write(ckpt_io.strict_json(rec) + "\n")  # strict JSON: NaN/inf become null
+        self.fh.write(files.strict_json(rec) + "\n")  # strict JSON: NaN/inf become null
         self.fh.flush()
 
     def close(self):

@@ -174,16 +174,3 @@ def test_cli_train_and_bad_input(spheres, tmp_path, capsys):
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and "\n" not in err, err
-
-
-def test_reports_are_strict_json(tmp_path):
-    """A view without foreground has a NaN depth error: written as null, not as a bare NaN."""
-    from srn_fast.baseline.train import write_json
-
-    def no_constants(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
-    path = str(tmp_path / "rep.json")
-    write_json(path, {"per_view": [{"depth_abs_error": float("nan")}, {"psnr": float("inf")}]})
-    assert json.loads(open(path).read(), parse_constant=no_constants) == \
-        {"per_view": [{"depth_abs_error": None}, {"psnr": None}]}

@@ -21,7 +21,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .train import evaluate, load_checkpoint, write_json
+    from ..files import write_json
+    from .train import evaluate, load_checkpoint
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: folder not found (expected an SRN root such as DIR/unseen)")
     if args.max_targets is not None and args.max_targets < 1:
@@ -34,7 +35,7 @@ def run(args) -> int:
     rep["input_view"] = args.input_view
     ck = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     out = args.out or os.path.join(ck, "baseline_eval.json")
-    write_json(out, rep)
+    write_json(out, rep, indent=2, makedirs=True)
     print(json.dumps(rep["summary"]))
     print(f"wrote {out}")
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -10,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import strict_json
 from ..data import SRNDataset
+from ..files import save_torch, write_json
 from ..runfolder import RunLock, clean_run_temporaries
 from .data import PairDataset, eval_pairs, image_sample
 from .model import TatarchenkoNet, baseline_loss, depth_abs_error
@@ -21,42 +20,14 @@ CHECKPOINT_NAME = "baseline.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# files
-def atomic_write_bytes_via(path: str, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    """Strict JSON (NaN/inf written as null, e.g. the depth error of a view without foreground), atomically."""
-    text = strict_json(obj, indent=2) + "\n"
-
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    atomic_write_bytes_via(path, w)
-
-
+# checkpoints
 def save_checkpoint(path: str, model: TatarchenkoNet, optimizer: Optional[torch.optim.Optimizer] = None,
                     step: int = 0, extra: Optional[Dict] = None) -> None:
     """Atomically write ``{'kind', 'config', 'model', 'optimizer', 'step', 'extra'}`` to ``path``."""
     state = {"kind": CHECKPOINT_KIND, "config": dict(model.config), "model": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
              "extra": extra or {}}
-    atomic_write_bytes_via(path, lambda tmp: torch.save(state, tmp))
+    save_torch(path, state, makedirs=True)
 
 
 def load_checkpoint(path: str, map_location="cpu"):
@@ -167,7 +138,7 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
                     break
         bar.close()
         rep = report(step, time.time() - t0)
-        write_json(os.path.join(out_dir, "train_report.json"), rep)
+        write_json(os.path.join(out_dir, "train_report.json"), rep, indent=2)
         return rep
     finally:
         lock.release()

@@ -51,7 +51,7 @@ def run(args) -> int:
 
     from ..data import SRNDataset, generate
     from ..evaluation import baseline_scores, evaluate, mean_colour, render_poses, write_frames, write_grid
-    from ..checkpoint import write_json
+    from ..files import write_json
     from ..training import TrainConfig, _camera_facts, train
     from ..viz import orbit_poses
     from .. import geometry

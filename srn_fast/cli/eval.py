@@ -46,6 +46,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import checkpoint as ckpt_io
+    from .. import files
     from ..data import SRNDataset
     from ..evaluation import evaluate, remap_instances, write_grid
     from ..fewshot import fit_latents
@@ -102,7 +103,7 @@ def run(args) -> int:
             os.path.join(args.out, "fit_loss.png"), fit.loss_per_object,
             f"fit loss per object ({args.protocol}, views {','.join(map(str, args.observations))})")
     path = os.path.join(args.out, "report.json")
-    ckpt_io.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
+    files.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
     if args.few_shot:
         fs = report["fit"]
         print(f"few-shot: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} held-out views "

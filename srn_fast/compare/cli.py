@@ -35,9 +35,9 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..baseline.train import load_checkpoint, write_json
+    from ..baseline.train import load_checkpoint
+    from ..files import write_json, write_png, write_text
     from . import compare, load_srn_model, markdown_table
-    from .grid import save_png
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: folder not found (expected an SRN root such as DIR/unseen)")
     for name in ("fit_steps", "grid_views"):
@@ -64,18 +64,13 @@ def run(args) -> int:
                         baseline_train_seconds=bckpt["extra"].get("seconds"), seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "compare.json"),
-               {k: res[k] for k in ("setup", "summary", "per_view")})
+               {k: res[k] for k in ("setup", "summary", "per_view")}, indent=2)
     md = markdown_table(res)
-    from ..baseline.train import atomic_write_bytes_via
-
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(md)
-    atomic_write_bytes_via(os.path.join(args.out, "compare.md"), w)
+    write_text(os.path.join(args.out, "compare.md"), md)
     written = ["compare.json", "compare.md"]
     for key, name in (("grid", "compare_grid.png"), ("depth_grid", "compare_depth_grid.png")):
         if res[key] is not None:
-            save_png(os.path.join(args.out, name), res[key])
+            write_png(os.path.join(args.out, name), res[key])
             written.append(name)
     print(md)
     print(f"wrote {', '.join(written)} to {args.out}")

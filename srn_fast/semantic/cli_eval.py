@@ -55,6 +55,7 @@ def run(args) -> int:
     import torch
 
     from .. import checkpoint as ckpt_io
+    from .. import files
     from ..data import SRNDataset
     from . import viz
     from .cli_train import class_names_for
@@ -144,7 +145,7 @@ def run(args) -> int:
     # pictures: views grid, embedding of the (first) frozen SRN's features, orbit GIF
     first_views = next(iter(rendered.values()))[1]
     rows = [int(r) for r in np.linspace(0, len(idx) - 1, min(args.grid_views, len(idx))).round()]
-    report["views_png"] = viz.write_png(os.path.join(args.out, "views.png"),
+    report["views_png"] = files.write_png(os.path.join(args.out, "views.png"),
                                         view_grid(first_views, preds, names, S, rows, upscale=max(1, 96 // S)))
     report["embedding"] = embedding_png(os.path.join(args.out, f"features_{args.embedding}.png"), first_views, names,
                                         method=args.embedding, max_points=args.embed_points)
@@ -156,11 +157,11 @@ def run(args) -> int:
         poses = orbit_poses(args.gif_frames, float(cam.get("radius", 2.0)), float(cam.get("elevation_deg", 30.0)))
         inst = int(imap[0])
         frames = orbit_frames(model, head, inst, poses, K, S, upscale=max(1, 96 // S), progress=not args.no_progress)
-        report["gif"] = {"path": viz.write_gif(os.path.join(args.out, "orbit.gif"), frames), "head": label,
+        report["gif"] = {"path": files.write_gif(os.path.join(args.out, "orbit.gif"), frames, fps=10.0), "head": label,
                          "instance": ds.instance_names[0]}
     report["seconds"] = time.time() - t0
     path = os.path.join(args.out, "report.json")
-    ckpt_io.write_json(path, report)
+    files.write_json(path, report)
     print(f"report {path}; plot {report.get('plot')}; views {report['views_png']}; "
           f"features {report['embedding']['path']}" + (f"; gif {report['gif']['path']}" if "gif" in report else ""))
     return 0

@@ -79,12 +79,6 @@ def class_names_for(data: str, labels_max: int = None):
     return ["background"] + [f"part_{c}" for c in range(1, labels_max + 1)]
 
 
-def _json_write(path, obj):
-    from ..checkpoint import write_json
-
-    write_json(path, obj)
-
-
 def _run_joint(args, device) -> int:
     from ..checkpoint import load
     from ..training import TrainConfig, split_roots
@@ -140,6 +134,7 @@ def run(args) -> int:
 
     from .. import checkpoint as ckpt_io
     from ..data import SRNDataset
+    from ..files import write_json
     from ..training import split_roots
     from .features import EVAL_SEED, extract_features, map_instances, select_views
     from .head import save_head
@@ -197,7 +192,7 @@ def run(args) -> int:
         print(f"K={label:>4}: {len(idx)} labelled views ({_per_object(views)}), {info['num_rays']} rays, final loss "
               f"{hist.get('loss', float('nan')):.4f}, train accuracy {hist.get('train_accuracy', float('nan')):.3f}; "
               f"SRN unchanged (sha256 {info['digest_after'][:12]}); {path}")
-    _json_write(os.path.join(args.out, "semantic_train.json"), summary)
+    write_json(os.path.join(args.out, "semantic_train.json"), summary)
     return 0
 
 

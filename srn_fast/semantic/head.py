@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..files import save_torch
 
 
 class SemanticInputError(ValueError):
@@ -93,15 +93,10 @@ class SemanticHead(nn.Module):
         return self(features).argmax(-1)
 
 
-def _atomic_save(path: str, obj: Any) -> None:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
 def save_head(path: str, head: SemanticHead, extra: Optional[Dict[str, Any]] = None) -> str:
     """Write ``{"semantic_head": state_dict, "config": ..., "srn_fast_semantic": extra}`` atomically."""
-    _atomic_save(path, {"semantic_head": head.state_dict(), "config": head.config(), "srn_fast_semantic": dict(extra or {})})
+    save_torch(path, {"semantic_head": head.state_dict(), "config": head.config(), "srn_fast_semantic": dict(extra or {})},
+               makedirs=True)
     return path
 
 
