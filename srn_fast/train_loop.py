@@ -32,6 +32,7 @@ from . import checkpoint as ckpt_io
 from . import files
 from .evaluation import evaluate, write_grid
 from .health import CollapseMonitor, NonFiniteLossError, batch_stats, collapse_message
+from .metrics import psnr_from_mse
 from .model import SRNModel
 from .ops.precision import bf16_pays, describe_rates
 from .runfolder import RunFolder
@@ -393,7 +394,7 @@ class TrainLoop:
         self.acc_n = 0
         rec = {"kind": "train", "step": self.global_step, "stage": self.stage, "sidelength": self.S,
                "loss": vals[0], "img_loss": vals[1], "depth_reg": vals[2], "latent_loss": vals[3],
-               "train_psnr": float(10 * np.log10(4.0 / max(vals[1], 1e-12))), "time": time.time() - self.t0,
+               "train_psnr": psnr_from_mse(vals[1]), "time": time.time() - self.t0,
                "rgb_var_ratio": vp / vt if vt > 0 else None, "depth_mean": dmean}
         if s.extra_loss is not None:  # rank 0's values (not averaged over processes)
             rec.update({k: float(v.detach()) for k, v in self.extra_logs.items()})

@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from ..data import SRNDataset
 from ..files import save_torch, write_json
+from ..metrics import mean_scores, view_scores
 from ..runfolder import RunLock, clean_run_temporaries
 from .data import PairDataset, eval_pairs, image_sample
-from .model import TatarchenkoNet, baseline_loss, depth_abs_error
+from .model import TatarchenkoNet, baseline_loss
 
 CHECKPOINT_KIND = "srn_fast.baseline.TatarchenkoNet"
 CHECKPOINT_NAME = "baseline.pt"
@@ -169,25 +170,12 @@ def evaluate(model: TatarchenkoNet, data_root: str, input_view: int = 0, max_tar
              max_instances: int = -1, device: str = "cpu", progress: bool = True) -> Dict:
     """Mean PSNR / SSIM / foreground depth error of the baseline on the held-out views of every object under
     ``data_root``, each predicted from the object's ``input_view`` alone."""
-    from ..compare import image_scores
     ds = SRNDataset(data_root, sidelength=model.sidelength, max_num_instances=max_instances, with_semantic=False)
     rows = []
     for i, iv, targets in tqdm(eval_pairs(ds, input_view, max_targets), desc="baseline-eval", disable=not progress):
         pred = predict_views(model, ds, i, iv, targets, device)
         for k, t in enumerate(targets):
             gt = image_sample(ds, i, t)
-            row = {"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
-                   **image_scores(pred["rgb"][k], gt["rgb"])}
-            if "depth" in gt:
-                row["depth_abs_error"] = depth_abs_error(pred["depth"][k], gt["depth"])
-            rows.append(row)
-    return {"summary": summarize(rows), "per_view": rows}
-
-
-def summarize(rows: List[Dict]) -> Dict:
-    """Means over all rows of each numeric metric (NaNs, e.g. views without foreground, skipped)."""
-    out = {"num_views": len(rows), "num_objects": len({r["instance"] for r in rows})}
-    for k in ("psnr", "ssim", "depth_abs_error"):
-        vals = [r[k] for r in rows if k in r and r[k] == r[k]]
-        out[k] = sum(vals) / len(vals) if vals else None
-    return out
+            rows.append({"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
+                         **view_scores({"rgb": pred["rgb"][k], "depth": pred["depth"][k]}, gt)})
+    return {"summary": mean_scores(rows), "per_view": rows}

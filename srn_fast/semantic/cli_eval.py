@@ -62,7 +62,8 @@ def run(args) -> int:
     from .evaluate import embedding_png, orbit_frames, orbit_poses, render_views, score_head, view_grid
     from .features import map_instances
     from .head import load_head
-    from .metrics import confusion_matrix, scores
+    from ..metrics import confusion_matrix
+    from ..metrics import segmentation_scores as scores
 
     check_writable_dir(args.out)
     if args.embedding == "tsne":

@@ -16,8 +16,9 @@ from .. import geometry
 from ..model import SRNModel
 from . import viz
 from .features import EVAL_SEED, collate, render_semantic
-from .head import SemanticHead, check_labels
-from .metrics import confusion_matrix, majority_baseline, scores
+from ..metrics import check_labels, confusion_matrix, majority_baseline
+from ..metrics import segmentation_scores as scores
+from .head import SemanticHead
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from ..model import SRNModel
-from .head import SemanticHead, SemanticInputError, check_labels
+from ..metrics import check_labels
+from .head import SemanticHead, SemanticInputError
 
 EVAL_SEED = 1234  # seed of the initial marching depths of feature renders (reproducible features and scores)
 

@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 
 from ..files import save_torch
+from ..metrics import LabelError
 
 
-class SemanticInputError(ValueError):
-    """Features or labels with the wrong shape, dtype or value range."""
+class SemanticInputError(LabelError):
+    """Features, labels or head files that are not what the semantic head expects (labels are checked by
+    :func:`srn_fast.metrics.check_labels`, which raises its base class :class:`~srn_fast.metrics.LabelError`)."""
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -33,23 +35,6 @@ def check_features(features: torch.Tensor, in_features: int, name: str = "featur
     if features.dim() < 1 or features.shape[-1] != in_features:
         raise SemanticInputError(f"{name} must have shape [..., {in_features}] (phi's feature width), "
                                  f"got {_shape(features)}")
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, shape: Optional[Sequence[int]] = None,
-                 name: str = "labels") -> None:
-    """``labels`` int64 in ``[0, num_classes)`` (0 = background), of ``shape`` when given."""
-    if not isinstance(labels, torch.Tensor):
-        raise SemanticInputError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise SemanticInputError(f"{name} must be int64 part ids (0 = background), got {labels.dtype}")
-    if shape is not None and tuple(labels.shape) != tuple(shape):
-        raise SemanticInputError(f"{name} must have shape [{', '.join(str(s) for s in shape)}] (one label per ray), "
-                                 f"got {_shape(labels)}")
-    if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise SemanticInputError(f"{name} must lie in [0, {num_classes - 1}] (0 = background, 1..{num_classes - 1}"
-                                     f" = parts), got values in [{lo}, {hi}]; is num_classes right?")
 
 
 class SemanticHead(nn.Module):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..training import ExtraLoss
-from .head import SemanticHead, check_labels
+from ..metrics import check_labels
+from .head import SemanticHead
 
 
 class SemanticLoss(ExtraLoss):

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from ..model import SRNModel
 from .features import EVAL_SEED, extract_features
-from .head import SemanticHead, SemanticInputError, check_features, check_labels
+from ..metrics import check_labels
+from .head import SemanticHead, SemanticInputError, check_features
 
 
 def freeze(model: SRNModel) -> SRNModel:
