@@ -13,7 +13,7 @@ from srn_fast.model import SRNModel
 from srn_fast.semantic import (LabelError, SemanticHead, SemanticInputError, check_labels, confusion_matrix, extract_features,
                                fit_semantic_head, load_head, majority_baseline, map_instances, parameter_digest,
                                save_head, scores, select_views, train_head)
-from srn_fast.semantic.cli_train import k_list
+from srn_fast.cli.semantic_train import k_list
 from srn_fast.semantic.joint import SemanticLoss
 from srn_fast.training import TrainConfig, prepare_batch, train
 

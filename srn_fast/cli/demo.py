@@ -12,7 +12,7 @@ import shutil
 import time
 
 from . import UserError
-from .common import add_backend, check_writable_dir
+from .common import add_shared_options, check_writable_dir
 
 HELP = "generate a small dataset, train, evaluate held-out views and render an orbit GIF (CPU, minutes)"
 
@@ -34,8 +34,7 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data and model)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the demo's small matmuls gain "
                    "little from more, and slow down badly when other programs share the cores)")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p)
 
 
 def _prepare_out(out: str) -> None:

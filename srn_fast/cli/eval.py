@@ -6,7 +6,7 @@ import os
 import time
 
 from . import UserError
-from .common import add_backend, add_fit_arguments, check_writable_dir, fit_options, int_list, pick_device
+from .common import FIT_SEED, add_fit_arguments, add_shared_options, check_writable_dir, fit_options, int_list, pick_device
 
 HELP = "evaluate a checkpoint: held-out views (PSNR/SSIM) or few-shot reconstruction of unseen objects"
 
@@ -27,8 +27,7 @@ def add_arguments(p):
     f.add_argument("--observations", type=int_list, default=[64], help="view indices to fit on (reference: 64 or "
                    "64,104)")
     add_fit_arguments(f)
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p, seed=FIT_SEED + " (with --few-shot)")
 
 
 def data_root(data: str, split: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from . import UserError
-from .common import add_backend, add_fit_arguments, check_writable_dir, fit_options, pick_device
+from .common import FIT_SEED, add_fit_arguments, add_shared_options, check_writable_dir, fit_options, pick_device
 
 HELP = "reconstruct a new object from one or two posed photos: fit its latent code, write an orbit GIF and the code"
 
@@ -38,8 +38,7 @@ def add_arguments(p):
     p.add_argument("--fps", type=float, default=12.0)
     p.add_argument("--upscale", type=int, default=None, help="enlarge the GIF by this factor (default: to ~128 px)")
     add_fit_arguments(p.add_argument_group("latent fitting"))
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p, seed=FIT_SEED)
 
 
 def _intrinsics(path: str, H: int, W: int, image: str):

@@ -9,10 +9,10 @@ features of a frozen SRN, trained on a few labelled views.
 """
 from ..metrics import LabelError, check_labels, confusion_matrix, majority_baseline
 from ..metrics import segmentation_scores as scores
-from .features import extract_features, map_instances, render_semantic, select_views
+from .features import class_names_for, extract_features, map_instances, render_semantic, select_views
 from .head import SemanticHead, SemanticInputError, load_head, save_head
 from .train import fit_semantic_head, freeze, parameter_digest, train_head
 
 __all__ = ["SemanticHead", "SemanticInputError", "LabelError", "check_labels", "save_head", "load_head", "select_views",
-           "extract_features", "render_semantic", "map_instances", "fit_semantic_head", "train_head", "freeze",
+           "class_names_for", "extract_features", "render_semantic", "map_instances", "fit_semantic_head", "train_head", "freeze",
            "parameter_digest", "confusion_matrix", "scores", "majority_baseline"]

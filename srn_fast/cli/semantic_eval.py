@@ -6,8 +6,8 @@ import glob
 import os
 import time
 
-from ..cli import UserError
-from ..cli.common import add_backend, check_writable_dir, pick_device
+from . import UserError
+from .common import add_shared_options, check_writable_dir, pick_device
 
 HELP = "evaluate Semantic SRN heads on held-out views: mIoU/accuracy per K, plots, part maps, feature embedding"
 
@@ -26,8 +26,7 @@ def add_arguments(p):
     p.add_argument("--embed-points", type=int, default=4000, help="surface rays in the embedding picture")
     p.add_argument("--gif-frames", type=int, default=24, help="frames of the orbit GIF (0: none)")
     p.add_argument("--gif-head", default="30", help="label of the head the GIF shows (default 30, else the first)")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p)
 
 
 def _head_files(items):
@@ -57,13 +56,12 @@ def run(args) -> int:
     from .. import checkpoint as ckpt_io
     from .. import files
     from ..data import SRNDataset
-    from . import viz
-    from .cli_train import class_names_for
-    from .evaluate import embedding_png, orbit_frames, orbit_poses, render_views, score_head, view_grid
-    from .features import map_instances
-    from .head import load_head
     from ..metrics import confusion_matrix
     from ..metrics import segmentation_scores as scores
+    from ..semantic import viz
+    from ..semantic.evaluate import embedding_png, orbit_frames, orbit_poses, render_views, score_head, view_grid
+    from ..semantic.features import class_names_for, map_instances
+    from ..semantic.head import load_head
 
     check_writable_dir(args.out)
     if args.embedding == "tsne":
