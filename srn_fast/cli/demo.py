@@ -51,7 +51,7 @@ def run(args) -> int:
     from ..data import SRNDataset, generate
     from ..evaluation import baseline_scores, evaluate, mean_colour, render_poses, write_frames, write_grid
     from ..files import write_json
-    from ..training import TrainConfig, _camera_facts, train
+    from ..training import TrainConfig, camera_facts_of, train
     from ..viz import orbit_poses
     from .. import geometry
 
@@ -94,7 +94,7 @@ def run(args) -> int:
     grid = write_grid(os.path.join(out, "eval", "grid.png"), ev["images"], upscale=max(1, 96 // S))
 
     print("[4/4] rendering an orbit")
-    cam = _camera_facts(train_ds)
+    cam = camera_facts_of(train_ds)
     f, cx, cy = (v * S for v in cam["K_rel"])
     poses = orbit_poses(args.frames, cam["radius"], max(cam["elevation_deg"], 15.0), up=cam["up"])
     frames = render_poses(model, 0, poses, geometry.intrinsics_matrix(f, cx, cy), S, progress=progress)

@@ -29,10 +29,10 @@ def add_arguments(p):
 
 def camera_from_data(data: str) -> dict:
     from ..data import SRNDataset
-    from ..training import _camera_facts, split_roots
+    from ..training import camera_facts_of, split_roots
 
     root, _ = split_roots(data)
-    return _camera_facts(SRNDataset(root, sidelength=64, with_depth=False, with_semantic=False))
+    return camera_facts_of(SRNDataset(root, sidelength=64, with_depth=False, with_semantic=False))
 
 
 def run(args) -> int:
