@@ -54,8 +54,19 @@ def make_layers(B, widths, per_scene=True, affine=False, last_linear=False, dtyp
 
 
 def layer_tensors(layers):
+    """The tensors of ``layers`` in order (weight, bias, and the LayerNorm affine pair where present)."""
     return [t for layer in layers for t in (layer.weight, layer.bias, layer.ln_weight, layer.ln_bias)
             if isinstance(t, torch.Tensor)]
+
+
+def with_tensors(layers, tensors):
+    """``layers`` rebuilt around ``tensors`` (as many as :func:`layer_tensors` gives, in its order), e.g. the
+    inputs gradcheck perturbs or copies in another dtype or on another device; the layer structure is kept."""
+    it = iter(tensors)
+    out = [Layer(*(next(it) if isinstance(t, torch.Tensor) else t for t in layer)) for layer in layers]
+    if next(it, None) is not None:
+        raise ValueError("with_tensors: more tensors than the layers hold")
+    return out
 
 
 def make_lstm(F, H=16, dtype=torch.float64, gen=None, scale=1.0):

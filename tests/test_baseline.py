@@ -15,13 +15,7 @@ from _spheres import write_sphere_root
 TINY = dict(width=4, code_dim=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions are fastest on one thread (two threads on a busy 2-core machine are much slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

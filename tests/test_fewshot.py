@@ -18,13 +18,7 @@ from srn_fast.evaluation import render_full
 from srn_fast.fewshot import PROTOCOLS, PerObjectAdam, fit_latents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other programs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 S = 8

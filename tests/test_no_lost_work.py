@@ -21,12 +21,7 @@ MODEL = ["--latent-dim", "8", "--phi-hidden", "16", "--rendering-layers", "2", "
          "--rays-per-view", "16", "--backend", "torch", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def train_args(data, out, steps="2", *extra):
