@@ -170,20 +170,21 @@ class LabelError(ValueError):
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, shape: Optional[Sequence[int]] = None,
-                 name: str = "labels") -> None:
-    """``labels`` int64 in ``[0, num_classes)`` (0 = background), of ``shape`` when given; else :class:`LabelError`."""
+                 name: str = "labels", error: type = LabelError) -> None:
+    """``labels`` int64 in ``[0, num_classes)`` (0 = background), of ``shape`` when given; else ``error`` (a
+    :class:`LabelError` class: callers may name their own domain's, e.g. ``SemanticInputError``)."""
     if not isinstance(labels, torch.Tensor):
-        raise LabelError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+        raise error(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
-        raise LabelError(f"{name} must be int64 part ids (0 = background), got {labels.dtype}")
+        raise error(f"{name} must be int64 part ids (0 = background), got {labels.dtype}")
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        raise LabelError(f"{name} must have shape [{', '.join(str(s) for s in shape)}] (one label per ray), "
-                         f"got [{', '.join(str(s) for s in labels.shape)}]")
+        raise error(f"{name} must have shape [{', '.join(str(s) for s in shape)}] (one label per ray), "
+                    f"got [{', '.join(str(s) for s in labels.shape)}]")
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
-            raise LabelError(f"{name} must lie in [0, {num_classes - 1}] (0 = background, 1..{num_classes - 1}"
-                             f" = parts), got values in [{lo}, {hi}]; is num_classes right?")
+            raise error(f"{name} must lie in [0, {num_classes - 1}] (0 = background, 1..{num_classes - 1}"
+                        f" = parts), got values in [{lo}, {hi}]; is num_classes right?")
 
 
 def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> torch.Tensor:

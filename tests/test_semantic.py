@@ -73,7 +73,7 @@ def test_head_shapes_and_clear_errors(tmp_path):
         check_labels(torch.tensor([0, 5]), NUM_CLASSES)
     with pytest.raises(LabelError, match=r"\[-1, 2\]"):
         check_labels(torch.tensor([-1, 2]), NUM_CLASSES)
-    with pytest.raises(LabelError, match=r"shape \[3\]"):
+    with pytest.raises(SemanticInputError, match=r"shape \[3\]"):
         train_head(torch.randn(3, 16), torch.zeros(4, dtype=torch.int64), NUM_CLASSES, steps=1, progress=False)
     with pytest.raises(LabelError, match="same shape"):
         confusion_matrix(torch.zeros(3, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 2)

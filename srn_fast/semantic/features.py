@@ -156,7 +156,8 @@ def extract_features(model: SRNModel, dataset, indices: Sequence[int], instance_
         batch = collate(samples)
         B, N = batch["uv"].shape[:2]
         if num_classes is not None:
-            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset")
+            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset",
+                         error=SemanticInputError)
         if instance_map is not None:
             batch["instance_idx"] = instance_map[batch["instance_idx"]]
         out = render_semantic(model, batch, None, chunk_rays=chunk_rays, seed=seed + b0)

@@ -18,8 +18,9 @@ from ..metrics import LabelError
 
 
 class SemanticInputError(LabelError):
-    """Features, labels or head files that are not what the semantic head expects (labels are checked by
-    :func:`srn_fast.metrics.check_labels`, which raises its base class :class:`~srn_fast.metrics.LabelError`)."""
+    """Features, labels or head files that are not what the semantic head expects. (Its base class
+    :class:`srn_fast.metrics.LabelError` is what :func:`srn_fast.metrics.check_labels` and
+    :func:`~srn_fast.metrics.confusion_matrix` raise when called directly.)"""
 
 
 def _shape(t: torch.Tensor) -> str:
