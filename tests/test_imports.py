@@ -112,6 +112,36 @@ def test_no_import_cycle_in_the_graph():
     assert cycle is None, _cycle_message(cycle)
 
 
+# The layers of docs/architecture.md, lowest first: a module may import from its own layer and the ones below.
+LAYERS = [
+    ("foundations", {"types", "geometry", "metrics", "files", "viz"}),
+    ("extension", {"_ext"}),
+    ("ops", {"ops"}),
+    ("backends", {"backends", "torch_impl"}),
+    ("model & data", {"model", "layers", "checkpoint", "runfolder", "health", "data"}),
+    ("workflows", {"training", "train_loop", "train_parts", "fewshot", "evaluation", "semantic", "baseline",
+                   "compare"}),
+    ("cli", {"cli", "__main__"}),
+]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS)  # the package's __init__: the public API, above everything
+    for k, (_, names) in enumerate(LAYERS):
+        if parts[1] in names:
+            return k
+    raise AssertionError(f"{module}: in no layer of docs/architecture.md (add it there and to LAYERS)")
+
+
+def test_no_module_imports_from_a_higher_layer():
+    edges = graph(PACKAGE_DIR, "srn_fast")
+    up = [f"{m} ({LAYERS[_layer(m)][0]}) imports {t} ({LAYERS[_layer(t)][0]})"
+          for m, ts in sorted(edges.items()) for t in sorted(ts) if _layer(t) > _layer(m)]
+    assert not up, "\n".join(up)
+
+
 IMPORT_ALL = textwrap.dedent("""
     import importlib, json, sys, traceback
     failed = []
