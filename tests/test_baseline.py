@@ -11,6 +11,7 @@ from srn_fast.cli import main as cli_main
 from srn_fast.data import SRNDataset
 
 from _spheres import write_sphere_root
+from op_utils import one_line_error
 
 TINY = dict(width=4, code_dim=32)
 
@@ -165,6 +166,4 @@ def test_cli_train_and_bad_input(spheres, tmp_path, capsys):
         (["baseline-eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(spheres / "unseen")],
          "missing.pt"),
     ]:
-        assert cli_main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and msg in err and "\n" not in err, err
+        one_line_error(capsys, argv, msg)

@@ -14,6 +14,7 @@ from srn_fast.compare import markdown_table
 from srn_fast.compare.grid import make_grid
 
 from _spheres import write_sphere_root
+from op_utils import one_line_error
 
 S = 16
 
@@ -82,9 +83,7 @@ def test_compare_bad_input(setup, tmp_path, capsys):
     ck["model"]["ray_marcher.out_layer.bias"][0] = float("inf")
     torch.save(ck, root / "srn_nan.pth")
     for argv, msg in cases:
-        assert cli_main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and msg in err and "\n" not in err, err
+        one_line_error(capsys, argv, msg)
     assert not os.path.exists(tmp_path / "o" / "compare.json")
 
 

@@ -14,6 +14,8 @@ import torch
 
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main
+
+from op_utils import one_line_error
 from srn_fast.training import TrainConfig, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,15 +39,6 @@ def snapshot(folder):
             p = os.path.join(d, f)
             out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
-
-
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-import srn_fast
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.data import SRNDataset
 from srn_fast.training import BatchStream, TrainConfig, read_metrics, train

@@ -9,6 +9,8 @@ import torch
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main
 
+from op_utils import one_line_error
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
@@ -27,15 +29,6 @@ def run(tiny_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cli") / "run")
     assert main(train_args(tiny_data, out)) == 0
     return out
-
-
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_train_writes_run_folder(run):
