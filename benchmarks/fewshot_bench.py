@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 srn_fast = import_srn_fast()  # the installed srn_fast when there is one, else this source tree
 from srn_fast import checkpoint as ckpt_io  # noqa: E402
+from srn_fast import files  # noqa: E402
 from srn_fast.data import SRNDataset  # noqa: E402
 from srn_fast.evaluation import evaluate  # noqa: E402
 from srn_fast.fewshot import fit_latents, with_codes  # noqa: E402
@@ -129,8 +130,7 @@ def main(argv=None) -> int:
                             "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)},
                   "seconds_total": time.time() - t0, "rows": rows, "fits": fits, "table": text}
         if args.json:  # rewritten after every fit, so that an interrupted run keeps what it measured
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            ckpt_io.atomic_write(args.json, lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+            files.write_json(args.json, result, makedirs=True)
         return result
 
     for views in ([int(v) for v in vs.split(",")] for vs in args.view_sets):

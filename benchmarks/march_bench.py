@@ -34,7 +34,6 @@ on a shared machine hit them alike; the JSON keeps every run's time (ms_all) bes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -49,7 +48,7 @@ import torch  # noqa: E402
 from bench_env import import_srn_fast, machine_facts  # noqa: E402
 
 srn_fast = import_srn_fast()
-from srn_fast import geometry  # noqa: E402
+from srn_fast import files, geometry  # noqa: E402
 
 WIDTH, STEPS, LSTM_H = 256, 10, 16
 PHI_MACS = 3 * WIDTH + 3 * WIDTH * WIDTH
@@ -364,11 +363,7 @@ def main(argv=None):
         "cases": rows, "mlp_cases": mlp_rows,
     }
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1, default=float)
-        os.replace(tmp, args.json)
+        files.write_json(args.json, result, default=float, makedirs=True)
         print(f"wrote {args.json}")
     return 0
 

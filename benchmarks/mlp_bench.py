@@ -19,8 +19,6 @@ relative error against the float32 torch backend (forward: the output; forward+b
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import torch
 from bench_env import import_srn_fast, machine_facts  # noqa: E402
 
 import_srn_fast(verbose=__name__ == "__main__")
-from srn_fast import _ext, ops, torch_impl  # noqa: E402
+from srn_fast import _ext, files, ops, torch_impl  # noqa: E402
 from srn_fast.torch_impl import Layer  # noqa: E402
 
 
@@ -208,10 +206,7 @@ def main(argv=None) -> None:
           f"cpu gemm {env['cpu_gemm']}  load {env['load_average']}")
     print_table(rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=1)
-        os.replace(tmp, args.json)
+        files.write_json(args.json, dict(environment=env, rows=rows), makedirs=True)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,7 @@ def describe() -> str:
     """One line for logs: which srn_fast this is and whether its extension loaded (with or without CUDA)."""
     import os
 
-    import srn_fast
-
-    where = os.path.dirname(os.path.abspath(srn_fast.__file__))
+    where = os.path.dirname(os.path.abspath(__file__))  # the package folder
     ext = load()
     if ext is None:
         return f"srn_fast {where}: srn_fast._C NOT loaded ({_error})"

@@ -6,25 +6,22 @@ checkpoints (no ``"srn_fast"`` entry) load here; their model configuration is in
 ``extra`` holds our own state: step, random-number-generator states, training configuration, model
 configuration, instance names, camera facts for rendering.
 
-Files are written to a temporary name in the same folder, flushed to disk, then renamed over the target with
-``os.replace`` (atomic on POSIX), so a crash or Ctrl-C never leaves a half-written checkpoint under the real name
-(a kill -9 can leave the hidden temporary; :mod:`srn_fast.runfolder` removes those). Reading a run folder takes its
-newest *readable* checkpoint, saying which file was skipped; weights that are not finite are refused. JSON files
-are strict JSON (:func:`strict_json`: NaN and infinities are written as null).
+Files are written atomically by :func:`srn_fast.files.save_torch` (a temporary name in the same folder, fsync,
+``os.replace``), so a crash or Ctrl-C never leaves a half-written checkpoint under the real name (a kill -9 can
+leave the hidden temporary; :mod:`srn_fast.runfolder` removes those). Reading a run folder takes its newest
+*readable* checkpoint, saying which file was skipped; weights that are not finite are refused.
 """
 from __future__ import annotations
 
 import glob
-import json
-import math
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from .files import save_torch
 from .model import SRNModel
 
 MODEL_CONFIG_KEYS = ("num_instances", "latent_dim", "tracing_steps", "fit_single_srn", "phi_hidden", "phi_layers",
@@ -34,52 +31,6 @@ CHECKPOINT_GLOB = "step_*.pth"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
-
-
-def atomic_write(path: str, write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temporary file next to ``path``, fsync, then rename it to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CheckpointError(f"{folder}: output folder is not writable")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write_fn(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def strict_json(obj, **kw) -> str:
-    """``json.dumps`` that writes strict JSON: NaN and +-inf (which ``json.dumps`` writes as bare ``NaN`` /
-    ``Infinity``, rejected by strict parsers) become ``null``."""
-    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
-
-
-def write_json(path: str, obj, indent: Optional[int] = 1) -> None:
-    """Write ``obj`` to ``path`` as strict JSON (:func:`strict_json`), atomically."""
-    text = strict_json(obj, indent=indent) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def model_config(model: SRNModel) -> Dict[str, Any]:
@@ -105,8 +56,7 @@ def save(path: str, model: SRNModel, optimizer: Optional[torch.optim.Optimizer] 
     meta.setdefault("model_config", model_config(model))
     obj = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
            "srn_fast": meta}
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-    return path
+    return save_torch(path, obj)
 
 
 def _warn(msg: str) -> None:

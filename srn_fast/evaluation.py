@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from . import geometry, viz
+from . import files, geometry, viz
 from .metrics import srn_psnr_ssim
 from .model import SRNModel
 
@@ -134,7 +134,7 @@ def baseline_scores(colour: torch.Tensor, dataset: Dataset, indices: Optional[Se
 def write_grid(path: str, images: List[Dict], upscale: int = 1, columns=("pred", "truth", "depth", "normals")) -> str:
     """One row per view: prediction | truth | depth | normals, as a PNG."""
     rows = [viz.hstack([viz.upscale(im[c], upscale) for c in columns], gap=2) for im in images]
-    return viz.write_png(path, viz.vstack(rows, gap=4))
+    return files.write_png(path, viz.vstack(rows, gap=4))
 
 
 @torch.no_grad()
@@ -163,7 +163,7 @@ def write_frames(out_dir: str, frames: List[Dict], fps: float = 12.0, upscale: i
     gif = []
     for k, fr in enumerate(frames):
         for key in ("rgb", "depth", "normals"):
-            viz.write_png(os.path.join(out_dir, "frames", f"{key}_{k:04d}.png"), fr[key])
+            files.write_png(os.path.join(out_dir, "frames", f"{key}_{k:04d}.png"), fr[key])
         gif.append(viz.hstack([viz.upscale(fr[c], upscale) for c in ("rgb", "depth", "normals")], gap=2))
-    path = viz.write_gif(os.path.join(out_dir, "orbit.gif"), gif, fps=fps)
+    path = files.write_gif(os.path.join(out_dir, "orbit.gif"), gif, fps=fps)
     return {"gif": path, "frames": os.path.join(out_dir, "frames")}

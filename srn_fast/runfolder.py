@@ -10,7 +10,7 @@ and clean-up of the temporaries a killed process leaves behind.
   in, so a new run that fails early (bad data found late, a crash, non-finite loss, Ctrl-C) leaves the old run
   as it was. Files outside :data:`RUN_ENTRIES` (e.g. an ``eval/`` folder) are never touched.
 * Stale temporaries: an interrupted atomic write leaves ``.NAME.XXXX.tmp`` (see
-  :func:`srn_fast.checkpoint.atomic_write`), an interrupted overwrite a staging folder. Whoever holds the lock
+  :func:`srn_fast.files.atomic_write`), an interrupted overwrite a staging folder. Whoever holds the lock
   owns every temporary in the folder, so opening the folder removes them (:func:`clean_run_temporaries`).
   ``make-data`` names its temporary folders with its pid and removes those of dead processes
   (:func:`clean_stale_siblings`).
@@ -114,7 +114,7 @@ class RunLock:
         self.release()
 
 
-_TMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # checkpoint.atomic_write: .NAME.<random>.tmp
+_TMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # files.atomic_write: .NAME.<random>.tmp
 
 
 def clean_run_temporaries(folder: str, log: Optional[Callable[[str], None]] = None) -> List[str]:

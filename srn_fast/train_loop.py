@@ -1,4 +1,5 @@
-"""The training loop behind :func:`srn_fast.training.train`, in pieces that can be tested one by one.
+"""The training loop, :func:`train` (public as :func:`srn_fast.training.train`), in pieces that can be tested one
+by one.
 
 * :func:`setup`: everything that can fail on bad options or bad data, before any file is written: the training
   and validation datasets, the model, the optimiser.
@@ -29,14 +30,16 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from . import files
 from .evaluation import evaluate, write_grid
 from .health import CollapseMonitor, NonFiniteLossError, batch_stats, collapse_message
+from .metrics import psnr_from_mse
 from .model import SRNModel
 from .ops._layers import cpu_has_bf16_matmul
 from .ops.precision import bf16_pays, describe_rates
 from .runfolder import RunFolder
-from .training import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _camera_facts, _device,
-                       _dist_info, _Renderer, _StopFlag, prepare_batch, rng_state, set_rng_state, split_roots)
+from .train_parts import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _device, _dist_info, _Renderer,
+                          _StopFlag, camera_facts_of, prepare_batch, rng_state, set_rng_state, split_roots)
 
 # Options that may differ from the run's own on --resume (they change neither the model nor the data stream).
 RESUME_SAFE = ("lr", "val_data", "val_every", "val_views", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -240,7 +243,7 @@ def restore(sess: Session, resume: bool = False, overwrite: bool = False) -> Res
             if sess.main:
                 log(f"initialised from {ck['path']}")
         if sess.main and (not resume or res.changes):
-            ckpt_io.write_json(folder.join("config.json"), cfg.to_json())
+            files.write_json(folder.join("config.json"), cfg.to_json())
         return res
     except BaseException:
         if folder is not None:
@@ -280,7 +283,7 @@ class TrainLoop:
                 net, device_ids=[sess.device.index] if sess.device.type == "cuda" else None)
         self.net = net
         # overshoot: a mean marched depth beyond twice the cameras' (median) distance from the scene centre
-        radius = _camera_facts(sess.ds)["radius"]
+        radius = camera_facts_of(sess.ds)["radius"]
         self.health = CollapseMonitor(self.cfg.collapse_warmup, self.cfg.collapse_patience,
                                       depth_limit=2 * radius if radius > 1e-6 else None)
         self.acc = torch.zeros(4, device=sess.device)  # health sums (batch_stats) since the last log
@@ -394,7 +397,7 @@ class TrainLoop:
         self.acc_n = 0
         rec = {"kind": "train", "step": self.global_step, "stage": self.stage, "sidelength": self.S,
                "loss": vals[0], "img_loss": vals[1], "depth_reg": vals[2], "latent_loss": vals[3],
-               "train_psnr": float(10 * np.log10(4.0 / max(vals[1], 1e-12))), "time": time.time() - self.t0,
+               "train_psnr": psnr_from_mse(vals[1]), "time": time.time() - self.t0,
                "rgb_var_ratio": vp / vt if vt > 0 else None, "depth_mean": dmean}
         if s.extra_loss is not None:  # rank 0's values (not averaged over processes)
             rec.update({k: float(v.detach()) for k, v in self.extra_logs.items()})
@@ -433,7 +436,7 @@ class TrainLoop:
         if not s.main:
             return None
         extra = {"config": self.cfg.to_json(), "instance_names": s.ds.instance_names, "num_views": len(s.ds),
-                 "camera": _camera_facts(s.ds), "step": self.global_step, "stream_pos": self.pos,
+                 "camera": camera_facts_of(s.ds), "step": self.global_step, "stream_pos": self.pos,
                  "rng": rng_state(), "world_size": s.world,
                  "loop": {"health": self.health.state_dict(), "acc": self.acc.tolist(), "acc_n": self.acc_n}}
         if s.extra_loss is not None:
@@ -499,8 +502,19 @@ class TrainLoop:
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None, progress: bool = True,
           log=print, extra_loss: Optional[ExtraLoss] = None, overwrite: bool = False) -> Dict:
-    """:func:`setup`, :func:`restore`, :class:`TrainLoop`; the run folder is locked throughout. See
-    :func:`srn_fast.training.train`."""
+    """Run (or with ``resume`` continue) the training described by ``cfg`` into ``cfg.out``.
+
+    Everything that can fail on bad options or data is checked before the run folder is touched. The folder is
+    locked while training (a second trainer gets an error). A folder that already holds a run needs ``resume``
+    or ``overwrite``; with ``overwrite`` the old run is replaced only once the new one has its first checkpoint.
+    On ``resume``, ``cfg`` may differ from the run's own configuration only in options that change neither the
+    model nor the data (more steps, logging intervals, ...: see :func:`resume_changes`).
+
+    ``stop_at``: stop with a checkpoint after this global step (to split a run across jobs). Returns a summary
+    ``{"step", "checkpoint", "val": {...} or None, "interrupted", "collapse": event or None, ...}``. Raises
+    :class:`srn_fast.health.NonFiniteLossError` when the loss becomes NaN/inf (nothing is saved after the last
+    good checkpoint). Launch under torchrun for DDP. The pieces: :func:`setup`, :func:`restore`, :class:`TrainLoop`.
+    """
     sess = setup(cfg, extra_loss, log)
     state = restore(sess, resume=resume, overwrite=overwrite)
     try:

@@ -1,21 +1,18 @@
-"""Pictures: colour-mapped depth, normal maps, image grids, orbit cameras, PNG/GIF writing (imageio).
+"""Pictures: colour-mapped depth, normal maps, image grids, orbit cameras, loss curves.
 
-Images here are numpy ``uint8 [H, W, 3]`` unless said otherwise. Files are written to a temporary name and
-renamed, so an interrupted run never leaves a half-written picture under the real name.
+Images here are numpy ``uint8 [H, W, 3]`` unless said otherwise. They are written to files by
+:func:`srn_fast.files.write_png` / :func:`srn_fast.files.write_gif` (atomically).
 """
 from __future__ import annotations
 
-import io
 import math
-import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 
 from . import geometry
-from .checkpoint import atomic_write
+from .files import write_png
 
 # A perceptual colour ramp (dark blue -> teal -> yellow), 6 anchors, linearly interpolated.
 _RAMP = np.array([[0.07, 0.04, 0.30], [0.20, 0.25, 0.55], [0.13, 0.50, 0.56], [0.20, 0.70, 0.45],
@@ -87,26 +84,6 @@ def upscale(img: np.ndarray, factor: int) -> np.ndarray:
     if factor <= 1:
         return img
     return np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
-
-
-def write_png(path: str, img: np.ndarray) -> str:
-    def w(fh):
-        buf = io.BytesIO()
-        imageio.imwrite(buf, img, format="png")
-        fh.write(buf.getvalue())
-
-    atomic_write(path, w)
-    return path
-
-
-def write_gif(path: str, frames: List[np.ndarray], fps: float = 12.0) -> str:
-    def w(fh):
-        buf = io.BytesIO()
-        imageio.mimsave(buf, frames, format="gif", duration=1.0 / fps, loop=0)
-        fh.write(buf.getvalue())
-
-    atomic_write(path, w)
-    return path
 
 
 def _orbit_basis(up) -> tuple:

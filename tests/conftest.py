@@ -57,6 +57,16 @@ def pytest_sessionstart(session):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models and convolutions: as fast, and far faster when other programs
+    share the cores); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
 

@@ -1,5 +1,6 @@
-"""Helpers for the fused-op tests: the extension (or a failure that says why it is missing), random layer stacks,
-and comparisons that report where they fail."""
+"""Helpers shared by the tests: the extension (or a failure that says why it is missing), random layer stacks and
+rebuilding them around other tensors, comparisons that report where they fail, and the check of a command's
+one-line error."""
 import os
 
 import pytest
@@ -54,8 +55,19 @@ def make_layers(B, widths, per_scene=True, affine=False, last_linear=False, dtyp
 
 
 def layer_tensors(layers):
+    """The tensors of ``layers`` in order (weight, bias, and the LayerNorm affine pair where present)."""
     return [t for layer in layers for t in (layer.weight, layer.bias, layer.ln_weight, layer.ln_bias)
             if isinstance(t, torch.Tensor)]
+
+
+def with_tensors(layers, tensors):
+    """``layers`` rebuilt around ``tensors`` (as many as :func:`layer_tensors` gives, in its order), e.g. the
+    inputs gradcheck perturbs or copies in another dtype or on another device; the layer structure is kept."""
+    it = iter(tensors)
+    out = [Layer(*(next(it) if isinstance(t, torch.Tensor) else t for t in layer)) for layer in layers]
+    if next(it, None) is not None:
+        raise ValueError("with_tensors: more tensors than the layers hold")
+    return out
 
 
 def make_lstm(F, H=16, dtype=torch.float64, gen=None, scale=1.0):
@@ -63,3 +75,16 @@ def make_lstm(F, H=16, dtype=torch.float64, gen=None, scale=1.0):
     def u(*s):
         return ((torch.rand(*s, dtype=dtype, generator=gen) * 2 - 1) * k * scale).requires_grad_()
     return LSTMParams(u(4 * H, F), u(4 * H, H), u(4 * H), u(4 * H), u(1, H), u(1))
+
+
+def one_line_error(capsys, argv, *needles):
+    """Run the command line ``argv``: it must exit with 2 and print one line ``error: ...`` (no traceback) holding
+    every one of ``needles``; returns that line."""
+    from srn_fast.cli import main
+
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err

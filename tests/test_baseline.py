@@ -11,17 +11,12 @@ from srn_fast.cli import main as cli_main
 from srn_fast.data import SRNDataset
 
 from _spheres import write_sphere_root
+from op_utils import one_line_error
 
 TINY = dict(width=4, code_dim=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions are fastest on one thread (two threads on a busy 2-core machine are much slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -171,19 +166,4 @@ def test_cli_train_and_bad_input(spheres, tmp_path, capsys):
         (["baseline-eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(spheres / "unseen")],
          "missing.pt"),
     ]:
-        assert cli_main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and msg in err and "\n" not in err, err
-
-
-def test_reports_are_strict_json(tmp_path):
-    """A view without foreground has a NaN depth error: written as null, not as a bare NaN."""
-    from srn_fast.baseline.train import write_json
-
-    def no_constants(name):
-        raise ValueError(f"non-strict JSON constant {name}")
-
-    path = str(tmp_path / "rep.json")
-    write_json(path, {"per_view": [{"depth_abs_error": float("nan")}, {"psnr": float("inf")}]})
-    assert json.loads(open(path).read(), parse_constant=no_constants) == \
-        {"per_view": [{"depth_abs_error": None}, {"psnr": None}]}
+        one_line_error(capsys, argv, msg)

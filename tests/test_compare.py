@@ -14,16 +14,12 @@ from srn_fast.compare import markdown_table
 from srn_fast.compare.grid import make_grid
 
 from _spheres import write_sphere_root
+from op_utils import one_line_error
 
 S = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +83,7 @@ def test_compare_bad_input(setup, tmp_path, capsys):
     ck["model"]["ray_marcher.out_layer.bias"][0] = float("inf")
     torch.save(ck, root / "srn_nan.pth")
     for argv, msg in cases:
-        assert cli_main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and msg in err and "\n" not in err, err
+        one_line_error(capsys, argv, msg)
     assert not os.path.exists(tmp_path / "o" / "compare.json")
 
 

@@ -3,7 +3,6 @@ reference protocol at equal steps, objects are fitted independently (own code, o
 reproducible and does not depend on its cap or chunking, and the commands write their files and refuse bad input."""
 import json
 import os
-import shutil
 
 import imageio.v2 as imageio
 import numpy as np
@@ -17,14 +16,10 @@ from srn_fast.data import SRNDataset
 from srn_fast.evaluation import render_full
 from srn_fast.fewshot import PROTOCOLS, PerObjectAdam, fit_latents
 
+from op_utils import one_line_error
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other programs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 S = 8
@@ -174,15 +169,6 @@ def test_eval_few_shot_reports_steps_time_and_plots_the_fit_loss(run, tiny_data,
                  "1,2", "--protocol", "reference", "--fit-steps", "3", "--no-progress"]) == 0
     rep = json.load(open(os.path.join(out2, "report.json")))
     assert rep["fit"]["config"]["lr"] == 5e-5 and rep["fit"]["steps_taken"] == [3] and rep["num_images"] == 2
-
-
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_reconstruct_writes_orbit_and_code(run, tiny_data, tmp_path, capsys):

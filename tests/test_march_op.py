@@ -3,10 +3,10 @@ import torch
 
 import srn_fast
 from srn_fast import ops, torch_impl
-from srn_fast.torch_impl import Layer, LSTMParams
+from srn_fast.torch_impl import LSTMParams
 
 from op_utils import cuda, require_extension
-from op_utils import assert_close, layer_tensors, make_layers, make_lstm
+from op_utils import assert_close, layer_tensors, make_layers, make_lstm, with_tensors
 
 require_extension()
 
@@ -83,10 +83,7 @@ def test_gradcheck_tiny_float64():
     flat = layer_tensors(phi)
 
     def f(x0, dirs, *ts):
-        it = iter(ts)
-        ls = [Layer(next(it), next(it), True) for _ in phi]
-        lp = LSTMParams(*[next(it) for _ in range(6)])
-        return ops.march(x0, dirs, ls, lp, 2, tile_rows=2)
+        return ops.march(x0, dirs, with_tensors(phi, ts[:len(flat)]), LSTMParams(*ts[len(flat):]), 2, tile_rows=2)
 
     assert torch.autograd.gradcheck(f, (x0, dirs, *flat, *lstm), eps=1e-6, atol=1e-5)
 
@@ -200,8 +197,7 @@ def test_cuda_matches_cpu():
     cpu_g = torch.autograd.grad(cpu_out, inputs, v)
     gi = [t.detach().cuda().requires_grad_() for t in inputs]
     nphi = len(layer_tensors(phi))
-    it = iter(gi[2:2 + nphi])
-    phig = [Layer(next(it), next(it), True) for _ in phi]
+    phig = with_tensors(phi, gi[2:2 + nphi])
     out = ops.march(gi[0], gi[1], phig, LSTMParams(*gi[2 + nphi:]), 4)
     assert_close(out.cpu(), cpu_out, 1e-3, 1e-3, "cuda x_T")
     for i, (a, b) in enumerate(zip(torch.autograd.grad(out, gi, v.cuda()), cpu_g)):

@@ -83,3 +83,19 @@ def test_metric_input_errors():
         ssim(np.zeros((5, 5, 3)), np.zeros((5, 5, 3)))
     with pytest.raises(ValueError, match="square"):
         srn_psnr_ssim(torch.zeros(10, 3), torch.zeros(10, 3))
+
+
+def test_view_scores_and_their_means():
+    from srn_fast.metrics import mean_scores, psnr_from_mse, view_scores
+
+    assert psnr_from_mse(0.04) == pytest.approx(20.0)  # colours in [-1, 1]: data range 2
+    gt = {"rgb": torch.zeros(3, 8, 8), "depth": torch.zeros(1, 8, 8)}  # no foreground: depth error NaN
+    row = view_scores({"rgb": torch.full((3, 8, 8), 0.2), "depth": torch.ones(1, 8, 8)}, gt)
+    assert row["psnr"] == pytest.approx(20.0) and math.isnan(row["depth_abs_error"])
+    gt["depth"][0, 2:4, 2:4] = 2.0
+    row2 = view_scores({"rgb": gt["rgb"], "depth": torch.full((1, 8, 8), 1.5)}, gt)
+    assert row2["depth_abs_error"] == pytest.approx(0.5) and row2["psnr"] == math.inf
+    assert "depth_abs_error" not in view_scores({"rgb": gt["rgb"]}, {"rgb": gt["rgb"]})
+    m = mean_scores([dict(row, instance="a"), dict(row2, instance="a", psnr=30.0)])
+    assert m["num_views"] == 2 and m["num_objects"] == 1
+    assert m["psnr"] == pytest.approx(25.0) and m["depth_abs_error"] == pytest.approx(0.5)

@@ -7,7 +7,7 @@ from srn_fast import ops, torch_impl
 from srn_fast.torch_impl import Layer
 
 from op_utils import cuda, require_extension
-from op_utils import assert_close, layer_tensors
+from op_utils import assert_close, layer_tensors, with_tensors
 from op_utils import make_layers as make_case_layers
 
 ext = require_extension()
@@ -43,10 +43,7 @@ def make_layers(kind, B, widths, dtype=torch.float32, device="cpu", seed=0, requ
 
 
 def tensors_of(x, layers):
-    out = [x]
-    for ly in layers:
-        out += [t for t in ly if isinstance(t, torch.Tensor)]
-    return out
+    return [x] + layer_tensors(layers)
 
 
 def max_err(a, b):
@@ -142,15 +139,9 @@ def test_gradcheck_float64(kind, save):
     layers = make_layers(kind, 2, [3, 6, 5, 4], torch.float64, requires_grad=True)
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     inputs = tensors_of(x, layers)
-    structure = [(ly.norm, ly.ln_weight is not None) for ly in layers]
 
     def f(x, *params):
-        it = iter(params)
-        ls = []
-        for norm, affine in structure:
-            W, b = next(it), next(it)
-            ls.append(Layer(W, b, norm, next(it), next(it)) if affine else Layer(W, b, norm))
-        return ops.mlp(x, ls, tile_rows=3, save_activations=save)
+        return ops.mlp(x, with_tensors(layers, params), tile_rows=3, save_activations=save)
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -250,9 +241,7 @@ def test_bf16_matmuls_within_tolerance(kind):
 
     budget = run(autocast, inputs)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    it = iter(inputs64[1:])
-    layers64 = [Layer(next(it), next(it), ly.norm, *((next(it), next(it)) if ly.ln_weight is not None else ()))
-                for ly in layers]
+    layers64 = with_tensors(layers, inputs64[1:])
     ref = run(lambda: torch_impl.mlp(inputs64[0], layers64), inputs64)
 
     def rel(a, b):
@@ -343,9 +332,7 @@ def test_cuda_matches_cpu(kind, save):
     y = ops.mlp(x, layers)
     grads = torch.autograd.grad(y, inputs, v)
     gi = [t.detach().cuda().requires_grad_() for t in inputs]
-    it = iter(gi[1:])
-    gl = [Layer(next(it), next(it), ly.norm, *((next(it), next(it)) if ly.ln_weight is not None else ()))
-          for ly in layers]
+    gl = with_tensors(layers, gi[1:])
     yc = ops.mlp(gi[0], gl, save_activations=save)
     assert yc.is_cuda and max_err(yc.cpu(), y) < 1e-4
     for g, r in zip(torch.autograd.grad(yc, gi, v.cuda()), grads):

@@ -14,6 +14,8 @@ import torch
 
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main
+
+from op_utils import one_line_error
 from srn_fast.training import TrainConfig, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,12 +23,7 @@ MODEL = ["--latent-dim", "8", "--phi-hidden", "16", "--rendering-layers", "2", "
          "--rays-per-view", "16", "--backend", "torch", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 def train_args(data, out, steps="2", *extra):
@@ -42,15 +39,6 @@ def snapshot(folder):
             p = os.path.join(d, f)
             out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
-
-
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import srn_fast
 from srn_fast import ops, torch_impl
 from srn_fast.ops import precision
 
-from op_utils import layer_tensors, make_layers, make_lstm, require_extension
+from op_utils import layer_tensors, make_layers, make_lstm, require_extension, with_tensors
 
 require_extension()
 
@@ -32,11 +32,6 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _f32(ts):
     return [t.detach().float().requires_grad_() for t in ts]
-
-
-def _with(layers, tensors):
-    it = iter(tensors)
-    return [srn_fast.Layer(*(next(it) if isinstance(t, torch.Tensor) else t for t in layer)) for layer in layers]
 
 
 def _errors(fn_fused, fn_oracle, inputs64, v64, groups):
@@ -73,8 +68,8 @@ def test_mlp_bf16_within_budget_of_autocast(tile_rows):
     inputs = [x] + layer_tensors(layers)
     v = torch.randn(2, 300, 64, dtype=torch.float64, generator=gen)
     fused, auto = _errors(
-        lambda t: ops.mlp(t[0], _with(layers, t[1:]), matmul_dtype=torch.bfloat16, tile_rows=tile_rows),
-        lambda t: torch_impl.mlp(t[0], _with(layers, t[1:])), inputs, v, [[0], list(range(1, len(inputs)))])
+        lambda t: ops.mlp(t[0], with_tensors(layers, t[1:]), matmul_dtype=torch.bfloat16, tile_rows=tile_rows),
+        lambda t: torch_impl.mlp(t[0], with_tensors(layers, t[1:])), inputs, v, [[0], list(range(1, len(inputs)))])
     _assert_budget(fused, auto, ["out", "grad x", "grad layers"])
 
 
@@ -91,7 +86,7 @@ def test_march_bf16_within_budget_of_autocast(mode):
     inputs = [x0, dirs] + layer_tensors(phi) + list(lstm)
 
     def split(t):
-        return t[0], t[1], _with(phi, t[2:2 + n_phi]), srn_fast.LSTMParams(*t[2 + n_phi:])
+        return t[0], t[1], with_tensors(phi, t[2:2 + n_phi]), srn_fast.LSTMParams(*t[2 + n_phi:])
 
     v = torch.randn(2, 150, 3, dtype=torch.float64, generator=gen)
     fused, auto = _errors(

@@ -10,10 +10,10 @@ from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main as cli_main
 from srn_fast.data import SRNDataset, generate
 from srn_fast.model import SRNModel
-from srn_fast.semantic import (SemanticHead, SemanticInputError, check_labels, confusion_matrix, extract_features,
+from srn_fast.semantic import (LabelError, SemanticHead, SemanticInputError, check_labels, confusion_matrix, extract_features,
                                fit_semantic_head, load_head, majority_baseline, map_instances, parameter_digest,
                                save_head, scores, select_views, train_head)
-from srn_fast.semantic.cli_train import k_list
+from srn_fast.cli.semantic_train import k_list
 from srn_fast.semantic.joint import SemanticLoss
 from srn_fast.training import TrainConfig, prepare_batch, train
 
@@ -67,15 +67,15 @@ def test_head_shapes_and_clear_errors(tmp_path):
         head(torch.randn(2, 7, 15))
     with pytest.raises(SemanticInputError, match="floating point"):
         head(torch.ones(2, 16, dtype=torch.int64))
-    with pytest.raises(SemanticInputError, match="int64"):
+    with pytest.raises(LabelError, match="int64"):
         check_labels(torch.zeros(4), NUM_CLASSES)
-    with pytest.raises(SemanticInputError, match=r"must lie in \[0, 4\].*\[0, 5\]"):
+    with pytest.raises(LabelError, match=r"must lie in \[0, 4\].*\[0, 5\]"):
         check_labels(torch.tensor([0, 5]), NUM_CLASSES)
-    with pytest.raises(SemanticInputError, match=r"\[-1, 2\]"):
+    with pytest.raises(LabelError, match=r"\[-1, 2\]"):
         check_labels(torch.tensor([-1, 2]), NUM_CLASSES)
     with pytest.raises(SemanticInputError, match=r"shape \[3\]"):
         train_head(torch.randn(3, 16), torch.zeros(4, dtype=torch.int64), NUM_CLASSES, steps=1, progress=False)
-    with pytest.raises(SemanticInputError, match="same shape"):
+    with pytest.raises(LabelError, match="same shape"):
         confusion_matrix(torch.zeros(3, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="num_classes >= 2"):
         SemanticHead(16, 1)

@@ -13,12 +13,7 @@ from srn_fast.training import TrainConfig, read_metrics, train
 COLLAPSE_RATIO = 0.02  # srn_fast.health.COLLAPSE_RATIO (imported in the tests, so that the rest runs on old code)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 TINY = dict(latent_dim=8, phi_hidden=16, rendering_layers=2, tracing_steps=3, lr=1e-3, rays_per_view=24,

@@ -9,18 +9,11 @@ import time
 import pytest
 import torch
 
-import srn_fast
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.data import SRNDataset
 from srn_fast.training import BatchStream, TrainConfig, read_metrics, train
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other programs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,13 +9,9 @@ import torch
 from srn_fast import checkpoint as ckpt_io
 from srn_fast.cli import main
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other programs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from op_utils import one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 MODEL = ["--latent-dim", "8", "--phi-hidden", "16", "--rendering-layers", "2", "--tracing-steps", "3",
@@ -33,15 +29,6 @@ def run(tiny_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cli") / "run")
     assert main(train_args(tiny_data, out)) == 0
     return out
-
-
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_train_writes_run_folder(run):
@@ -117,30 +104,13 @@ def test_non_finite_weights_are_refused(run, tiny_data, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "r")
 
 
-def test_json_files_are_strict(run, tmp_path):
+def test_run_folder_json_is_strict(run):
     def no_constants(name):
         raise ValueError(f"non-strict JSON constant {name}")
 
-    path = str(tmp_path / "r.json")
-    ckpt_io.write_json(path, {"psnr": float("inf"), "per_image": [{"ssim": float("nan")}, {"ssim": 0.5}]})
-    assert json.loads(open(path).read(), parse_constant=no_constants) == {"psnr": None, "per_image": [{"ssim": None},
-                                                                                                     {"ssim": 0.5}]}
     json.loads(open(os.path.join(run, "config.json")).read(), parse_constant=no_constants)
     for line in open(os.path.join(run, "metrics.jsonl")):
         json.loads(line, parse_constant=no_constants)
-
-
-def test_checkpoint_write_is_atomic(tmp_path):
-    path = str(tmp_path / "c.pth")
-    ckpt_io.atomic_write(path, lambda fh: fh.write(b"old"))
-
-    def boom(fh):
-        fh.write(b"partial")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        ckpt_io.atomic_write(path, boom)
-    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["c.pth"]
 
 
 def test_reference_checkpoint_config_is_inferred():

@@ -164,19 +164,3 @@ def baseline_loss(pred: Dict[str, torch.Tensor], target_rgb: torch.Tensor, targe
         if n > 0:
             depth = (((pred["depth"] - target_depth) ** 2) * fg).sum() / n
     return {"total": rgb + depth_weight * depth, "rgb": rgb, "depth": depth}
-
-
-def depth_abs_error(pred_depth: torch.Tensor, gt_depth: torch.Tensor) -> float:
-    """Mean absolute depth error over the ground truth's foreground pixels (gt depth > 0), in scene units.
-
-    ``pred_depth`` and ``gt_depth`` hold the same pixels in any layout (``[1, S, S]``, ``[S*S, 1]``, ...).
-    Returns NaN when the view has no foreground.
-    """
-    if pred_depth.numel() != gt_depth.numel():
-        raise ValueError(f"pred_depth and gt_depth must hold the same number of pixels, got {list(pred_depth.shape)}"
-                         f" and {list(gt_depth.shape)}")
-    p, g = pred_depth.detach().reshape(-1).double().cpu(), gt_depth.detach().reshape(-1).double().cpu()
-    fg = g > 0
-    if not bool(fg.any()):
-        return float("nan")
-    return float((p[fg] - g[fg]).abs().mean())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -10,53 +9,26 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import strict_json
 from ..data import SRNDataset
+from ..files import save_torch, write_json
+from ..metrics import mean_scores, view_scores
 from ..runfolder import RunLock, clean_run_temporaries
 from .data import PairDataset, eval_pairs, image_sample
-from .model import TatarchenkoNet, baseline_loss, depth_abs_error
+from .model import TatarchenkoNet, baseline_loss
 
 CHECKPOINT_KIND = "srn_fast.baseline.TatarchenkoNet"
 CHECKPOINT_NAME = "baseline.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# files
-def atomic_write_bytes_via(path: str, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    """Strict JSON (NaN/inf written as null, e.g. the depth error of a view without foreground), atomically."""
-    text = strict_json(obj, indent=2) + "\n"
-
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-    atomic_write_bytes_via(path, w)
-
-
+# checkpoints
 def save_checkpoint(path: str, model: TatarchenkoNet, optimizer: Optional[torch.optim.Optimizer] = None,
                     step: int = 0, extra: Optional[Dict] = None) -> None:
     """Atomically write ``{'kind', 'config', 'model', 'optimizer', 'step', 'extra'}`` to ``path``."""
     state = {"kind": CHECKPOINT_KIND, "config": dict(model.config), "model": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": int(step),
              "extra": extra or {}}
-    atomic_write_bytes_via(path, lambda tmp: torch.save(state, tmp))
+    save_torch(path, state, makedirs=True)
 
 
 def load_checkpoint(path: str, map_location="cpu"):
@@ -167,7 +139,7 @@ def train(data_root: str, out_dir: str, sidelength: int = 64, steps: int = 2000,
                     break
         bar.close()
         rep = report(step, time.time() - t0)
-        write_json(os.path.join(out_dir, "train_report.json"), rep)
+        write_json(os.path.join(out_dir, "train_report.json"), rep, indent=2)
         return rep
     finally:
         lock.release()
@@ -198,25 +170,12 @@ def evaluate(model: TatarchenkoNet, data_root: str, input_view: int = 0, max_tar
              max_instances: int = -1, device: str = "cpu", progress: bool = True) -> Dict:
     """Mean PSNR / SSIM / foreground depth error of the baseline on the held-out views of every object under
     ``data_root``, each predicted from the object's ``input_view`` alone."""
-    from ..compare import image_scores
     ds = SRNDataset(data_root, sidelength=model.sidelength, max_num_instances=max_instances, with_semantic=False)
     rows = []
     for i, iv, targets in tqdm(eval_pairs(ds, input_view, max_targets), desc="baseline-eval", disable=not progress):
         pred = predict_views(model, ds, i, iv, targets, device)
         for k, t in enumerate(targets):
             gt = image_sample(ds, i, t)
-            row = {"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
-                   **image_scores(pred["rgb"][k], gt["rgb"])}
-            if "depth" in gt:
-                row["depth_abs_error"] = depth_abs_error(pred["depth"][k], gt["depth"])
-            rows.append(row)
-    return {"summary": summarize(rows), "per_view": rows}
-
-
-def summarize(rows: List[Dict]) -> Dict:
-    """Means over all rows of each numeric metric (NaNs, e.g. views without foreground, skipped)."""
-    out = {"num_views": len(rows), "num_objects": len({r["instance"] for r in rows})}
-    for k in ("psnr", "ssim", "depth_abs_error"):
-        vals = [r[k] for r in rows if k in r and r[k] == r[k]]
-        out[k] = sum(vals) / len(vals) if vals else None
-    return out
+            rows.append({"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
+                         **view_scores({"rgb": pred["rgb"][k], "depth": pred["depth"][k]}, gt)})
+    return {"summary": mean_scores(rows), "per_view": rows}

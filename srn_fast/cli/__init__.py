@@ -1,8 +1,9 @@
 """Command-line interface: ``python -m srn_fast COMMAND ...``.
 
-Each command lives in its own module exposing ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``; :data:`COMMANDS` maps command names to those modules (imported lazily, so that
-``--help`` is fast). Errors a user can fix (:class:`UserError`, bad files, bad arguments) are printed as
+Every command lives in its own module of this package (the domain packages ``data``, ``semantic``, ``baseline``,
+``compare`` parse no arguments), exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``;
+:data:`COMMANDS` maps command names to those modules. The options the commands share (``--device``,
+``--backend``, ``--seed``, ``--no-progress``) are defined once, in :func:`srn_fast.cli.common.add_shared_options`. Errors a user can fix (:class:`UserError`, bad files, bad arguments) are printed as
 one line, without a traceback, unless ``--debug`` is given.
 """
 from __future__ import annotations
@@ -14,17 +15,17 @@ from typing import List, Optional
 
 # name -> module path. Add a command by adding a module and a line here.
 COMMANDS = {
-    "make-data": "srn_fast.data.cli",
+    "make-data": "srn_fast.cli.make_data",
     "train": "srn_fast.cli.train",
     "eval": "srn_fast.cli.eval",
     "render": "srn_fast.cli.render",
     "reconstruct": "srn_fast.cli.reconstruct",
     "demo": "srn_fast.cli.demo",
-    "semantic-train": "srn_fast.semantic.cli_train",
-    "semantic-eval": "srn_fast.semantic.cli_eval",
-    "baseline-train": "srn_fast.baseline.cli_train",
-    "baseline-eval": "srn_fast.baseline.cli_eval",
-    "compare": "srn_fast.compare.cli",
+    "semantic-train": "srn_fast.cli.semantic_train",
+    "semantic-eval": "srn_fast.cli.semantic_eval",
+    "baseline-train": "srn_fast.cli.baseline_train",
+    "baseline-eval": "srn_fast.cli.baseline_eval",
+    "compare": "srn_fast.cli.compare",
 }
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the workflow commands (train, eval, render, demo)."""
+"""What the commands share: the shared options (:func:`add_shared_options`), the device, argument types, output
+folder checks, the few-shot fitting options."""
 from __future__ import annotations
 
 import os
@@ -34,10 +35,36 @@ def check_writable_dir(path: str, what: str = "output folder") -> None:
         raise UserError(f"{path}: cannot create the {what} ({parent} is not writable)")
 
 
-def add_backend(p, default: Optional[str] = "auto") -> None:
-    p.add_argument("--backend", default=default, choices=["auto", "fused", "torch"],
-                   help="fused C++/CUDA kernels, pure PyTorch, or auto (fused when built)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+BACKENDS = ("auto", "fused", "torch")
+
+
+def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Optional[str] = None,
+                       given_only: bool = False):
+    """The options the commands share, defined once, in a "shared options" group of ``p``:
+
+    * ``--device`` (default auto: cuda if available, else cpu): every command that runs a network;
+    * ``--backend`` (default auto: the fused kernels when built): every command that runs an SRN;
+    * ``--seed`` (default 0): commands with randomness; ``seed`` says what it seeds (None: no ``--seed``);
+    * ``--no-progress``: every command.
+
+    ``given_only``: the argparse defaults are None instead (``train`` tells the options given on the command line
+    from the others, for ``--resume``); None then means the default shown, which is the configuration's.
+    Returns the group.
+    """
+    def dflt(v):
+        return None if given_only else v
+
+    g = p.add_argument_group("shared options")
+    if device:
+        g.add_argument("--device", default=dflt("auto"), help="torch device: auto (cuda if available, else cpu), "
+                       "cpu, cuda, cuda:N (default: auto)")
+    if backend:
+        g.add_argument("--backend", default=dflt("auto"), choices=BACKENDS, help="SRN implementation: fused "
+                       "C++/CUDA kernels, pure PyTorch, or auto (fused when built) (default: auto)")
+    if seed:
+        g.add_argument("--seed", type=int, default=dflt(0), help=f"random seed: {seed} (default: 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return g
 
 
 def pick_device(name: Optional[str]):
@@ -53,7 +80,8 @@ def pick_device(name: Optional[str]):
 
 def add_fit_arguments(g) -> None:
     """The few-shot latent-fitting options shared by ``eval --few-shot`` and ``reconstruct``
-    (:func:`srn_fast.fit_latents`); None means "the protocol's default"."""
+    (:func:`srn_fast.fit_latents`); None means "the protocol's default". Their ``--seed`` is the shared one
+    (:func:`add_shared_options` with ``seed=FIT_SEED``)."""
     g.add_argument("--protocol", default="fast", choices=["fast", "reference"], help="latent fitting: fast "
                    "(default: best training code as the start, larger lr, each object stops when its fit loss "
                    "stops improving) or reference (fresh N(0, 0.01) codes, Adam lr 5e-5, 100,000 steps)")
@@ -64,7 +92,9 @@ def add_fit_arguments(g) -> None:
                    "the protocol's)")
     g.add_argument("--fit-rays-per-view", type=int, default=None, help="random pixels per view in each fitting "
                    "step, 0 = every pixel (default: the protocol's)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the fit (initial codes, rays, marching depths)")
+
+
+FIT_SEED = "of the latent fit (initial codes, rays, marching depths)"
 
 
 def fit_options(args) -> dict:

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from . import UserError
-from .common import add_backend, check_writable_dir
+from .common import add_shared_options, check_writable_dir
 
 HELP = "generate a small dataset, train, evaluate held-out views and render an orbit GIF (CPU, minutes)"
 
@@ -34,8 +34,7 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data and model)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the demo's small matmuls gain "
                    "little from more, and slow down badly when other programs share the cores)")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p)
 
 
 def _prepare_out(out: str) -> None:
@@ -51,8 +50,8 @@ def run(args) -> int:
 
     from ..data import SRNDataset, generate
     from ..evaluation import baseline_scores, evaluate, mean_colour, render_poses, write_frames, write_grid
-    from ..checkpoint import write_json
-    from ..training import TrainConfig, _camera_facts, train
+    from ..files import write_json
+    from ..training import TrainConfig, camera_facts_of, train
     from ..viz import orbit_poses
     from .. import geometry
 
@@ -95,7 +94,7 @@ def run(args) -> int:
     grid = write_grid(os.path.join(out, "eval", "grid.png"), ev["images"], upscale=max(1, 96 // S))
 
     print("[4/4] rendering an orbit")
-    cam = _camera_facts(train_ds)
+    cam = camera_facts_of(train_ds)
     f, cx, cy = (v * S for v in cam["K_rel"])
     poses = orbit_poses(args.frames, cam["radius"], max(cam["elevation_deg"], 15.0), up=cam["up"])
     frames = render_poses(model, 0, poses, geometry.intrinsics_matrix(f, cx, cy), S, progress=progress)

@@ -6,7 +6,7 @@ import os
 import time
 
 from . import UserError
-from .common import add_backend, add_fit_arguments, check_writable_dir, fit_options, int_list, pick_device
+from .common import FIT_SEED, add_fit_arguments, add_shared_options, check_writable_dir, fit_options, int_list, pick_device
 
 HELP = "evaluate a checkpoint: held-out views (PSNR/SSIM) or few-shot reconstruction of unseen objects"
 
@@ -27,8 +27,7 @@ def add_arguments(p):
     f.add_argument("--observations", type=int_list, default=[64], help="view indices to fit on (reference: 64 or "
                    "64,104)")
     add_fit_arguments(f)
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p, seed=FIT_SEED + " (with --few-shot)")
 
 
 def data_root(data: str, split: str) -> str:
@@ -46,6 +45,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import checkpoint as ckpt_io
+    from .. import files
     from ..data import SRNDataset
     from ..evaluation import evaluate, remap_instances, write_grid
     from ..fewshot import fit_latents
@@ -102,7 +102,7 @@ def run(args) -> int:
             os.path.join(args.out, "fit_loss.png"), fit.loss_per_object,
             f"fit loss per object ({args.protocol}, views {','.join(map(str, args.observations))})")
     path = os.path.join(args.out, "report.json")
-    ckpt_io.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
+    files.write_json(path, report)  # strict JSON: a NaN/inf score is written as null
     if args.few_shot:
         fs = report["fit"]
         print(f"few-shot: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.4f} over {res['num_images']} held-out views "

@@ -11,13 +11,10 @@ model's resolution, as the data loader does. Writes to ``--out``: ``orbit.gif`` 
 """
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
-
 from . import UserError
-from .common import add_backend, add_fit_arguments, check_writable_dir, fit_options, pick_device
+from .common import FIT_SEED, add_fit_arguments, add_shared_options, check_writable_dir, fit_options, pick_device
 
 HELP = "reconstruct a new object from one or two posed photos: fit its latent code, write an orbit GIF and the code"
 
@@ -41,8 +38,7 @@ def add_arguments(p):
     p.add_argument("--fps", type=float, default=12.0)
     p.add_argument("--upscale", type=int, default=None, help="enlarge the GIF by this factor (default: to ~128 px)")
     add_fit_arguments(p.add_argument_group("latent fitting"))
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p, seed=FIT_SEED)
 
 
 def _intrinsics(path: str, H: int, W: int, image: str):
@@ -91,8 +87,7 @@ def run(args) -> int:
     import torch
 
     from .. import checkpoint as ckpt_io
-    from .. import viz
-    from ..checkpoint import atomic_write
+    from .. import files, viz
     from ..evaluation import render_full, render_poses, write_frames
     from ..fewshot import fit_latents
 
@@ -129,7 +124,7 @@ def run(args) -> int:
     up = args.upscale or max(1, 128 // S)
     rows = [viz.hstack([viz.upscale(viz.rgb_image(v["rgb"], S), up), viz.upscale(viz.rgb_image(out["rgb"][k], S), up)])
             for k, v in enumerate(views)]
-    views_png = viz.write_png(os.path.join(args.out, "views.png"), viz.vstack(rows))
+    views_png = files.write_png(os.path.join(args.out, "views.png"), viz.vstack(rows))
 
     # the orbit: around the training cameras' up direction (or the photo's), through the first photo's camera
     up_dir = camera["up"] if camera else (-views[0]["pose"][:3, 1]).tolist()
@@ -137,16 +132,15 @@ def run(args) -> int:
     frames = render_poses(fit.model, 0, orbit, views[0]["intrinsics"], S, progress=not args.no_progress, z=code)
     paths = write_frames(args.out, frames, fps=args.fps, upscale=up)
     code_path = os.path.join(args.out, "code.pt")
-    atomic_write(code_path, lambda fh: torch.save(
-        {"code": code.clone(), "checkpoint": ck["path"], "images": images, "poses": poses, "sidelength": S,
-         "fit": fit.summary()}, fh))
+    files.save_torch(code_path, {"code": code.clone(), "checkpoint": ck["path"], "images": images, "poses": poses,
+                                 "sidelength": S, "fit": fit.summary()})
     plot = viz.loss_curve_png(os.path.join(args.out, "fit_loss.png"), fit.loss_per_object,
                               f"fit loss ({args.protocol}, {len(views)} view(s))")
     report = {"checkpoint": ck["path"], "images": images, "poses": poses, "intrinsics": intr or None,
               "sidelength": S, "fit": fit.summary(), "fit_history": fit.thinned_history(2000),
               "files": {"gif": paths["gif"], "frames": paths["frames"], "code": code_path, "views": views_png,
                         "fit_loss": plot}}
-    atomic_write(os.path.join(args.out, "report.json"), lambda fh: fh.write(json.dumps(report, indent=1).encode()))
+    files.write_json(os.path.join(args.out, "report.json"), report)
     fs = fit.summary()
     print(f"fitted a code to {len(views)} view(s) in {fs['seconds']:.1f} s ({fs['mean_steps_taken']:.0f} steps, "
           f"{args.protocol}); wrote {paths['gif']} (rgb | depth | normals), {code_path}, {views_png}, {plot}")

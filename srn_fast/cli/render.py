@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from . import UserError
-from .common import add_backend, check_writable_dir, pick_device
+from .common import add_shared_options, check_writable_dir, pick_device
 
 HELP = "render an orbit (or given poses) of one object from a checkpoint to PNGs and a GIF"
 
@@ -24,21 +24,18 @@ def add_arguments(p):
     p.add_argument("--data", default=None, help="data folder to take the camera from (reference checkpoints)")
     p.add_argument("--fps", type=float, default=12.0)
     p.add_argument("--upscale", type=int, default=None, help="enlarge the GIF by this factor (default: to ~128 px)")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p)
 
 
 def camera_from_data(data: str) -> dict:
     from ..data import SRNDataset
-    from ..training import _camera_facts, split_roots
+    from ..training import camera_facts_of, split_roots
 
     root, _ = split_roots(data)
-    return _camera_facts(SRNDataset(root, sidelength=64, with_depth=False, with_semantic=False))
+    return camera_facts_of(SRNDataset(root, sidelength=64, with_depth=False, with_semantic=False))
 
 
 def run(args) -> int:
-    import torch
-
     from .. import checkpoint as ckpt_io
     from .. import geometry
     from ..evaluation import render_poses, write_frames

@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import UserError
-from .common import add_backend, check_writable_dir, int_list
+from .common import add_shared_options, check_writable_dir, int_list
 
 HELP = "train an SRN (auto-decoder over the training objects) with checkpoints, validation and exact resume"
 
@@ -42,7 +42,6 @@ def add_arguments(p):
     g.add_argument("--steps", type=int_list, help=f"steps per stage, e.g. 5000,170000 (default {dflt('steps')})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {dflt('lr')})")
     g.add_argument("--rays-per-view", type=int, help="random rays per view (default: every pixel)")
-    g.add_argument("--seed", type=int, help="default 0")
     m = p.add_argument_group("model (defaults: the reference's)")
     for name in ("latent_dim", "tracing_steps", "phi_hidden", "phi_layers", "rendering_layers", "lstm_hidden"):
         m.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {dflt(name)}")
@@ -70,7 +69,6 @@ def add_arguments(p):
     o.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this global step")
     o.add_argument("--overwrite", action="store_true", help="replace an existing run in --out (once the new run "
                    "has its first checkpoint; until then the old run stays)")
-    o.add_argument("--no-progress", action="store_true")
     h = p.add_argument_group("training health")
     h.add_argument("--collapse-warmup", type=int, help=f"no collapse verdict before this step (0: no check; "
                    f"default {dflt('collapse_warmup')})")
@@ -78,7 +76,7 @@ def add_arguments(p):
                    f"to count as collapsed (default {dflt('collapse_patience')})")
     h.add_argument("--stop-on-collapse", action="store_true", default=None,
                    help="stop (with a checkpoint, exit code 3) when training collapses to a constant image")
-    add_backend(p, default=None)
+    add_shared_options(p, seed="of the view order, ray subsets, initial depths and weights", given_only=True)
 
 
 CONFIG_FIELDS = ["data", "out", "sidelengths", "batch_sizes", "steps", "lr", "latent_dim", "tracing_steps",

@@ -4,8 +4,8 @@ Protocol (the SRN paper's Figure 2 / few-shot setting): every object under the d
 training) is observed in ONE view, ``input_view``. SRN fits a new latent code to that view with all networks
 frozen (:func:`srn_fast.fit_latents`), then renders the object's other views; the baseline receives the
 same image and pose and predicts the same views directly. Both are scored on the same held-out views with
-:func:`srn_fast.metrics.psnr` / :func:`srn_fast.metrics.ssim` and the mean absolute depth error on the ground
-truth's foreground pixels.
+:func:`srn_fast.metrics.view_scores`: PSNR / SSIM with the reference's definitions and the mean absolute depth
+error on the ground truth's foreground pixels.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from ..baseline.data import _flat_index, eval_pairs, image_sample, to_image
-from ..baseline.model import TatarchenkoNet, depth_abs_error
-from ..baseline.train import predict_views, summarize
+from ..baseline.model import TatarchenkoNet
+from ..baseline.train import predict_views
 from ..data import SRNDataset
+from ..metrics import mean_scores, view_scores
 from .grid import depth_to_uint8, make_grid, rgb_to_uint8
 
 METHODS = ("baseline", "srn")
@@ -61,14 +62,6 @@ def fit_srn_latents(srn_model, data_root: str, input_view: int, sidelength: int,
     return fit_latents(srn_model, ds, steps, **fit_kwargs).model
 
 
-def image_scores(pred_rgb: torch.Tensor, gt_rgb: torch.Tensor) -> Dict[str, float]:
-    """PSNR / SSIM (the reference's definitions, :func:`srn_fast.metrics.srn_psnr_ssim`) of ``[3, S, S]``
-    colours in [-1, 1]."""
-    from ..metrics import srn_psnr_ssim
-    p, s = srn_psnr_ssim(pred_rgb.permute(1, 2, 0), gt_rgb.permute(1, 2, 0))
-    return {"psnr": float(p), "ssim": float(s)}
-
-
 def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int = 0,
             max_targets: Optional[int] = None, max_instances: int = -1, fit_steps: int = 500,
             fit_kwargs: Optional[Dict] = None, grid_objects: int = 4, grid_views: int = 2, device: str = "cpu",
@@ -91,11 +84,8 @@ def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int
         gts = [image_sample(ds, i, t) for t in targets]
         for m in METHODS:
             for k, gt in enumerate(gts):
-                row = {"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
-                       **image_scores(preds[m]["rgb"][k], gt["rgb"])}
-                if "depth" in gt:
-                    row["depth_abs_error"] = depth_abs_error(preds[m]["depth"][k], gt["depth"])
-                rows[m].append(row)
+                rows[m].append({"instance": ds.instance_names[i], "view": int(gt["observation_idx"]),
+                                **view_scores({"rgb": preds[m]["rgb"][k], "depth": preds[m]["depth"][k]}, gt)})
         if i < grid_objects:
             inp = image_sample(ds, i, iv)["rgb"]
             for k in range(min(grid_views, len(targets))):
@@ -113,7 +103,7 @@ def compare(srn_model, baseline: TatarchenkoNet, data_root: str, input_view: int
                         + [depth_to_uint8(gt["depth"], lo, hi, mask=fg)])
     headers = ["input", "baseline", "SRN", "truth"]
     out = {
-        "summary": {m: summarize(rows[m]) for m in METHODS},
+        "summary": {m: mean_scores(rows[m]) for m in METHODS},
         "per_view": {m: rows[m] for m in METHODS},
         "grid": make_grid(grid_rows, headers, row_labels=labels) if grid_rows else None,
         "depth_grid": make_grid(depth_rows, headers, row_labels=labels) if depth_rows else None,

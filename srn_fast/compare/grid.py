@@ -1,4 +1,5 @@
-"""Image grids for the comparison (one row per (object, view), one column per method), written as PNG."""
+"""Image grids for the comparison (one row per (object, view), one column per method); written to PNG files by
+:func:`srn_fast.files.write_png`."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -6,7 +7,6 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..baseline.train import atomic_write_bytes_via
 
 
 def rgb_to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -61,9 +61,3 @@ def make_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str], cell
         for j, im in enumerate(r):
             canvas.paste(Image.fromarray(im), (label_w + pad + j * (c + pad), y))
     return np.asarray(canvas)
-
-
-def save_png(path: str, img: np.ndarray) -> None:
-    """Write ``img`` ``[H, W, 3]`` uint8 to ``path`` atomically."""
-    import imageio.v2 as imageio
-    atomic_write_bytes_via(path, lambda tmp: imageio.imwrite(tmp, img, format="png"))

@@ -25,7 +25,8 @@ surface between 0.9 and 2.1 units from the camera, the range of SRN's ShapeNet r
 Everything is deterministic per ``seed``: instance ``i`` of a kind gets its own random stream
 (``SeedSequence([seed, crc32(kind), split, i])``), so it is the same object whatever ``instances`` is. The
 dataset is written into a hidden temporary folder next to ``out`` (``.NAME.tmp-<pid>-<id>``) and renamed to ``out``
-only when complete; the next run removes the temporaries of a killed one (whose pid is gone).
+only when complete; the next run removes the temporaries of a killed one (whose pid is gone). Its files are written
+by :mod:`srn_fast.files` without an fsync each (the folder's rename is what makes the dataset appear).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from typing import Dict, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..files import write_json, write_text
 from ..geometry import look_at
 from ..runfolder import clean_stale_siblings, sibling_temp_name
 from . import io
@@ -97,15 +99,15 @@ def _sphere_views(rng, n, upper):
 def _write_instance(folder: str, render: Dict, c2w: np.ndarray, f: float, size: int) -> None:
     for sub in ("rgb", "pose", "depth", "semantic"):
         os.makedirs(os.path.join(folder, sub))
-    with open(os.path.join(folder, "intrinsics.txt"), "w") as fh:
-        fh.write(f"{f!r} {size / 2!r} {size / 2!r} 0.\n0. 0. 0.\n1.\n{size} {size}\n")
+    write_text(os.path.join(folder, "intrinsics.txt"), f"{f!r} {size / 2!r} {size / 2!r} 0.\n0. 0. 0.\n1.\n{size} {size}\n",
+               fsync=False)
     for v in range(c2w.shape[0]):
         name = f"{v:06d}"
         io.save_rgb(os.path.join(folder, "rgb", name + ".png"), render["rgb"][v])
         io.save_depth(os.path.join(folder, "depth", name + ".png"), render["depth"][v])
         io.save_semantic(os.path.join(folder, "semantic", name + ".png"), render["semantic"][v])
-        with open(os.path.join(folder, "pose", name + ".txt"), "w") as fh:
-            fh.write("\n".join(" ".join(f"{x:.17g}" for x in row) for row in c2w[v]) + "\n")
+        write_text(os.path.join(folder, "pose", name + ".txt"),
+                   "\n".join(" ".join(f"{x:.17g}" for x in row) for row in c2w[v]) + "\n", fsync=False)
 
 
 def _job(task) -> Dict:
@@ -239,8 +241,7 @@ def generate(kind: str = "chairs", instances: int = 8, views: int = 50, size: in
         if not unseen_instances:
             os.rmdir(os.path.join(tmp, "unseen"))
         _preview(os.path.join(tmp, "preview.png"), [r["first"] for r in results if r["split"] == "train"][:8])
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
+        write_json(os.path.join(tmp, "meta.json"), meta, indent=1, fsync=False)
         if os.path.exists(out):  # overwrite: swap in the complete new folder, then drop the old one
             old = sibling_temp_name(out, "old")
             os.rename(out, old)

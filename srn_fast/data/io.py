@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..files import write_png
+
 DEPTH_SCALE = 1e-4  # camera z in scene units per count of a 16-bit depth PNG
 DEPTH_MAX = 6.5535  # 65535 * DEPTH_SCALE: the farthest depth a 16-bit PNG can hold
 
@@ -196,7 +198,7 @@ _PALETTE = _palette()
 def save_rgb(path: str, rgb01: np.ndarray) -> None:
     """Write ``[H, W, 3]`` colours in [0, 1] as an 8-bit RGB PNG."""
     a = np.clip(np.rint(rgb01 * 255.0), 0, 255).astype(np.uint8)
-    Image.fromarray(a).save(path, compress_level=1)
+    write_png(path, a, compress_level=1, fsync=False)
 
 
 def encode_depth(z: np.ndarray, path: str = "depth") -> np.ndarray:
@@ -210,7 +212,7 @@ def encode_depth(z: np.ndarray, path: str = "depth") -> np.ndarray:
 
 def save_depth(path: str, z: np.ndarray) -> None:
     """Write camera z ``[H, W]`` as a 16-bit PNG (value = round(z / 1e-4), 0 = background)."""
-    Image.fromarray(encode_depth(z, path)).save(path, compress_level=1)
+    write_png(path, encode_depth(z, path), compress_level=1, fsync=False)
 
 
 def save_semantic(path: str, ids: np.ndarray) -> None:
@@ -219,4 +221,4 @@ def save_semantic(path: str, ids: np.ndarray) -> None:
         raise DataError(f"{path}: part ids must lie in [0, 255]")
     img = Image.fromarray(ids.astype(np.uint8))  # mode L; putpalette turns it into P keeping the values
     img.putpalette(_PALETTE)
-    img.save(path, compress_level=1)
+    write_png(path, img, compress_level=1, fsync=False)

@@ -16,8 +16,9 @@ from .. import geometry
 from ..model import SRNModel
 from . import viz
 from .features import EVAL_SEED, collate, render_semantic
-from .head import SemanticHead, check_labels
-from .metrics import confusion_matrix, majority_baseline, scores
+from ..metrics import check_labels, confusion_matrix, majority_baseline
+from ..metrics import segmentation_scores as scores
+from .head import SemanticHead, SemanticInputError
 
 
 @torch.no_grad()
@@ -36,7 +37,8 @@ def render_views(model: SRNModel, dataset, indices: Sequence[int], instance_map:
         batch = collate(samples)
         B, N = batch["uv"].shape[:2]
         if num_classes is not None:
-            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset")
+            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset",
+                         error=SemanticInputError)
         out["instance_idx"].append(batch["instance_idx"].clone())
         if instance_map is not None:
             batch["instance_idx"] = instance_map[batch["instance_idx"]]

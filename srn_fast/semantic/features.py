@@ -1,4 +1,5 @@
-"""Surface features of a frozen SRN: which labelled views to use, and rendering them once, without gradients.
+"""Surface features of a frozen SRN: which labelled views to use (and their class names), and rendering them once,
+without gradients.
 
 The feature of a ray is phi evaluated at the point the ray marcher stops at, ``SRNModel.render(...)["features"]``,
 exactly what the pixel generator reads; one march per ray gives colour, depth, feature and (with a head) the part
@@ -12,8 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data import DataError, load_meta
+from ..metrics import check_labels
 from ..model import SRNModel
-from .head import SemanticHead, SemanticInputError, check_labels
+from .head import SemanticHead, SemanticInputError
 
 EVAL_SEED = 1234  # seed of the initial marching depths of feature renders (reproducible features and scores)
 
@@ -27,6 +30,20 @@ def initial_depth(B: int, N: int, seed: int) -> torch.Tensor:
     """``[B, N, 1]`` the reference's initial depths N(0.05, 5e-4), from a seeded generator."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.empty(B, N, 1).normal_(mean=0.05, std=5e-4, generator=g)
+
+
+def class_names_for(data: str, labels_max: Optional[int] = None) -> List[str]:
+    """Class names of labelled data: "background" then the part names of the generator's ``meta.json`` (in ``data``
+    or its parent folder); without one, ``part_1..part_P`` for ``labels_max`` = P, else :class:`SemanticInputError`."""
+    try:
+        names = list(load_meta(data).get("part_names") or [])
+    except DataError:
+        names = []
+    if names:  # the generator lists the parts 1..P; class 0 is the background
+        return names if names[0] == "background" else ["background"] + names
+    if labels_max is None:
+        raise SemanticInputError(f"{data}: no meta.json with part_names; cannot tell the number of classes")
+    return ["background"] + [f"part_{c}" for c in range(1, labels_max + 1)]
 
 
 def select_views(dataset, k: Union[int, str, None], seed: int = 0) -> List[int]:
@@ -139,7 +156,8 @@ def extract_features(model: SRNModel, dataset, indices: Sequence[int], instance_
         batch = collate(samples)
         B, N = batch["uv"].shape[:2]
         if num_classes is not None:
-            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset")
+            check_labels(batch["semantic"], num_classes, (B, N), name="semantic labels of the dataset",
+                         error=SemanticInputError)
         if instance_map is not None:
             batch["instance_idx"] = instance_map[batch["instance_idx"]]
         out = render_semantic(model, batch, None, chunk_rays=chunk_rays, seed=seed + b0)

@@ -13,11 +13,14 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..files import save_torch
+from ..metrics import LabelError
 
 
-class SemanticInputError(ValueError):
-    """Features or labels with the wrong shape, dtype or value range."""
+class SemanticInputError(LabelError):
+    """Features, labels or head files that are not what the semantic head expects. (Its base class
+    :class:`srn_fast.metrics.LabelError` is what :func:`srn_fast.metrics.check_labels` and
+    :func:`~srn_fast.metrics.confusion_matrix` raise when called directly.)"""
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -33,23 +36,6 @@ def check_features(features: torch.Tensor, in_features: int, name: str = "featur
     if features.dim() < 1 or features.shape[-1] != in_features:
         raise SemanticInputError(f"{name} must have shape [..., {in_features}] (phi's feature width), "
                                  f"got {_shape(features)}")
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, shape: Optional[Sequence[int]] = None,
-                 name: str = "labels") -> None:
-    """``labels`` int64 in ``[0, num_classes)`` (0 = background), of ``shape`` when given."""
-    if not isinstance(labels, torch.Tensor):
-        raise SemanticInputError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise SemanticInputError(f"{name} must be int64 part ids (0 = background), got {labels.dtype}")
-    if shape is not None and tuple(labels.shape) != tuple(shape):
-        raise SemanticInputError(f"{name} must have shape [{', '.join(str(s) for s in shape)}] (one label per ray), "
-                                 f"got {_shape(labels)}")
-    if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise SemanticInputError(f"{name} must lie in [0, {num_classes - 1}] (0 = background, 1..{num_classes - 1}"
-                                     f" = parts), got values in [{lo}, {hi}]; is num_classes right?")
 
 
 class SemanticHead(nn.Module):
@@ -93,15 +79,10 @@ class SemanticHead(nn.Module):
         return self(features).argmax(-1)
 
 
-def _atomic_save(path: str, obj: Any) -> None:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
 def save_head(path: str, head: SemanticHead, extra: Optional[Dict[str, Any]] = None) -> str:
     """Write ``{"semantic_head": state_dict, "config": ..., "srn_fast_semantic": extra}`` atomically."""
-    _atomic_save(path, {"semantic_head": head.state_dict(), "config": head.config(), "srn_fast_semantic": dict(extra or {})})
+    save_torch(path, {"semantic_head": head.state_dict(), "config": head.config(), "srn_fast_semantic": dict(extra or {})},
+               makedirs=True)
     return path
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..training import ExtraLoss
-from .head import SemanticHead, check_labels
+from ..metrics import check_labels
+from .head import SemanticHead, SemanticInputError
 
 
 class SemanticLoss(ExtraLoss):
@@ -27,7 +28,8 @@ class SemanticLoss(ExtraLoss):
 
     def loss(self, logits: torch.Tensor, gt: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         labels = gt["semantic"]
-        check_labels(labels, self.module.num_classes, tuple(logits.shape[:-1]), name="semantic labels")
+        check_labels(labels, self.module.num_classes, tuple(logits.shape[:-1]), name="semantic labels",
+                     error=SemanticInputError)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels).float().mean()

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from ..model import SRNModel
 from .features import EVAL_SEED, extract_features
-from .head import SemanticHead, SemanticInputError, check_features, check_labels
+from ..metrics import check_labels
+from .head import SemanticHead, SemanticInputError, check_features
 
 
 def freeze(model: SRNModel) -> SRNModel:
@@ -46,7 +47,7 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, h
     if features.dim() != 2:
         raise SemanticInputError(f"features must have shape [M, F], got {list(features.shape)}")
     check_features(features, features.shape[1])
-    check_labels(labels, num_classes, (features.shape[0],))
+    check_labels(labels, num_classes, (features.shape[0],), error=SemanticInputError)
     if steps < 0 or batch_rays < 1:
         raise ValueError(f"steps must be >= 0 and batch_rays >= 1, got {steps}, {batch_rays}")
     torch.manual_seed(seed)
@@ -96,7 +97,8 @@ def fit_semantic_head(model: SRNModel, dataset, indices: Sequence[int], num_clas
             raise ValueError(f"cache lacks the features of dataset views {missing[:5]}")
         keep = torch.isin(cache["view"], torch.tensor([pos[int(i)] for i in indices]))
         data = {"features": cache["features"][keep], "labels": cache["labels"][keep]}
-        check_labels(data["labels"], num_classes, name="semantic labels of the dataset")
+        check_labels(data["labels"], num_classes, name="semantic labels of the dataset",
+                     error=SemanticInputError)
     history: List[Dict] = []
     head = train_head(data["features"], data["labels"], num_classes, hidden=hidden, steps=steps, lr=lr,
                       batch_rays=batch_rays, weight_decay=weight_decay, seed=seed, progress=progress, history=history)

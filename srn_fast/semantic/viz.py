@@ -2,9 +2,7 @@
 the feature-space embedding (PCA in torch; t-SNE when scikit-learn is installed) and the mIoU-against-K plot."""
 from __future__ import annotations
 
-import io
 import math
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..checkpoint import atomic_write
+from .. import files
 
 # class 0 (background) dark grey, then distinct part colours
 PALETTE = np.array([[40, 40, 40], [228, 26, 28], [55, 126, 184], [77, 175, 74], [255, 127, 0], [152, 78, 163],
@@ -64,28 +62,6 @@ def vstack(images: Sequence[np.ndarray], gap: int = 2, fill: int = 255) -> np.nd
         if k < len(images) - 1:
             rows.append(np.full((gap, w, 3), fill, np.uint8))
     return np.concatenate(rows, 0)
-
-
-def _atomic_bytes(path: str, data: bytes) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda fh: fh.write(data))
-    return path
-
-
-def write_png(path: str, img) -> str:
-    """Write a uint8 ``[H, W, 3]`` array or a PIL image as PNG, atomically."""
-    im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return _atomic_bytes(path, buf.getvalue())
-
-
-def write_gif(path: str, frames: List[np.ndarray], fps: float = 10.0) -> str:
-    import imageio.v2 as imageio
-
-    buf = io.BytesIO()
-    imageio.mimsave(buf, frames, format="gif", duration=1.0 / fps, loop=0)
-    return _atomic_bytes(path, buf.getvalue())
 
 
 def legend_strip(class_names: Sequence[str], width: int) -> np.ndarray:
@@ -145,7 +121,7 @@ def scatter_png(path: str, xy: np.ndarray, labels: np.ndarray, class_names: Sequ
         x, y = 8 + 100 * j, size + 20
         d.rectangle([x, y + 2, x + 9, y + 11], fill=tuple(int(v) for v in pal[c]))
         d.text((x + 13, y), f"{class_names[c]} ({int((labels == c).sum())})", fill="black", font=font)
-    return write_png(path, im)
+    return files.write_png(path, im, makedirs=True)
 
 
 def line_plot_png(path: str, series: Dict[str, List[Tuple[float, float]]], xlabel: str, ylabel: str, title: str,
@@ -194,4 +170,4 @@ def line_plot_png(path: str, series: Dict[str, List[Tuple[float, float]]], xlabe
             d.text((xx + 6, yy - 14), f"{y:.3f}", fill=col, font=font)
         d.rectangle([W - R - 150, T + 8 + 14 * j, W - R - 140, T + 18 + 14 * j], fill=col)
         d.text((W - R - 136, T + 6 + 14 * j), name, fill="black", font=font)
-    return write_png(path, im)
+    return files.write_png(path, im, makedirs=True)

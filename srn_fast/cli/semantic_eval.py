@@ -6,8 +6,8 @@ import glob
 import os
 import time
 
-from ..cli import UserError
-from ..cli.common import add_backend, check_writable_dir, pick_device
+from . import UserError
+from .common import add_shared_options, check_writable_dir, pick_device
 
 HELP = "evaluate Semantic SRN heads on held-out views: mIoU/accuracy per K, plots, part maps, feature embedding"
 
@@ -26,8 +26,7 @@ def add_arguments(p):
     p.add_argument("--embed-points", type=int, default=4000, help="surface rays in the embedding picture")
     p.add_argument("--gif-frames", type=int, default=24, help="frames of the orbit GIF (0: none)")
     p.add_argument("--gif-head", default="30", help="label of the head the GIF shows (default 30, else the first)")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
+    add_shared_options(p)
 
 
 def _head_files(items):
@@ -55,13 +54,14 @@ def run(args) -> int:
     import torch
 
     from .. import checkpoint as ckpt_io
+    from .. import files
     from ..data import SRNDataset
-    from . import viz
-    from .cli_train import class_names_for
-    from .evaluate import embedding_png, orbit_frames, orbit_poses, render_views, score_head, view_grid
-    from .features import map_instances
-    from .head import load_head
-    from .metrics import confusion_matrix, scores
+    from ..metrics import confusion_matrix
+    from ..metrics import segmentation_scores as scores
+    from ..semantic import viz
+    from ..semantic.evaluate import embedding_png, orbit_frames, orbit_poses, render_views, score_head, view_grid
+    from ..semantic.features import class_names_for, map_instances
+    from ..semantic.head import load_head
 
     check_writable_dir(args.out)
     if args.embedding == "tsne":
@@ -144,7 +144,7 @@ def run(args) -> int:
     # pictures: views grid, embedding of the (first) frozen SRN's features, orbit GIF
     first_views = next(iter(rendered.values()))[1]
     rows = [int(r) for r in np.linspace(0, len(idx) - 1, min(args.grid_views, len(idx))).round()]
-    report["views_png"] = viz.write_png(os.path.join(args.out, "views.png"),
+    report["views_png"] = files.write_png(os.path.join(args.out, "views.png"),
                                         view_grid(first_views, preds, names, S, rows, upscale=max(1, 96 // S)))
     report["embedding"] = embedding_png(os.path.join(args.out, f"features_{args.embedding}.png"), first_views, names,
                                         method=args.embedding, max_points=args.embed_points)
@@ -156,11 +156,11 @@ def run(args) -> int:
         poses = orbit_poses(args.gif_frames, float(cam.get("radius", 2.0)), float(cam.get("elevation_deg", 30.0)))
         inst = int(imap[0])
         frames = orbit_frames(model, head, inst, poses, K, S, upscale=max(1, 96 // S), progress=not args.no_progress)
-        report["gif"] = {"path": viz.write_gif(os.path.join(args.out, "orbit.gif"), frames), "head": label,
+        report["gif"] = {"path": files.write_gif(os.path.join(args.out, "orbit.gif"), frames, fps=10.0), "head": label,
                          "instance": ds.instance_names[0]}
     report["seconds"] = time.time() - t0
     path = os.path.join(args.out, "report.json")
-    ckpt_io.write_json(path, report)
+    files.write_json(path, report)
     print(f"report {path}; plot {report.get('plot')}; views {report['views_png']}; "
           f"features {report['embedding']['path']}" + (f"; gif {report['gif']['path']}" if "gif" in report else ""))
     return 0

@@ -7,8 +7,8 @@ import json
 import os
 import time
 
-from ..cli import UserError
-from ..cli.common import add_backend, check_writable_dir, int_list, pick_device
+from . import UserError
+from .common import add_shared_options, check_writable_dir, int_list, pick_device
 
 HELP = "train Semantic SRN part classifiers on K labelled views of a frozen SRN (or --joint: SRN + head from scratch)"
 
@@ -51,7 +51,6 @@ def add_arguments(p):
     p.add_argument("--rays-per-view", type=int, default=None, help="use a random subset of each labelled view's "
                    "rays (default: every pixel)")
     p.add_argument("--sidelength", type=int, default=None, help="image size (default: the SRN run's last size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the view choice and of the head")
     j = p.add_argument_group("joint training (SRN + head from scratch on every label)")
     j.add_argument("--joint", action="store_true", help="train SRN and head together (fully supervised reference)")
     j.add_argument("--config-from", default=None, help="SRN run folder whose config.json (model, schedule) the joint "
@@ -59,37 +58,15 @@ def add_arguments(p):
     j.add_argument("--joint-steps", type=int, default=None, help="override the copied schedule's total steps "
                    "(single stage)")
     j.add_argument("--semantic-weight", type=float, default=1.0, help="weight of the cross-entropy in the joint loss")
-    p.add_argument("--no-progress", action="store_true")
-    add_backend(p)
-
-
-def class_names_for(data: str, labels_max: int = None):
-    """Part names from the generator's meta.json (``data`` or its parent), else class_0..class_P."""
-    for d in (data, os.path.dirname(os.path.abspath(data))):
-        f = os.path.join(d, "meta.json")
-        if os.path.isfile(f):
-            with open(f) as fh:
-                names = json.load(fh).get("part_names")
-            if names:
-                names = list(names)
-                # the generator lists the parts 1..P; class 0 is the background
-                return names if names[0] == "background" else ["background"] + names
-    if labels_max is None:
-        raise UserError(f"{data}: no meta.json with part_names; cannot tell the number of classes")
-    return ["background"] + [f"part_{c}" for c in range(1, labels_max + 1)]
-
-
-def _json_write(path, obj):
-    from ..checkpoint import write_json
-
-    write_json(path, obj)
+    add_shared_options(p, seed="of the view choice and of the head")
 
 
 def _run_joint(args, device) -> int:
     from ..checkpoint import load
+    from ..semantic.features import class_names_for
+    from ..semantic.head import save_head
+    from ..semantic.joint import train_joint
     from ..training import TrainConfig, split_roots
-    from .head import save_head
-    from .joint import train_joint
 
     src = args.config_from or args.checkpoint
     if not src:
@@ -136,14 +113,13 @@ def _run_joint(args, device) -> int:
 
 
 def run(args) -> int:
-    import torch
-
     from .. import checkpoint as ckpt_io
     from ..data import SRNDataset
+    from ..files import write_json
+    from ..semantic.features import EVAL_SEED, class_names_for, extract_features, map_instances, select_views
+    from ..semantic.head import save_head
+    from ..semantic.train import fit_semantic_head, freeze
     from ..training import split_roots
-    from .features import EVAL_SEED, extract_features, map_instances, select_views
-    from .head import save_head
-    from .train import fit_semantic_head, freeze
 
     check_writable_dir(args.out)
     device = pick_device(args.device)
@@ -197,7 +173,7 @@ def run(args) -> int:
         print(f"K={label:>4}: {len(idx)} labelled views ({_per_object(views)}), {info['num_rays']} rays, final loss "
               f"{hist.get('loss', float('nan')):.4f}, train accuracy {hist.get('train_accuracy', float('nan')):.3f}; "
               f"SRN unchanged (sha256 {info['digest_after'][:12]}); {path}")
-    _json_write(os.path.join(args.out, "semantic_train.json"), summary)
+    write_json(os.path.join(args.out, "semantic_train.json"), summary)
     return 0
 
 

@@ -1,8 +1,9 @@
 """``python -m srn_fast baseline-train``: train the encoder-decoder baseline (Tatarchenko et al. 2016)."""
 import os
 
-from ..cli import UserError
-from .model import POSE_MODES
+from ..baseline.model import POSE_MODES
+from . import UserError
+from .common import add_shared_options, pick_device
 
 HELP = "train the 2D encoder-decoder novel-view baseline (Tatarchenko et al. 2016) on an SRN-format root"
 
@@ -23,16 +24,14 @@ def add_arguments(p):
     p.add_argument("--max-observations", type=int, default=-1, help="evenly spaced views per object (-1: all)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between (atomic) checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="steps per loss-curve entry")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from OUT/baseline.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/baseline.pt (kept until the new run's "
                    "first checkpoint)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_shared_options(p, backend=False, seed="of the initial weights and the order of the training pairs")
 
 
 def run(args) -> int:
-    from .train import train
+    from ..baseline.train import train
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: folder not found (expected an SRN root such as DIR/train)")
     for name in ("steps", "batch_size", "width", "code_dim", "checkpoint_every", "log_every"):
@@ -49,7 +48,7 @@ def run(args) -> int:
                 width=args.width, code_dim=args.code_dim, pose_mode=args.pose_mode, depth_weight=args.depth_weight,
                 max_instances=args.max_instances, max_observations=args.max_observations,
                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-                device=args.device, resume=args.resume, progress=not args.no_progress,
+                device=pick_device(args.device), resume=args.resume, progress=not args.no_progress,
                 overwrite=args.overwrite)
     f = rep["final"] or {}
     print(f"trained {rep['step']} steps in {rep['seconds']:.1f} s (this run {rep['seconds_this_run']:.1f} s); final loss {f.get('total', float('nan')):.4f} "

@@ -1,7 +1,8 @@
 """``python -m srn_fast compare``: SRN (few-shot from one view) vs. the encoder-decoder baseline, side by side."""
 import os
 
-from ..cli import UserError
+from . import UserError
+from .common import add_shared_options, pick_device
 
 HELP = ("compare SRN (latent fitted to one view of each unseen object) with the encoder-decoder baseline on the "
         "same held-out views: table (JSON + markdown) and image grid (PNG)")
@@ -27,17 +28,15 @@ def add_arguments(p):
     p.add_argument("--grid-views", type=int, default=2, help="held-out views per object in the grid")
     p.add_argument("--out", required=True, help="output folder: compare.json, compare.md, compare_grid.png, "
                    "compare_depth_grid.png")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_shared_options(p, seed="of the latent fit (and of torch's global generator)")
 
 
 def run(args) -> int:
     import torch
 
-    from ..baseline.train import load_checkpoint, write_json
-    from . import compare, load_srn_model, markdown_table
-    from .grid import save_png
+    from ..baseline.train import load_checkpoint
+    from ..files import write_json, write_png, write_text
+    from ..compare import compare, load_srn_model, markdown_table
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: folder not found (expected an SRN root such as DIR/unseen)")
     for name in ("fit_steps", "grid_views"):
@@ -47,7 +46,8 @@ def run(args) -> int:
         raise UserError(f"--max-targets must be >= 1, got {args.max_targets}")
     torch.manual_seed(args.seed)
     baseline, bckpt = load_checkpoint(args.baseline_checkpoint)
-    srn, srn_step = load_srn_model(args.srn_checkpoint, args.device)
+    device = pick_device(args.device)
+    srn, srn_step = load_srn_model(args.srn_checkpoint, device, backend=args.backend)
     if args.fit_rays_per_view is not None and args.fit_rays_per_view < 1:
         raise UserError(f"--fit-rays-per-view must be >= 1, got {args.fit_rays_per_view}")
     fit_kwargs = {"seed": args.seed, "protocol": args.fit_protocol}
@@ -57,25 +57,20 @@ def run(args) -> int:
         fit_kwargs["rays_per_view"] = args.fit_rays_per_view
     res = compare(srn, baseline, args.data, input_view=args.input_view, max_targets=args.max_targets,
                   max_instances=args.max_instances, fit_steps=args.fit_steps, fit_kwargs=fit_kwargs,
-                  grid_objects=args.grid_objects, grid_views=args.grid_views, device=args.device,
+                  grid_objects=args.grid_objects, grid_views=args.grid_views, device=device,
                   progress=not args.no_progress)
     res["setup"].update(srn_checkpoint=args.srn_checkpoint, srn_train_steps=srn_step,
                         baseline_checkpoint=args.baseline_checkpoint, baseline_train_steps=bckpt["step"],
                         baseline_train_seconds=bckpt["extra"].get("seconds"), seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "compare.json"),
-               {k: res[k] for k in ("setup", "summary", "per_view")})
+               {k: res[k] for k in ("setup", "summary", "per_view")}, indent=2)
     md = markdown_table(res)
-    from ..baseline.train import atomic_write_bytes_via
-
-    def w(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(md)
-    atomic_write_bytes_via(os.path.join(args.out, "compare.md"), w)
+    write_text(os.path.join(args.out, "compare.md"), md)
     written = ["compare.json", "compare.md"]
     for key, name in (("grid", "compare_grid.png"), ("depth_grid", "compare_depth_grid.png")):
         if res[key] is not None:
-            save_png(os.path.join(args.out, name), res[key])
+            write_png(os.path.join(args.out, name), res[key])
             written.append(name)
     print(md)
     print(f"wrote {', '.join(written)} to {args.out}")
