@@ -15,7 +15,6 @@ from srn_fast import geometry
 def write_sphere_root(root, n_objects=3, n_views=4, size=16, seed=0, radius=2.0, focal=1.4):
     rng = np.random.default_rng(seed)
     f = focal * size
-    K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
     rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     pix = np.stack([(cols.ravel() - size / 2) / f, (rows.ravel() - size / 2) / f, np.ones(size * size)], -1)
     for o in range(n_objects):

@@ -179,7 +179,7 @@ def test_make_data_removes_the_temporaries_of_a_killed_run(tmp_path):
                           "--views", "8", "--size", "16", "--workers", "1", "--out", out, "--quiet"], cwd=ROOT,
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # generous: a loaded CI machine starts python slowly
         while time.time() < deadline and p.poll() is None and not any(
                 n.startswith(".ds.tmp-") and os.listdir(os.path.join(tmp_path, n, "train")) for n in os.listdir(tmp_path)):
             time.sleep(0.1)

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-import srn_fast
 from srn_fast import geometry as g
 from srn_fast.ops import lift_rays
 
