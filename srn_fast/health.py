@@ -86,10 +86,24 @@ class CollapseMonitor:
             self.low_since = first
         if self.reported or step < self.warmup or step - self.low_since + 1 < self.patience:
             return None
+        return self._event(step, ratio, depth_mean, depth_spread)
+
+    def _event(self, step: int, ratio: float, depth_mean: float, depth_spread: float) -> Dict:
         self.reported = True
         return {"kind": "health", "event": "collapse", "step": step, "since": self.low_since,
                 "rgb_var_ratio": ratio, "depth_mean": depth_mean, "depth_spread": depth_spread,
                 "depth_limit": self.depth_limit}
+
+    def at_end(self, step: int, rgb_var: float, target_var: float, depth_mean: float,
+               depth_spread: float) -> Optional[Dict]:
+        """The verdict at the end of the schedule, after :meth:`update` of the last log step: a streak of
+        collapsed log steps that began after the warm-up and covers at least a quarter of ``patience`` counts,
+        so that a run which collapses late (the last checkpoint a constant image) is reported too."""
+        if self.reported or self.low_since is None or self.warmup <= 0 or step < self.warmup:
+            return None
+        if step - self.low_since + 1 < max(1, self.patience // 4):
+            return None
+        return self._event(step, rgb_var / target_var, depth_mean, depth_spread)
 
 
 def collapse_message(event: Dict, cfg) -> str:

@@ -407,6 +407,8 @@ class TrainLoop:
             self.bar.set_postfix(loss=f"{vals[0]:.4f}", img=f"{vals[1]:.4f}", psnr=f"{rec['train_psnr']:.1f}",
                                  refresh=False)
         event = self.health.update(self.global_step, vp, vt, dmean, dspread)
+        if event is None and self.global_step == self.cfg.total_steps:  # a late collapse: the run ends collapsed
+            event = self.health.at_end(self.global_step, vp, vt, dmean, dspread)
         if event is not None:
             event["message"] = collapse_message(event, cfg)
             self.collapse = event

@@ -130,6 +130,19 @@ def test_collapse_monitor_rules():
     m2 = CollapseMonitor(warmup=10, patience=5)
     assert m2.update(50, 0.0, 0.0, 1.0, 0.0) is None  # blank targets say nothing
     assert CollapseMonitor(warmup=0).update(5000, 0.0, 1.0, 1.0, 0.0) is None  # check off
+    # the end of the schedule: a late streak shorter than patience is still a verdict once it spans patience / 4
+    late = CollapseMonitor(warmup=100, patience=200)
+    assert late.update(1000, ok, 1.0, 1.0, 0.1) is None
+    assert late.update(1040, low, 1.0, 5.0, 0.1) is None  # low since 1001
+    assert late.at_end(1040, low, 1.0, 5.0, 0.1) is None  # 40 steps < 200 / 4
+    assert late.update(1060, low, 1.0, 5.0, 0.1) is None  # 60 steps: not a verdict during training ...
+    ev = late.at_end(1060, low, 1.0, 5.0, 0.1)  # ... but the run ends collapsed
+    assert ev is not None and ev["since"] == 1001 and ev["event"] == "collapse"
+    assert late.at_end(1060, low, 1.0, 5.0, 0.1) is None  # reported once
+    healthy = CollapseMonitor(warmup=100, patience=200)
+    assert healthy.update(1060, ok, 1.0, 1.0, 0.1) is None and healthy.at_end(1060, ok, 1.0, 1.0, 0.1) is None
+    early = CollapseMonitor(warmup=500, patience=200)  # inside the warm-up: no verdict at the end either
+    assert early.update(300, low, 1.0, 5.0, 0.1) is None and early.at_end(300, low, 1.0, 5.0, 0.1) is None
 
 
 # A tiny model at lr 0.1 collapses at once (the marcher overshoots to depth ~14, every pixel one colour); the same
