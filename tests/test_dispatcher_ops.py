@@ -119,6 +119,31 @@ def test_double_backward_raises_instead_of_dropping_terms():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("op", ["mlp", "march"])
+def test_saved_activation_outputs_get_no_zero_gradients(op):
+    """The outputs kept only for the backward (activations, LSTM states, per-step points) are not differentiable,
+    and the backward never allocates zero gradients for them (at 64x64 a march's were ~340 MB, zero-filled)."""
+    args = _mlp_args("per_scene", torch.float32, 128, True) if op == "mlp" else \
+        _march_args("per_scene", torch.float32, 128, "store")
+    outs = getattr(torch.ops.srn_fast, op)(*args)
+    main, aux = outs[0], [t for o in outs[1:] for t in (o if isinstance(o, list) else [o])]
+    assert main.requires_grad and aux and not any(t.requires_grad for t in aux)
+    filled = []
+
+    class Fills(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if func in (torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default, torch.ops.aten.zeros.default,
+                        torch.ops.aten.zeros_like.default):
+                filled.append(tuple(a[0].shape) if isinstance(a[0], torch.Tensor) else tuple(a[0]))
+            return func(*a, **(kw or {}))
+
+    with Fills():
+        main.backward(torch.randn_like(main))
+    big = [s for s in filled if s in {tuple(t.shape) for t in aux if t.dim() >= 3}]
+    assert not big, f"zero gradients materialized for saved outputs: {big}"
+    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
+
+
 # ---- torch.compile of a fused SRN -------------------------------------------------------------------------------
 
 def _model_and_input(backend="fused"):

@@ -12,7 +12,7 @@ from .. import _ext
 from ..types import MARCH_MODES, TILE_ROWS, Layer, LSTMParams
 from . import shapes as S
 from ._layers import (LayerLists, check_devices, check_layers, define_op, layer_lists, mm_code, needs,
-                      once_differentiable, optional, or_none, register_autograd)
+                      once_differentiable, optional, or_none, register_autograd, aux_outputs)
 
 OP = "srn_fast.ops.march"
 
@@ -89,9 +89,10 @@ march_backward_op = define_op("march_backward", _march_backward_op_impl, _march_
 def _setup_context(ctx, inputs, output):
     (x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode,
      grad_clamp, return_steps, tile_rows, mm_dtype) = inputs
-    _, _, xs, hs, cs, gates, acts, rstd = output
+    _, pts, xs, hs, cs, gates, acts, rstd = output
     ctx.L = len(weights)
     ctx.attrs = (list(norm), steps, mode, grad_clamp, tile_rows, mm_dtype)
+    aux_outputs(ctx, pts, xs, hs, cs, gates, *acts, *rstd)
     ctx.save_for_backward(x0, dirs, w_ih, w_hh, bias, w_out, b_out, xs, hs, cs, gates, *weights, *biases,
                           *ln_weights, *ln_biases, *acts, *rstd)
 
@@ -108,6 +109,7 @@ def _backward(ctx, grad_xT, grad_steps, grad_xs, grad_hs, grad_cs, grad_gates, g
     ng = ctx.needs_input_grad
     nw, nb, ngm, nbe = needs(ng, 2, weights), needs(ng, 3, biases), needs(ng, 4, ln_w), needs(ng, 5, ln_b)
     nl = [bool(ng[i]) for i in range(7, 12)]
+    grad_xT = x0.new_zeros(x0.shape) if grad_xT is None else grad_xT
     res = march_backward_op(grad_xT.contiguous(), x0, dirs, xs, hs, cs, gates, acts, rstd, weights, biases, ln_w,
                             ln_b, norm, w_ih, w_hh, bias, w_out, b_out, steps, mode, grad_clamp, tile_rows,
                             mm_dtype, bool(ng[0]), bool(ng[1]), nw, nb, ngm, nbe, nl)

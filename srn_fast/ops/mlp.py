@@ -18,7 +18,7 @@ from .. import _ext
 from ..types import TILE_ROWS, Layer
 from . import shapes as S
 from ._layers import (LayerLists, check_devices, check_layers, define_op, layer_lists, mm_code, needs,
-                      once_differentiable, optional, or_none, register_autograd)
+                      once_differentiable, optional, or_none, register_autograd, aux_outputs)
 
 OP = "srn_fast.ops.mlp"
 #: Keep the normalised activations for backward (True) or recompute them tile by tile in backward (False).
@@ -83,9 +83,11 @@ mlp_backward_op = define_op("mlp_backward", _mlp_backward_op_impl, _mlp_backward
 
 def _setup_context(ctx, inputs, output):
     x, weights, biases, ln_weights, ln_biases, norm, save, tile_rows, mm_dtype = inputs
-    _, acts, rstd = output
+    out, acts, rstd = output
     ctx.L = len(weights)
     ctx.attrs = (list(norm), tile_rows, mm_dtype)
+    ctx.out_shape = out.shape
+    aux_outputs(ctx, *acts, *rstd)
     ctx.save_for_backward(x, *weights, *biases, *ln_weights, *ln_biases, *acts, *rstd)
 
 
@@ -99,6 +101,8 @@ def _backward(ctx, grad_out, grad_acts, grad_rstd):
     ng = ctx.needs_input_grad
     nx, nw, nb, ngm, nbe = bool(ng[0]), needs(ng, 1, weights), needs(ng, 2, biases), needs(ng, 3, ln_w), \
         needs(ng, 4, ln_b)
+    if grad_out is None:  # the output itself unused (aux outputs get no materialized zero gradients)
+        grad_out = x.new_zeros(ctx.out_shape)
     gx, gw, gb, gg, gbe = mlp_backward_op(grad_out.contiguous(), x, acts, rstd, weights, biases, ln_w, ln_b, norm,
                                           nx, nw, nb, ngm, nbe, tile_rows, mm_dtype)
     return (gx if nx else None, or_none(gw, nw), or_none(gb, nb), or_none(gg, ngm), or_none(gbe, nbe),
