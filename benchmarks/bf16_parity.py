@@ -1,13 +1,17 @@
 """Training parity of bf16 matmuls against float32 (issue 14): one training run of the demo's configuration.
 
-    python benchmarks/bf16_parity.py OUT SEED fp32|bf16      # e.g. OUT = parity/fp32_s0
+    python benchmarks/bf16_parity.py OUT SEED fp32|bf16|fp32-torch     # e.g. OUT = parity/fp32_s0
+    python benchmarks/bf16_parity.py --summarize DIR RESULT.json [NOTE]  # every DIR/*.json run -> one result
 
 Generates the demo's data once beside OUT (3 procedural chairs x 40 views at 32 px), trains the demo's model
-(phi 64, latent 32, 1,500 steps, lr 1e-3) on the fused backend with one thread, in float32 or with
-``--bf16`` (bf16 matmuls, float32 accumulation), scores the held-out views and writes OUT.json: held-out PSNR /
-SSIM, training seconds and the machine's facts. Run several seeds of both: two runs with the same seed diverge after
-the first bf16 rounding, so only means over seeds compare precisions (see
-``benchmarks/results/bf16_parity_demo_xeon_avx512bf16.json``).
+(phi 64, latent 32, 1,500 steps, lr 1e-3) with one thread, scores the held-out views and writes OUT.json: held-out
+PSNR / SSIM, training seconds and the machine's facts. ``fp32`` and ``bf16`` train on the fused backend, in float32
+or with ``--bf16`` (bf16 matmuls, float32 accumulation); ``fp32-torch`` is the control: float32 on the torch
+backend (the reference's arithmetic), the same numbers summed in another order. Two runs with the same seed diverge
+after their first differing rounding, so the control measures how far two float32 runs of one seed land apart:
+the floor under any same-seed comparison. Run several seeds of each; ``--summarize`` writes the per-precision
+means, the same-seed differences of bf16 and of the control against fused float32, and the machine's facts
+(``benchmarks/results/bf16_parity_demo_*.json``).
 """
 from __future__ import annotations
 
@@ -29,16 +33,71 @@ from srn_fast.evaluation import evaluate  # noqa: E402
 from srn_fast.training import TrainConfig, train  # noqa: E402
 
 
+PRECISIONS = ("fp32", "bf16", "fp32-torch")
+USAGE = ("usage: python benchmarks/bf16_parity.py OUT SEED fp32|bf16|fp32-torch\n"
+         "       python benchmarks/bf16_parity.py --summarize DIR RESULT.json [NOTE]")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(folder: str, result: str, note: str = "") -> int:
+    """Collect every run in ``folder`` (the OUT.json files) into one result with means and same-seed deltas."""
+    import json
+
+    runs = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as fh:
+                run = json.load(fh)
+            if run.get("precision") in PRECISIONS:
+                runs.append(run)
+    if not runs:
+        print(f"--summarize: no runs (OUT.json files with a precision) in {folder}", file=sys.stderr)
+        return 2
+    psnr = {(r["precision"], r["seed"]): r["heldout_psnr"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    summary = {}
+    for prec in PRECISIONS:
+        vals = [psnr[(prec, s)] for s in seeds if (prec, s) in psnr]
+        summary[prec] = {"runs": len(vals), "mean_psnr": _mean(vals),
+                         "mean_train_seconds": _mean([r["train_seconds"] for r in runs if r["precision"] == prec])}
+        if prec != "fp32":
+            delta = {s: psnr[(prec, s)] - psnr[("fp32", s)] for s in seeds if (prec, s) in psnr and ("fp32", s) in psnr}
+            summary[prec]["same_seed_delta_db_vs_fp32"] = delta
+            summary[prec]["mean_abs_same_seed_delta_db"] = _mean([abs(v) for v in delta.values()])
+    facts = {k: v for k, v in runs[0].items() if k not in ("seed", "precision", "heldout_psnr", "heldout_ssim",
+                                                            "train_seconds", "steps", "matmul_dtype", "backend")}
+    out = {"benchmark": "bf16 training parity (issue 14, line 3)",
+           "command": "python benchmarks/bf16_parity.py OUT SEED {fp32,bf16,fp32-torch}; --summarize DIR RESULT",
+           **facts, "runs": [{k: r[k] for k in ("seed", "precision", "backend", "heldout_psnr", "heldout_ssim",
+                                                 "train_seconds", "steps", "matmul_dtype") if k in r} for r in runs],
+           "summary": summary, "note": note}
+    files.write_json(result, out)
+    for prec, row in summary.items():
+        if not row["runs"]:
+            continue
+        d = row.get("mean_abs_same_seed_delta_db")
+        extra = "" if d is None else f", mean |same-seed delta| vs fp32 {d:.2f} dB"
+        print(f"{prec:>10}: {row['runs']} runs, mean held-out PSNR {row['mean_psnr']:.2f} dB{extra}")
+    print(f"wrote {result}")
+    return 0
+
+
 def main(argv) -> int:
-    if len(argv) != 3 or argv[2] not in ("fp32", "bf16"):
-        print("usage: python benchmarks/bf16_parity.py OUT SEED fp32|bf16", file=sys.stderr)
+    if argv[:1] == ["--summarize"] and len(argv) in (3, 4):
+        return summarize(argv[1], argv[2], *argv[3:])
+    if len(argv) != 3 or argv[2] not in PRECISIONS:
+        print(USAGE, file=sys.stderr)
         return 2
     out, seed, precision = os.path.abspath(argv[0]), int(argv[1]), argv[2]
     torch.set_num_threads(1)
     data = os.path.join(os.path.dirname(out), "data")
     if not os.path.isdir(os.path.join(data, "test")):
         generate(out=data, progress=False, **DEMO_DATA)
-    cfg = TrainConfig(data=data, out=out, backend="fused", device="cpu", bf16=precision == "bf16",
+    backend = "torch" if precision == "fp32-torch" else "fused"
+    cfg = TrainConfig(data=data, out=out, backend=backend, device="cpu", bf16=precision == "bf16",
                       **dict(DEMO_TRAIN, seed=seed))
     t = time.time()
     res = train(cfg, progress=False)
@@ -46,7 +105,7 @@ def main(argv) -> int:
     test = SRNDataset(os.path.join(data, "test"), sidelength=cfg.sidelengths[-1], with_depth=False,
                       with_semantic=False)
     ev = evaluate(res["model"], test, keep_images=0, progress=False)
-    result = {"seed": seed, "precision": precision, "heldout_psnr": ev["psnr"], "heldout_ssim": ev["ssim"],
+    result = {"seed": seed, "precision": precision, "backend": backend, "heldout_psnr": ev["psnr"], "heldout_ssim": ev["ssim"],
               "train_seconds": seconds, "steps": res["step"],
               "matmul_dtype": str(res["model"].resolved_matmul_dtype(torch.device("cpu"))), **machine_facts()}
     print(f"{precision} seed {seed}: held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.3f}, "
