@@ -330,6 +330,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile backends")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    p.add_argument("--keep-freed-memory", action="store_true", help="CPU: glibc keeps freed memory for reuse, as the "
+                   "command-line tools do on the CPU (srn_fast.cpu_memory), for every backend's timed runs (the "
+                   "memory children keep glibc's defaults); default: glibc's defaults, as in a plain script")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared')")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -342,9 +345,15 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu" and not srn_fast.fused_available():
         sys.exit("the fused backend is not built: pip install --no-build-isolation . first")
+    kept = False
+    if args.keep_freed_memory:
+        from srn_fast.cpu_memory import keep_freed_memory
+
+        kept = keep_freed_memory()
     yard = bmm_gflops(device, args.repeats)
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"batched-matmul rate {yard:.1f} GFLOP/s (re-measured before every case)")
+          f"batched-matmul rate {yard:.1f} GFLOP/s (re-measured before every case)"
+          + (" | freed memory kept for reuse" if kept else ""))
     rows, mlp_rows = [], []
     cases = args.cases.split(",")
     if "mlp" in cases:
@@ -361,7 +370,7 @@ def main(argv=None):
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         **machine_facts(str(device)), "srn_fast_version": srn_fast.__version__,
-        "batched_matmul_gflops": yard, "note": args.note,
+        "batched_matmul_gflops": yard, "freed_memory_kept": kept, "note": args.note,
         "cases": rows, "mlp_cases": mlp_rows,
     }
     if args.json:
