@@ -11,8 +11,8 @@ faults and 0.35 s of kernel time per step to none), the torch backend, whose per
 the threshold, from 1130 to 1100 ms; on a 2-core Xeon the fused step went from 816-969 to 647-793 ms.
 The price: the process keeps the memory of its largest step until it exits (what a training loop needs anyway).
 
-Nothing changes at ``import srn_fast``. The command-line tools call it for CPU runs (``--release-memory`` opts
-out); library users call it themselves. It acts only on glibc (Linux); elsewhere it does nothing and says so.
+Nothing changes at ``import srn_fast``. The command-line tools call :func:`keep_freed_memory_for` with their
+``--device`` (``--release-memory`` opts out); library users call either themselves. It acts only on glibc (Linux); elsewhere it does nothing and says so.
 """
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def keep_freed_memory() -> bool:
         return False
     _state["kept"] = bool(ok)
     return _state["kept"]
+
+
+def keep_freed_memory_for(device) -> bool:
+    """:func:`keep_freed_memory` when ``device`` (a torch.device or its name; None or "auto": CUDA when available,
+    else the CPU) is the CPU. False for any other device, and for a name torch does not know (whoever uses the
+    device reports that)."""
+    import torch
+
+    try:
+        if device is None or device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(device).type != "cpu":
+            return False
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return keep_freed_memory()
 
 
 def freed_memory_kept() -> bool:

@@ -53,9 +53,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        from .common import apply_cpu_memory
+        if getattr(args, "release_memory", True) is False:  # a command with --device: a CPU run keeps freed memory
+            from ..cpu_memory import keep_freed_memory_for
 
-        apply_cpu_memory(args)
+            keep_freed_memory_for(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

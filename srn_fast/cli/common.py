@@ -47,7 +47,7 @@ def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Op
     * ``--seed`` (default 0): commands with randomness; ``seed`` says what it seeds (None: no ``--seed``);
     * ``--no-progress``: every command;
     * ``--release-memory``: every command with ``--device``; without it, a run on the CPU keeps freed memory for
-      reuse (:func:`srn_fast.cpu_memory.keep_freed_memory`, applied by :func:`apply_cpu_memory`).
+      reuse (:func:`srn_fast.cpu_memory.keep_freed_memory_for`, applied by :func:`srn_fast.cli.main`).
 
     ``given_only``: the argparse defaults are None instead (``train`` tells the options given on the command line
     from the others, for ``--resume``); None then means the default shown, which is the configuration's.
@@ -72,21 +72,6 @@ def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Op
                        "faults of re-allocating it: 64x64 fused training steps ~15%% faster; the process then "
                        "keeps the memory of its largest step)")
     return g
-
-
-def apply_cpu_memory(args) -> bool:
-    """For a command with ``--device``: on the CPU and without ``--release-memory``, keep freed memory for reuse
-    (glibc only; see :mod:`srn_fast.cpu_memory`). Returns whether it is kept."""
-    if not hasattr(args, "release_memory") or args.release_memory:
-        return False
-    try:
-        if pick_device(getattr(args, "device", None)).type != "cpu":
-            return False
-    except (RuntimeError, UserError):  # a bad --device: the command itself reports it
-        return False
-    from ..cpu_memory import keep_freed_memory
-
-    return keep_freed_memory()
 
 
 def pick_device(name: Optional[str]):
