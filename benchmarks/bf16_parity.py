@@ -16,6 +16,7 @@ means, the same-seed differences of bf16 and of the control against fused float3
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -65,8 +66,13 @@ def summarize(folder: str, result: str, note: str = "") -> int:
                          "mean_train_seconds": _mean([r["train_seconds"] for r in runs if r["precision"] == prec])}
         if prec != "fp32":
             delta = {s: psnr[(prec, s)] - psnr[("fp32", s)] for s in seeds if (prec, s) in psnr and ("fp32", s) in psnr}
+            d = list(delta.values())
             summary[prec]["same_seed_delta_db_vs_fp32"] = delta
-            summary[prec]["mean_abs_same_seed_delta_db"] = _mean([abs(v) for v in delta.values()])
+            summary[prec]["mean_abs_same_seed_delta_db"] = _mean([abs(v) for v in d])
+            # the paired mean difference and its standard error: what "within X dB of float32" can be judged by
+            summary[prec]["mean_same_seed_delta_db"] = _mean(d)
+            summary[prec]["sem_db"] = (statistics.stdev(d) / len(d) ** 0.5) if len(d) > 1 else None
+            summary[prec]["median_same_seed_delta_db"] = statistics.median(d) if d else None
     facts = {k: v for k, v in runs[0].items() if k not in ("seed", "precision", "heldout_psnr", "heldout_ssim",
                                                             "train_seconds", "steps", "matmul_dtype", "backend")}
     out = {"benchmark": "bf16 training parity (issue 14, line 3)",
@@ -79,7 +85,8 @@ def summarize(folder: str, result: str, note: str = "") -> int:
         if not row["runs"]:
             continue
         d = row.get("mean_abs_same_seed_delta_db")
-        extra = "" if d is None else f", mean |same-seed delta| vs fp32 {d:.2f} dB"
+        extra = "" if d is None else (f", same-seed delta vs fp32: mean {row['mean_same_seed_delta_db']:+.2f} dB"
+                                      f" (s.e. {row['sem_db'] or 0:.2f}), mean |delta| {d:.2f} dB")
         print(f"{prec:>10}: {row['runs']} runs, mean held-out PSNR {row['mean_psnr']:.2f} dB{extra}")
     print(f"wrote {result}")
     return 0

@@ -517,10 +517,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
     :class:`srn_fast.health.NonFiniteLossError` when the loss becomes NaN/inf (nothing is saved after the last
     good checkpoint). Launch under torchrun for DDP. The pieces: :func:`setup`, :func:`restore`, :class:`TrainLoop`.
     """
-    sess = setup(cfg, extra_loss, log)
-    state = restore(sess, resume=resume, overwrite=overwrite)
+    owns_group = not dist.is_initialized()  # under torchrun, setup() creates the process group: ended here too
     try:
-        return TrainLoop(sess, state, stop_at=stop_at, progress=progress).run()
+        sess = setup(cfg, extra_loss, log)
+        state = restore(sess, resume=resume, overwrite=overwrite)
+        try:
+            return TrainLoop(sess, state, stop_at=stop_at, progress=progress).run()
+        finally:
+            if state.folder is not None:
+                state.folder.close()
     finally:
-        if state.folder is not None:
-            state.folder.close()
+        # A gloo/NCCL group left to the interpreter's exit can abort the process ("terminate called without an
+        # active exception") after the run has finished and saved.
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
