@@ -12,7 +12,8 @@ the threshold, from 1130 to 1100 ms; on a 2-core Xeon the fused step went from 8
 The price: the process keeps the memory of its largest step until it exits (what a training loop needs anyway).
 
 Nothing changes at ``import srn_fast``. The command-line tools call :func:`keep_freed_memory_for` with their
-``--device`` (``--release-memory`` opts out); library users call either themselves. It acts only on glibc (Linux); elsewhere it does nothing and says so.
+``--device`` (``--release-memory`` opts out); library users call either themselves. It acts only on glibc (Linux);
+elsewhere it does nothing and returns False.
 """
 from __future__ import annotations
 
