@@ -112,8 +112,8 @@ def main(argv) -> int:
     test = SRNDataset(os.path.join(data, "test"), sidelength=cfg.sidelengths[-1], with_depth=False,
                       with_semantic=False)
     ev = evaluate(res["model"], test, keep_images=0, progress=False)
-    result = {"seed": seed, "precision": precision, "backend": backend, "heldout_psnr": ev["psnr"], "heldout_ssim": ev["ssim"],
-              "train_seconds": seconds, "steps": res["step"],
+    result = {"seed": seed, "precision": precision, "backend": backend, "heldout_psnr": ev["psnr"],
+              "heldout_ssim": ev["ssim"], "train_seconds": seconds, "steps": res["step"],
               "matmul_dtype": str(res["model"].resolved_matmul_dtype(torch.device("cpu"))), **machine_facts()}
     print(f"{precision} seed {seed}: held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.3f}, "
           f"trained in {seconds:.0f} s")
