@@ -22,9 +22,9 @@ the training loss.
 Reported per case: median wall time, rays/s, speed-up vs torch, achieved GFLOP/s and its share of this
 machine's batched-matmul rate measured in the same run, just before the case (torch.bmm, float32 and for bf16 rows
 bfloat16, [B, 8192, 256] x [B, 256, 256]^T, nn.Linear's weight layout), and peak memory: on CUDA the growth of
-torch.cuda.max_memory_allocated over what is allocated before the run; on the CPU the peak resident-set growth (VmHWM after resetting it, minus VmRSS
-before) of a fresh child process running the case once (so every number includes the allocator's slack, and for
-torch+compile the compiler's own memory).
+torch.cuda.max_memory_allocated over what is allocated before the run; on the CPU the peak resident-set growth
+(VmHWM after resetting it, minus VmRSS before) of a fresh child process running the case once (so every number
+includes the allocator's slack, and for torch+compile the compiler's own memory).
 For the training step a second figure, "step MB", is the same growth when the parameters' gradient buffers
 already exist (a training loop that zeroes gradients rather than freeing them): the step's working memory
 without the ~200 MB of hypernetwork weight gradients that every backend must hold.
