@@ -1,6 +1,5 @@
 """srn_fast.cpu_memory: freed memory kept for reuse (glibc), and the CLI's --release-memory opt-out."""
 import argparse
-import os
 import subprocess
 import sys
 
@@ -9,17 +8,7 @@ import torch
 
 from srn_fast.cli import main
 from srn_fast.cli.common import add_shared_options
-from srn_fast.cpu_memory import keep_freed_memory_for
-
-
-def _glibc() -> bool:
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, AttributeError, OSError):
-        return False
-
-
-GLIBC = _glibc()
+from srn_fast.cpu_memory import is_glibc, keep_freed_memory_for
 
 # In a fresh interpreter, before and after keep_freed_memory(): how much resident memory freeing a 128 MB tensor gives
 # back to the system (glibc's defaults: all of it, munmap), and the page faults of 8 rounds of allocating and freeing
@@ -54,7 +43,7 @@ print(*row, given_back_kb(), faults(), ok, freed_memory_kept())
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's: elsewhere keep_freed_memory() is a documented no-op")
+@pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's: elsewhere keep_freed_memory() is a documented no-op")
 def test_keep_freed_memory_keeps_freed_blocks_resident_for_reuse():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
     back_default, faults_default, back_kept, faults_kept = map(int, out[:4])
