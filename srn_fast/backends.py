@@ -1,5 +1,6 @@
 """The seam between the model and the arithmetic: one place picks the implementation of
-"evaluate an MLP" (phi and the pixel generator) and "march" for :class:`srn_fast.SRNModel`.
+"evaluate an MLP" (phi and the pixel generator), "evaluate a hypernetwork" and "march" for
+:class:`srn_fast.SRNModel`.
 
 * ``"torch"``: :mod:`srn_fast.torch_impl`, the pure-PyTorch reference (the tests' oracle).
 * ``"fused"``: the C++/CUDA kernels in :mod:`srn_fast.ops`, with hand-written backward passes.
@@ -27,6 +28,10 @@ class TorchBackend:
             raise ValueError("matmul_dtype (reduced-precision matmuls) needs backend='fused'")
         return torch_impl.mlp(x, layers)
 
+    def hyper_mlp(self, z: torch.Tensor, layers: Sequence[Layer]) -> torch.Tensor:
+        """A hypernetwork (shared weights) on the latent codes ``z [B, C_in]``: the reference's arithmetic."""
+        return torch_impl.mlp(z, layers)
+
     def march(self, x0, dirs, phi: Sequence[Layer], lstm: LSTMParams, steps: int, grad_clamp: Optional[float] = 10.0,
               return_steps: bool = False, mode: str = "recompute", matmul_dtype: Optional[torch.dtype] = None):
         if matmul_dtype is not None:
@@ -45,6 +50,17 @@ class FusedBackend:
 
     def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
         return ops.mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
+
+    def hyper_mlp(self, z, layers):
+        """The hypernetwork's small layers in PyTorch, its wide last layer (256 -> a phi layer's 65792 weights) with
+        :func:`srn_fast.ops.wide_linear` (3x faster on the CPU in forward and in the gradient of its input)."""
+        last = layers[-1]
+        if last.norm or last.weight.dim() != 2 or z.dim() < 2:
+            return torch_impl.mlp(z, layers)
+        h = torch_impl.mlp(z, layers[:-1]) if len(layers) > 1 else z
+        lead = h.shape[:-1]
+        out = ops.wide_linear(h.reshape(-1, h.shape[-1]), last.weight, last.bias)
+        return out.reshape(*lead, out.shape[-1])
 
     def march(self, x0, dirs, phi, lstm, steps, grad_clamp=10.0, return_steps=False, mode="recompute",
               matmul_dtype=None):

@@ -5,7 +5,7 @@ the chosen backend evaluates; the arithmetic lives in :mod:`srn_fast.torch_impl`
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import torch
 import torch.nn as nn
@@ -80,8 +80,10 @@ class HyperLinear(nn.Module):
                                    out_features=in_ch * out_ch + out_ch, outermost_linear=True)
         self.hypo_params[-1].apply(_last_hyper_layer_init)
 
-    def forward(self, z: torch.Tensor):
-        p = self.hypo_params(z)
+    def forward(self, z: torch.Tensor, mlp: Callable = mlp):
+        """``z [B, hyper_in]`` -> weight ``[B, out, in]``, bias ``[B, out]``; ``mlp`` evaluates ``hypo_params``
+        (a backend's ``hyper_mlp``; default :func:`srn_fast.torch_impl.mlp`)."""
+        p = mlp(z, self.hypo_params.layers())
         n = self.in_ch * self.out_ch
         weight = p[..., :n].reshape(*p.shape[:-1], self.out_ch, self.in_ch)
         bias = p[..., n:n + self.out_ch]
@@ -98,8 +100,8 @@ class HyperLayer(nn.Module):
         self.norm_nl = nn.Sequential(nn.LayerNorm([out_ch], elementwise_affine=False, eps=LAYERNORM_EPS),
                                      nn.ReLU(inplace=True))
 
-    def forward(self, z: torch.Tensor) -> Layer:
-        w, b = self.hyper_linear(z)
+    def forward(self, z: torch.Tensor, mlp: Callable = mlp) -> Layer:
+        w, b = self.hyper_linear(z, mlp)
         return Layer(w, b, True)
 
 
@@ -116,13 +118,14 @@ class HyperFC(nn.Module):
         self.layers.append(HyperLinear(hidden_ch, out_ch, **kw) if outermost_linear
                            else HyperLayer(hidden_ch, out_ch, **kw))
 
-    def forward(self, z: torch.Tensor) -> List[Layer]:
+    def forward(self, z: torch.Tensor, mlp: Callable = mlp) -> List[Layer]:
+        """phi's per-scene layers from the codes ``z [B, hyper_in]``; ``mlp`` evaluates each hypernetwork."""
         out = []
         for m in self.layers:
             if isinstance(m, HyperLayer):
-                out.append(m(z))
+                out.append(m(z, mlp))
             else:
-                w, b = m(z)
+                w, b = m(z, mlp)
                 out.append(Layer(w, b, False))
         return out
 

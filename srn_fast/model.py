@@ -218,7 +218,7 @@ class SRNModel(nn.Module):
         """phi as a list of :class:`~srn_fast.torch_impl.Layer` (per scene from the hypernetwork)."""
         if self.fit_single_srn:
             return self.phi.layers()
-        return self.hyper_phi(z)
+        return self.hyper_phi(z, self.backend.hyper_mlp)
 
     def initial_depth(self, B: int, N: int, device, dtype=torch.float32,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:

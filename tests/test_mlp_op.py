@@ -289,6 +289,9 @@ class _FusedMLPTorchMarch:
     def mlp(self, x, layers, matmul_dtype=None, save_activations=None):
         return ops.mlp(x, layers, matmul_dtype=matmul_dtype, save_activations=save_activations)
 
+    def hyper_mlp(self, z, layers):
+        return torch_impl.mlp(z, layers)
+
     def march(self, x0, dirs, phi, lstm, steps, grad_clamp=10.0, return_steps=False, mode="recompute",
               matmul_dtype=None):
         return torch_impl.march(x0, dirs, phi, lstm, steps, grad_clamp=grad_clamp, return_steps=return_steps)

@@ -1,0 +1,117 @@
+"""srn_fast.ops.wide_linear (the hypernetwork's last layers) against F.linear: values, gradients under a random
+cotangent, float64 gradcheck and gradgradcheck, opcheck, the chunked CPU gradient's remainder, errors, the fused
+model's hypernetwork against the torch backend's, and CPU vs CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srn_fast
+from srn_fast import ops
+from srn_fast.ops.wide_linear import GRAD_X_CHUNKS, grad_input, wide_linear as wl_op
+
+from op_utils import assert_close, cuda, require_extension
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _args(M, K, O, dtype=torch.float64, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, dtype=dtype, generator=gen).to(device).requires_grad_() for s in ((M, K), (O, K), (O,))]
+
+
+# O = 65792 is a hypernetwork's 256 -> 256x256 + 256 layer; 1027 and 300 leave a remainder after the chunks; O < the
+# chunk count and M = 1 take the plain product.
+@pytest.mark.parametrize("M,K,O", [(2, 256, 65792), (3, 5, 1027), (5, 7, 300), (4, 6, 50), (1, 4, 1)])
+def test_values_and_gradients_match_linear(M, K, O):
+    args = _args(M, K, O)
+    ref = [a.detach().clone().requires_grad_() for a in args]
+    y, y_ref = ops.wide_linear(*args), F.linear(*ref)
+    assert y.shape == (M, O) and y.is_contiguous()
+    assert_close(y, y_ref, 1e-12, 1e-12, "y")
+    g = torch.randn(M, O, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    for name, a, b in zip(("x", "weight", "bias"), torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, ref, g)):
+        assert_close(a, b, 1e-11, 1e-11, name)
+
+
+def test_grad_input_chunks_cover_every_row():
+    """The chunked CPU product of the gradient of x sums every one of the O rows once, remainder included."""
+    for O in (GRAD_X_CHUNKS * 3, GRAD_X_CHUNKS * 3 + 7, GRAD_X_CHUNKS - 1):
+        g = torch.zeros(2, O, dtype=torch.float64)
+        w = torch.ones(O, 3, dtype=torch.float64)
+        g[0] = 1.0
+        g[1, -1] = 5.0
+        out = grad_input(g, w)
+        assert out[0].tolist() == [float(O)] * 3 and out[1].tolist() == [5.0] * 3
+
+
+def test_gradcheck_gradgradcheck_and_opcheck():
+    args = _args(3, 5, 300)
+    assert torch.autograd.gradcheck(ops.wide_linear, args)
+    assert torch.autograd.gradgradcheck(ops.wide_linear, args)
+    torch.library.opcheck(torch.ops.srn_fast.wide_linear.default, tuple(a.detach().requires_grad_() for a in args),
+                          test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(torch.ops.srn_fast.wide_linear.default, tuple(a.detach().float() for a in args),
+                          test_utils=OPCHECK_TESTS)
+
+
+def test_only_the_needed_gradients():
+    x, w, b = _args(2, 4, 260)
+    w.requires_grad_(False)
+    ops.wide_linear(x, w, b).sum().backward()
+    assert w.grad is None and x.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("args,match", [
+    (((3, 4), (5, 4), (4,)), r"expected x \[M, K\], weight \[O, K\] and bias \[O\]"),
+    (((3, 4), (5, 3), (5,)), r"expected x \[M, K\], weight \[O, K\] and bias \[O\]"),
+    (((2, 3, 4), (5, 4), (5,)), r"x must be a 2-D tensor, got \(2, 3, 4\)"),
+    (((3, 4), (5, 4), (1, 5)), r"bias must be a 1-D tensor, got \(1, 5\)"),
+])
+def test_bad_shapes_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.wide_linear(*[torch.zeros(s) for s in args])
+
+
+def test_bad_dtype_is_named():
+    with pytest.raises(ValueError, match=r"weight must have x's dtype and device \(torch.float32, cpu\), got "
+                                         r"torch.float64"):
+        ops.wide_linear(torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4))
+
+
+def test_fused_hypernetwork_matches_torch_backend(monkeypatch):
+    """The fused model evaluates its hypernetwork's last layers with wide_linear (one call per phi layer): phi's
+    weights and the gradients of every hypernetwork parameter equal the torch backend's (float64)."""
+    require_extension()
+    calls = []
+    monkeypatch.setattr(ops, "wide_linear", lambda *a: calls.append(a[1].shape) or wl_op(*a))
+    torch.manual_seed(0)
+    fused = srn_fast.SRNModel(3, latent_dim=16, phi_hidden=16, backend="fused").double()
+    ref = srn_fast.SRNModel(3, latent_dim=16, phi_hidden=16, backend="torch").double()
+    ref.load_state_dict(fused.state_dict())
+    z = torch.randn(2, 16, dtype=torch.float64)
+    grads = []
+    for m in (fused, ref):
+        layers = m.phi_layers(z)
+        cot = torch.Generator().manual_seed(4)
+        loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=cot)).sum()
+                   for layer in layers for t in (layer.weight, layer.bias))
+        grads.append(dict(zip([n for n, _ in m.hyper_phi.named_parameters()],
+                              torch.autograd.grad(loss, list(m.hyper_phi.parameters())))))
+    assert calls == [(16 * 3 + 16, 16)] + [(16 * 16 + 16, 16)] * 3, calls  # weight [O, K] of each phi layer
+    for (a, b) in zip(fused.phi_layers(z), ref.phi_layers(z)):
+        assert_close(a.weight, b.weight, 1e-12, 1e-12, "phi weight")
+        assert_close(a.bias, b.bias, 1e-12, 1e-12, "phi bias")
+    for name in grads[1]:
+        assert_close(grads[0][name], grads[1][name], 1e-10, 1e-12, name)
+
+
+@cuda
+def test_cuda_matches_cpu():
+    cpu = _args(2, 64, 4160, dtype=torch.float32)
+    gpu = [a.detach().cuda().requires_grad_() for a in cpu]
+    g = torch.randn(2, 4160)
+    y_cpu, y_gpu = ops.wide_linear(*cpu), ops.wide_linear(*gpu)
+    assert_close(y_gpu.cpu(), y_cpu, 1e-4, 1e-4, "y")
+    for name, a, b in zip(("x", "weight", "bias"), torch.autograd.grad(y_gpu, gpu, g.cuda()),
+                          torch.autograd.grad(y_cpu, cpu, g)):
+        assert_close(a.cpu(), b, 1e-4, 1e-3, name)
