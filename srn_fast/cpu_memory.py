@@ -52,14 +52,12 @@ def keep_freed_memory() -> bool:
 
 
 def keep_freed_memory_for(device) -> bool:
-    """:func:`keep_freed_memory` when ``device`` (a torch.device or its name; None or "auto": CUDA when available,
-    else the CPU) is the CPU. False for any other device, and for a name torch does not know (whoever uses the
-    device reports that)."""
+    """:func:`keep_freed_memory` when ``device`` (a torch.device or its name, already resolved: the commands resolve
+    ``--device auto`` with :func:`srn_fast.cli.common.pick_device` first) is the CPU. False for any other device,
+    and for a name torch does not know (whoever uses the device reports that)."""
     import torch
 
     try:
-        if device is None or device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if torch.device(device).type != "cpu":
             return False
     except (RuntimeError, TypeError, ValueError):

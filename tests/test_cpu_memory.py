@@ -60,8 +60,10 @@ def test_keep_freed_memory_for_acts_on_the_cpu_only(monkeypatch):
     assert keep_freed_memory_for("cuda:7") is False  # not a CPU run (or no such GPU: its error comes later)
     assert keep_freed_memory_for("no-such-device") is False  # the command reports a bad --device itself
     assert calls == []
+    assert keep_freed_memory_for(None) is False  # not resolved: nothing to act on
+    assert calls == []
     assert keep_freed_memory_for("cpu") is True and calls == [1]
-    assert keep_freed_memory_for(None) is (not torch.cuda.is_available())  # auto: CUDA when there is one
+    assert keep_freed_memory_for(torch.device("cpu")) is True and calls == [1, 1]
 
 
 def test_commands_keep_freed_memory_unless_release_memory_is_given(monkeypatch, tmp_path):
@@ -69,9 +71,12 @@ def test_commands_keep_freed_memory_unless_release_memory_is_given(monkeypatch, 
     monkeypatch.setattr("srn_fast.cpu_memory.keep_freed_memory_for", lambda device: seen.append(device) or True)
     argv = ["render", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert main(argv) == 2  # the command itself fails (no checkpoint), after the choice was applied
-    assert seen == ["cpu"]
+    assert seen == [torch.device("cpu")]
     assert main(argv + ["--release-memory"]) == 2
-    assert seen == ["cpu"]
+    assert seen == [torch.device("cpu")]
+    # "auto" is resolved as the command resolves it (cli.common.pick_device): CUDA when there is one
+    assert main(argv[:-1] + ["auto"]) == 2
+    assert seen[-1] == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_commands_without_a_device_have_no_release_memory_option():

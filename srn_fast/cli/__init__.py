@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import UserError  # the commands raise it (``from . import UserError``)
+
 # name -> module path. Add a command by adding a module and a line here.
 COMMANDS = {
     "make-data": "srn_fast.cli.make_data",
@@ -29,10 +31,6 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error the user can fix (missing data folder, incompatible checkpoint, ...): printed as one line."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m srn_fast",
                                      description="Scene Representation Networks with fused C++/CUDA kernels.")
@@ -46,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keep_freed_memory(device_name: Optional[str]) -> None:
+    """:func:`srn_fast.cpu_memory.keep_freed_memory_for` the command's device, resolved as the command resolves it
+    (an unavailable CUDA device raises the command's own error here; a name torch does not know is left for the
+    command to report)."""
+    from ..cpu_memory import keep_freed_memory_for
+    from .common import pick_device
+
+    try:
+        device = pick_device(device_name)
+    except RuntimeError:
+        return
+    keep_freed_memory_for(device)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,9 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if getattr(args, "release_memory", True) is False:  # a command with --device: a CPU run keeps freed memory
-            from ..cpu_memory import keep_freed_memory_for
-
-            keep_freed_memory_for(getattr(args, "device", None))
+            _keep_freed_memory(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from . import UserError
+from .errors import UserError
 
 
 def int_list(text: str) -> List[int]:
@@ -47,7 +47,8 @@ def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Op
     * ``--seed`` (default 0): commands with randomness; ``seed`` says what it seeds (None: no ``--seed``);
     * ``--no-progress``: every command;
     * ``--release-memory``: every command with ``--device``; without it, a run on the CPU keeps freed memory for
-      reuse (:func:`srn_fast.cpu_memory.keep_freed_memory_for`, applied by :func:`srn_fast.cli.main`).
+      reuse (:func:`srn_fast.cpu_memory.keep_freed_memory_for` on the device :func:`pick_device` resolves, applied by
+      :func:`srn_fast.cli.main`).
 
     ``given_only``: the argparse defaults are None instead (``train`` tells the options given on the command line
     from the others, for ``--resume``); None then means the default shown, which is the configuration's.
