@@ -29,7 +29,9 @@ For the training step a second figure, "step MB", is the same growth when the pa
 already exist (a training loop that zeroes gradients rather than freeing them): the step's working memory
 without the ~200 MB of hypernetwork weight gradients that every backend must hold.
 Within a case the backends' timed runs are interleaved (fused, torch, fused, torch, ...), so that load changes
-on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median.
+on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median. The notes also give
+the speed-up per repeat (torch's i-th time over the backend's i-th, which ran right after each other): its median
+and range ("paired x torch", JSON speedup_vs_torch_paired), steadier than the ratio of medians on a busy VM.
 """
 from __future__ import annotations
 
@@ -311,9 +313,15 @@ def run_case(case, S, args, device):
             if case == "train_step":
                 row["step_mem_mb"] = child_peak_mb(case, backend, args.batch, S, device, resident_grads=True)
     ref = rows.get("torch", {}).get("ms_median")
-    for row in rows.values():
+    ref_all = rows.get("torch", {}).get("ms_all")
+    for backend, row in rows.items():
         row["speedup_vs_torch"] = ref / row["ms_median"] if ref and row["ms_median"] == row["ms_median"] \
             else float("nan")
+        if backend != "torch" and ref_all and len(row.get("ms_all", ())) == len(ref_all):
+            # repeat i of every backend ran back to back: the ratio per repeat cancels most load changes
+            ratios = sorted(t / f for t, f in zip(ref_all, row["ms_all"]))
+            row["speedup_vs_torch_paired"] = {"median": statistics.median(ratios), "min": ratios[0],
+                                              "max": ratios[-1]}
         print_row(row)
     return list(rows.values())
 
@@ -389,6 +397,9 @@ def print_row(r):
               f"{'peak MB':>9}{'step MB':>9}  notes")
         _HEADER = True
     notes = [r["error"]] if "error" in r else []
+    if "speedup_vs_torch_paired" in r:
+        p = r["speedup_vs_torch_paired"]
+        notes.append(f"paired x torch {p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f})")
     if "psnr_vs_torch_db" in r:
         notes.append(f"PSNR vs torch fp32 {r['psnr_vs_torch_db']:.1f} dB")
     if "loss_rel_err_vs_torch" in r:
