@@ -236,6 +236,10 @@ class SRNModel(nn.Module):
             check_instance_values(model_input["instance_idx"], self.num_instances)
         device = self.pixel_generator.net[0].net[0].weight.device
         dtype = self.pixel_generator.net[0].net[0].weight.dtype
+        if self.backend_name == "fused" and torch.is_autocast_enabled(device.type):
+            raise ModelInputError("backend='fused' does not run under torch.autocast (its kernels take float32 or "
+                                  "float64 inputs): for bf16 matmuls use SRNModel(..., matmul_dtype=torch.bfloat16) "
+                                  "(train --bf16), or backend='torch' to autocast the reference's code path")
         pose = model_input["pose"].to(device=device, dtype=dtype)
         K = model_input["intrinsics"].to(device=device, dtype=dtype)
         uv = model_input["uv"].to(device=device, dtype=dtype)

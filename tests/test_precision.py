@@ -145,3 +145,19 @@ def test_train_bf16_warns_where_bf16_is_slower(monkeypatch, tiny_data, tmp_path)
     with pytest.warns(RuntimeWarning, match="--bf16: this CPU runs bf16 matmuls no faster than float32"):
         assert main(args + ["--bf16"]) == 0
     assert main(args[:4] + [str(tmp_path / "run_auto")] + args[5:] + ["--bf16", "auto"]) == 0
+
+
+def test_fused_model_under_autocast_says_what_to_use_instead():
+    """torch.autocast would hand the fused kernels bf16 tensors they do not take: one clear error naming the
+    alternatives, instead of a dtype error from deep inside an op; the torch backend autocasts as before."""
+    from test_model import make_input
+
+    inp = make_input(B=2, S=4)
+    fused = srn_fast.SRNModel(2, latent_dim=8, phi_hidden=16, tracing_steps=2, backend="fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"backend='fused' does not run under torch.autocast .* "
+                                             r"matmul_dtype=torch.bfloat16"):
+            fused.render(inp)
+        ref = srn_fast.SRNModel(2, latent_dim=8, phi_hidden=16, tracing_steps=2, backend="torch")
+        assert ref.render(inp)["rgb"].dtype == torch.bfloat16
+    assert fused.render(inp)["rgb"].dtype == torch.float32
