@@ -67,6 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "release_memory", True) is False:  # a command with --device: a CPU run keeps freed memory
             _keep_freed_memory(getattr(args, "device", None))
+        elif getattr(args, "release_memory", False):  # ... and --release-memory gives back the ops' saved buffers too
+            from ..ops import buffer_cache
+
+            buffer_cache.set_enabled(False)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

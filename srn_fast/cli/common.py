@@ -48,7 +48,8 @@ def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Op
     * ``--no-progress``: every command;
     * ``--release-memory``: every command with ``--device``; without it, a run on the CPU keeps freed memory for
       reuse (:func:`srn_fast.cpu_memory.keep_freed_memory_for` on the device :func:`pick_device` resolves, applied by
-      :func:`srn_fast.cli.main`).
+      :func:`srn_fast.cli.main`); with it, the fused ops' cache of saved buffers (:mod:`srn_fast.ops.buffer_cache`)
+      is off too.
 
     ``given_only``: the argparse defaults are None instead (``train`` tells the options given on the command line
     from the others, for ``--resume``); None then means the default shown, which is the configuration's.
@@ -69,9 +70,9 @@ def add_shared_options(p, *, device: bool = True, backend: bool = True, seed: Op
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if device:
         g.add_argument("--release-memory", action="store_true", help="on the CPU, let malloc hand freed memory "
-                       "back to the system after every step (default: keep it for reuse, which saves the page "
-                       "faults of re-allocating it: 64x64 fused training steps ~15%% faster; the process then "
-                       "keeps the memory of its largest step)")
+                       "back to the system after every step, and do not cache the fused ops' saved buffers (default: "
+                       "keep both for reuse, which saves the page faults of re-allocating them: 64x64 fused "
+                       "training steps ~15%% faster; the process then keeps the memory of its largest step)")
     return g
 
 

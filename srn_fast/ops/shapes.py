@@ -13,6 +13,7 @@ from typing import List, NamedTuple, Sequence, Tuple
 import torch
 
 from ..types import MARCH_MODES
+from . import buffer_cache
 
 Shape = Tuple
 NONE: Shape = (0,)
@@ -83,3 +84,9 @@ def empty(shape: Shape, like: torch.Tensor) -> torch.Tensor:
 
 def empties(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
     return [like.new_empty(s) for s in shapes]
+
+
+def saved(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
+    """The real kernels' buffers kept for backward: as :func:`empties`, large CPU ones reused from
+    :mod:`srn_fast.ops.buffer_cache` (fake kernels allocate with :func:`empties`)."""
+    return [buffer_cache.take(s, like) for s in shapes]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import buffer_cache
 from ._layers import define_op, register_autograd
 
 OP = "srn_fast.ops.wide_linear"
@@ -62,10 +63,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
 
 
+def grad_weight(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad^T [O, M] @ x [M, K] -> [O, K]``. Outside a double backward, into a buffer of
+    :mod:`srn_fast.ops.buffer_cache`: the 67 MB weight gradient is new every step (zero_grad(set_to_none=True)
+    frees it), and fresh pages cost ~16,000 page faults a layer."""
+    if torch.is_grad_enabled():  # building a graph (create_graph=True): out= has no autograd
+        return grad.t() @ x
+    return torch.mm(grad.t(), x, out=buffer_cache.take((grad.shape[1], x.shape[1]), x))
+
+
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
-    return (grad_input(grad, weight) if need_x else None, grad.t() @ x if need_w else None,
+    return (grad_input(grad, weight) if need_x else None, grad_weight(grad, x) if need_w else None,
             grad.sum(0) if need_b else None)
 
 
