@@ -19,6 +19,7 @@ tensors never come here (PyTorch's caching allocator already does this on the GP
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -28,6 +29,7 @@ MAX_IDLE = 512       # requests an idle buffer waits before it is freed (a 64x64
 
 _entries: Dict[Tuple[torch.dtype, int], List[list]] = {}  # (dtype, nbytes) -> [[storage, last use], ...]
 _state = {"enabled": True, "clock": 0}
+_lock = threading.Lock()
 
 
 def _free(storage: torch.UntypedStorage) -> bool:
@@ -42,41 +44,36 @@ def take(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     if (not _state["enabled"] or like.device.type != "cpu" or nbytes < MIN_BYTES or type(like) is not torch.Tensor
             or torch.compiler.is_compiling()):  # fake / functional tensors while tracing: no real storage
         return like.new_empty(shape)
-    _state["clock"] += 1
-    now = _state["clock"]
-    for entry in _entries.get((like.dtype, nbytes), ()):
-        if _free(entry[0]):
-            entry[1] = now
-            return like.new_empty(0).set_(entry[0], 0, shape)
-    _drop_idle(now)
-    out = like.new_empty(shape)
-    _entries.setdefault((like.dtype, nbytes), []).append([out.untyped_storage(), now])
-    return out
+    with _lock:  # threads calling the ops at once must not both take one idle buffer
+        _state["clock"] += 1
+        now = _state["clock"]
+        for entry in _entries.get((like.dtype, nbytes), ()):
+            if _free(entry[0]):
+                entry[1] = now
+                return like.new_empty(0).set_(entry[0], 0, shape)
+        _drop_idle(now, MAX_IDLE)
+        out = like.new_empty(shape)
+        _entries.setdefault((like.dtype, nbytes), []).append([out.untyped_storage(), now])
+        return out
 
 
-def _drop_idle(now: int) -> None:
+def _drop_idle(now: int, max_idle: int) -> int:
+    """Frees the idle buffers last used more than ``max_idle`` requests before ``now``; returns the bytes freed."""
+    freed = 0
     for key in list(_entries):
-        kept = [e for e in _entries[key] if now - e[1] <= MAX_IDLE or not _free(e[0])]
+        kept = [e for e in _entries[key] if now - e[1] <= max_idle or not _free(e[0])]
+        freed += key[1] * (len(_entries[key]) - len(kept))
         if kept:
             _entries[key] = kept
         else:
             del _entries[key]
+    return freed
 
 
 def release() -> int:
     """Frees every cached buffer that nothing uses now; returns the bytes freed."""
-    freed = 0
-    for key in list(_entries):
-        kept = []
-        for e in _entries[key]:
-            if _free(e[0]):
-                freed += key[1]
-            else:
-                kept.append(e)
-        _entries[key] = kept
-        if not kept:
-            del _entries[key]
-    return freed
+    with _lock:
+        return _drop_idle(_state["clock"], -1)
 
 
 def cached_bytes() -> int:
