@@ -1,7 +1,7 @@
-"""Reused CPU buffers for what the fused ops save for their backward.
+"""Reused CPU buffers for what the fused ops save for their backward (and for wide_linear's weight gradient).
 
 A CPU training step at 64x64 (B = 2) saves ~450 MB of activations in the fused march and MLP ops and frees them in
-the backward. glibc's malloc serves such blocks with a fresh ``mmap`` (and a freed block at the top of its heap
+the backward; the hypernetwork's three 67 MB weight gradients are new every step too. glibc's malloc serves such blocks with a fresh ``mmap`` (and a freed block at the top of its heap
 goes back to the kernel), so every step started on fresh pages, each one faulted in and zero-filled by the kernel:
 ~135,000 page faults and ~0.4 s of kernel time per fused step on a 2-core EPYC, 15-25% of its wall time.
 :func:`take` hands out the same blocks again instead: it keeps every saved buffer of at least ``MIN_BYTES`` it
