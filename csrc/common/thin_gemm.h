@@ -1,6 +1,6 @@
 // Row-major products with one side of at most kThin: phi's 3-wide first layer (points in: K = 3 forward, N = 3
 // for the input gradient and the weight gradient) and the pixel generator's 3-wide rgb layer. MKL packs the long
-// operand for those few columns and ran them at 3-20 GFLOP/s (10-73 us a call at a 128-ray tile, ~1,300 calls
+// operand for those few columns and ran them at 4-24 GFLOP/s (8-73 us a call at a 128-ray tile, ~2,300 calls
 // per 64x64 training step); these loops, vectorised over the long dimension with the short one padded to kThin
 // (independent accumulators instead of one dependent chain), take a few microseconds.
 // Same contract as cpu::gemm (csrc/common/cpu_gemm.h): C[M, N] = op(A) op(B) + beta * C, beta 0 or 1 (0: C is

@@ -1,20 +1,21 @@
 """Reused CPU buffers for what the fused ops save for their backward (and for wide_linear's weight gradient).
 
 A CPU training step at 64x64 (B = 2) saves ~450 MB of activations in the fused march and MLP ops and frees them in
-the backward; the hypernetwork's three 67 MB weight gradients are new every step too. glibc's malloc serves such blocks with a fresh ``mmap`` (and a freed block at the top of its heap
-goes back to the kernel), so every step started on fresh pages, each one faulted in and zero-filled by the kernel:
-~135,000 page faults and ~0.4 s of kernel time per fused step on a 2-core EPYC, 15-25% of its wall time.
-:func:`take` hands out the same blocks again instead: it keeps every saved buffer of at least ``MIN_BYTES`` it
-allocated and gives one back out when nothing but the cache still refers to it (a storage use count of one: the
-graph that saved it is gone), for a request of the same dtype and size. Buffers still in use are never handed out,
-so a graph kept alive (``retain_graph``, two forwards before one backward) simply gets new ones.
+the backward; the hypernetwork's three 67 MB weight gradients are new every step too. glibc's malloc serves such
+blocks with a fresh ``mmap`` (and a freed block at the top of its heap goes back to the kernel), so every step
+started on fresh pages, each one faulted in and zero-filled by the kernel: ~135,000 page faults and ~0.4 s of
+kernel time per fused step on a 2-core EPYC, 15-25% of its wall time. :func:`take` hands out the same blocks again
+instead: it keeps every buffer of at least ``MIN_BYTES`` it allocated and gives one back out when nothing but the
+cache still refers to it (a storage use count of one: the graph that saved it is gone), for a request of the same
+dtype and size. Buffers still in use are never handed out, so a graph kept alive (``retain_graph``, two forwards
+before one backward) simply gets new ones.
 
 What it costs: the process keeps the saved buffers of its largest step between steps (what the next step needs
 anyway). Before it grows, it frees the buffers that have sat idle for more than ``MAX_IDLE`` requests (a shape
 the run stopped using, e.g. a smaller last batch); :func:`release` frees every idle buffer now, and
-:func:`set_enabled` turns the cache off (the commands' ``--release-memory`` does). CUDA
-tensors never come here (PyTorch's caching allocator already does this on the GPU). Unlike
-:func:`srn_fast.cpu_memory.keep_freed_memory` it changes nothing for the rest of the process.
+:func:`set_enabled` turns the cache off (the commands' ``--release-memory`` does). CUDA tensors never come here
+(PyTorch's caching allocator already does this on the GPU). Unlike :func:`srn_fast.cpu_memory.keep_freed_memory`
+it changes nothing for the rest of the process.
 """
 from __future__ import annotations
 
