@@ -31,7 +31,8 @@ without the ~200 MB of hypernetwork weight gradients that every backend must hol
 Within a case the backends' timed runs are interleaved (fused, torch, fused, torch, ...), so that load changes
 on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median. The notes also give
 the speed-up per repeat (torch's i-th time over the backend's i-th, which ran right after each other): its median
-and range ("paired x torch", JSON speedup_vs_torch_paired), steadier than the ratio of medians on a busy VM.
+and range ("paired x torch", JSON speedup_vs_torch_paired), steadier than the ratio of medians on a busy VM. With --rounds K every case runs K times, each with fresh models,
+and a last line per backend gives the min / median / max of the rounds' speed-ups (JSON round_summary).
 """
 from __future__ import annotations
 
@@ -336,6 +337,9 @@ def main(argv=None):
                    default="fused,fused-recompute,fused-store,torch,torch+autocast,torch+compile,fused+compile,"
                            "fused-bf16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="run every case this many times, each with fresh models, "
+                   "and summarise the speed-ups over the rounds (min / median / max): on a shared machine one "
+                   "round's ratio moves with the load")
     p.add_argument("--quick", action="store_true", help="64x64 only, 2 repeats, no torch.compile backends")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     p.add_argument("--keep-freed-memory", action="store_true", help="CPU: glibc keeps freed memory for reuse, as the "
@@ -347,6 +351,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.rounds < 1:
+        p.error(f"--rounds: expected a positive count, got {args.rounds}")
     if args.quick:
         args.sizes, args.repeats = "64", 2
         args.backends = ",".join(b for b in args.backends.split(",") if not b.endswith("+compile"))
@@ -370,21 +376,52 @@ def main(argv=None):
         mlp_rows = mlp_bench.run_mlp_cases(device.type if device.type == "cpu" else str(device), quick=args.quick)
         mlp_bench.print_table(mlp_rows)
         print()
+    summary = []
     for S in [int(s) for s in args.sizes.split(",")]:
         for case in (c for c in cases if c != "mlp"):
-            rows += run_case(case, S, args, device)
+            case_rows = []
+            for k in range(args.rounds):
+                for row in run_case(case, S, args, device):
+                    case_rows.append(dict(row, round=k) if args.rounds > 1 else row)
+            rows += case_rows
+            if args.rounds > 1:
+                summary += summarise_rounds(case_rows)
     yards = [r["bmm_gflops"] for r in rows if r.get("bmm_gflops")]
     yard = statistics.median(yards) if yards else yard
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         **machine_facts(str(device)), "srn_fast_version": srn_fast.__version__,
         "batched_matmul_gflops": yard, "freed_memory_kept": kept, "note": args.note,
-        "cases": rows, "mlp_cases": mlp_rows,
+        "rounds": args.rounds, "cases": rows, "mlp_cases": mlp_rows,
     }
+    if summary:
+        result["round_summary"] = summary
     if args.json:
         files.write_json(args.json, result, default=float, makedirs=True)
         print(f"wrote {args.json}")
     return 0
+
+
+def summarise_rounds(rows):
+    """Per backend of one case, the speed-up over the torch backend in every round: min, median and max of the
+    rounds' median ratios and of their paired ratios. Printed, and returned for the JSON."""
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        ratios = [r["speedup_vs_torch"] for r in mine if r["speedup_vs_torch"] == r["speedup_vs_torch"]]
+        paired = [r["speedup_vs_torch_paired"]["median"] for r in mine if "speedup_vs_torch_paired" in r]
+        if backend == "torch" or not ratios:
+            continue
+        item = {"name": mine[0]["name"], "backend": backend, "rounds": len(mine),
+                "speedup_vs_torch": [min(ratios), statistics.median(ratios), max(ratios)],
+                "speedup_vs_torch_paired": [min(paired), statistics.median(paired), max(paired)] if paired else None}
+        out.append(item)
+        line = (f"{item['name']:<20}{backend:<15}x torch over {len(ratios)} rounds: min {min(ratios):.2f}, "
+                f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
+        if paired:
+            line += f" (paired medians {min(paired):.2f} / {statistics.median(paired):.2f} / {max(paired):.2f})"
+        print(line, flush=True)
+    return out
 
 
 _HEADER = False
