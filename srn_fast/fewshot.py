@@ -5,7 +5,7 @@ Why a new procedure. The reference optimises only the new codes, starting from N
 for 100,000 steps. Adam moves a code element by at most about lr per step, so 1,000 steps at 5e-5 end within
 ~0.05 of the start: close to the mean object. :data:`PROTOCOLS` holds both:
 
-- ``"fast"`` (the default, chosen by measurement on generated chairs, see the README's few-shot section): each
+- ``"fast"`` (the default, chosen by measurement on generated chairs, see docs/fewshot.md): each
   code starts from the best of the model's training codes on the object's given views, Adam at lr 1e-2 on 256
   random pixels per view and step (the ray noise fits less to the one view than every pixel does), and a plateau
   rule per object: when the object's smoothed fit loss stops improving its learning rate is halved, and below
@@ -372,7 +372,7 @@ def fit_latents(model: SRNModel, dataset, steps: Optional[int] = None, protocol:
         **options: fields of :class:`FitConfig` to override (``lr``, ``init``, ``rays_per_view``,
             ``prior_weight``, ``schedule``, ...); None values keep the protocol's.
 
-    Defaults (``"fast"``, chosen by measurement, see the README's few-shot section): start from the best of 64
+    Defaults (``"fast"``, chosen by measurement, see docs/fewshot.md): start from the best of 64
     training codes (evenly spaced, and their mean) on the given views; Adam at lr 1e-2; 256 random pixels per
     given view each step; the reference's losses (200 MSE + 1e-3 depth regulariser + 1 mean(z^2)), no extra
     prior; plateau rule: patience 20 steps, rel_tol 1e-3 on the loss smoothed with decay 0.9, lr halved, the
