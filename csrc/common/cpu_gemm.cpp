@@ -114,14 +114,19 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, in
 
 namespace {
 
-enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2 };
+enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2, kRouteWidened = 3 };
+
+int route_from_name(const char* name) {
+  if (std::strcmp(name, "mkl") == 0) return kRouteMkl;
+  if (std::strcmp(name, "onednn") == 0) return kRouteOneDnn;
+  if (std::strcmp(name, "widened") == 0) return kRouteWidened;
+  return kRouteAuto;
+}
 
 std::atomic<int>& bf16_flag() {
   static std::atomic<int> flag([] {
     const char* env = std::getenv("SRN_FAST_BF16_GEMM");
-    if (env && std::strcmp(env, "mkl") == 0) return int(kRouteMkl);
-    if (env && std::strcmp(env, "onednn") == 0) return int(kRouteOneDnn);
-    return int(kRouteAuto);
+    return env ? route_from_name(env) : int(kRouteAuto);
   }());
   return flag;
 }
@@ -134,6 +139,42 @@ void gemm_bf16_mkl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10:
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(M), int(N), int(K), 1.f,
                          reinterpret_cast<const uint16_t*>(A), int(lda), reinterpret_cast<const uint16_t*>(B), int(ldb),
                          beta, C, int(ldc));
+}
+
+// op(X) stored as [rows, cols] bf16 with row stride ld -> dense float32 [rows, cols] in w (resized as needed).
+// bf16 -> float32 is exact: the bf16 bits are the high half of the float's.
+void widen(const c10::BFloat16* X, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& w) {
+  if (w.size() < size_t(rows * cols)) w.resize(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(X + r * ld);
+    uint32_t* d = reinterpret_cast<uint32_t*>(w.data() + r * cols);
+    for (int64_t j = 0; j < cols; ++j) d[j] = uint32_t(s[j]) << 16;
+  }
+}
+
+}  // namespace
+
+void gemm_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                  const float* B_wide, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (trivial(M, N, K, beta, C, ldc)) return;
+  thread_local std::vector<float> wa;
+  const int64_t a_cols = ta ? M : K;
+  widen(A, ta ? K : M, a_cols, lda, wa);
+  gemm(ta, tb, M, N, K, wa.data(), a_cols, B_wide, ldb, beta, C, ldc);
+}
+
+namespace {
+
+// The "widened" route: the bf16 operands widened to float32 and multiplied by the float32 GEMM. A product of two
+// bf16 numbers is exact in float32 and the sums accumulate in float32, so this is the arithmetic of a bf16 GEMM
+// with float32 accumulation (what MKL itself does on CPUs without bf16 instructions); it wins where the CPU's bf16
+// instructions run below its float32 FMA rate (e.g. AVX512-BF16 without AMX at half the rate).
+void gemm_bf16_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                       const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  thread_local std::vector<float> wb;
+  const int64_t b_cols = tb ? K : N;
+  widen(B, tb ? N : K, b_cols, ldb, wb);
+  gemm_widened(ta, tb, M, N, K, A, lda, wb.data(), b_cols, beta, C, ldc);
 }
 
 // GFLOP/s of fn(thread) on a [M, K] x [K, N] product, run as the tile loops run their GEMMs: every thread of an
@@ -180,6 +221,12 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
       gemm_aten<c10::BFloat16, float>(false, true, M, N, K, ah.data() + t * M * K, K, bh.data(), K, 0.f,
                                       c.data() + t * M * N, N);
     }, M, N, K, T));
+    // the tile loops hand this route their weights widened once per op call (Layer::weight_wide): time it so
+    std::vector<float> bw(N * K);
+    for (size_t i = 0; i < bw.size(); ++i) bw[i] = static_cast<float>(bh[i]);
+    out.emplace_back("widened", rate([&](int64_t t) {
+      gemm_widened(false, true, M, N, K, ah.data() + t * M * K, K, bw.data(), K, 0.f, c.data() + t * M * N, N);
+    }, M, N, K, T));
     return out;
   }();
   return rates;
@@ -190,14 +237,22 @@ int chosen_route() {
   if (f != kRouteAuto) return f;
   static const int best = [] {
     double best_rate = -1;
-    int route = kRouteOneDnn;
+    int route = kRouteWidened;
     for (const auto& [name, r] : measured_rates()) {
       if (name == "float32") continue;
-      if (r > best_rate) best_rate = r, route = name == "mkl" ? kRouteMkl : kRouteOneDnn;
+      if (r > best_rate) best_rate = r, route = route_from_name(name.c_str());
     }
     return route;
   }();
   return best;
+}
+
+// The route a bf16 GEMM takes now: the chosen one, except that SRN_FAST_GEMM=aten (or a torch without BLAS
+// symbols) leaves only ATen's, and "mkl" needs cblas_gemm_bf16bf16f32.
+int route_in_use() {
+  if (!use_blas()) return kRouteOneDnn;
+  const int r = chosen_route();
+  return r == kRouteMkl && !mkl_bf16_available() ? kRouteOneDnn : r;
 }
 
 }  // namespace
@@ -205,15 +260,25 @@ int chosen_route() {
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
           const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (trivial(M, N, K, beta, C, ldc)) return;
-  if (use_blas() && chosen_route() == kRouteMkl && mkl_bf16_available()) {  // SRN_FAST_GEMM=aten: ATen only
-    gemm_bf16_mkl(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
-    return;
+  switch (route_in_use()) {
+    case kRouteMkl:
+      return gemm_bf16_mkl(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    case kRouteWidened:
+      return gemm_bf16_widened(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    default:
+      return gemm_aten<c10::BFloat16, float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
-  gemm_aten<c10::BFloat16, float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 const char* bf16_route() {
-  return use_blas() && chosen_route() == kRouteMkl && mkl_bf16_available() ? "mkl" : "onednn";
+  switch (route_in_use()) {
+    case kRouteMkl:
+      return "mkl";
+    case kRouteWidened:
+      return "widened";
+    default:
+      return "onednn";
+  }
 }
 
 void set_bf16_route(const std::string& name) {
@@ -223,10 +288,10 @@ void set_bf16_route(const std::string& name) {
     TORCH_CHECK(mkl_bf16_available(), "srn_fast: bf16 route 'mkl' is unavailable: this torch build exports no "
                 "cblas_gemm_bf16bf16f32");
     bf16_flag() = kRouteMkl;
-  } else if (name == "onednn") {
-    bf16_flag() = kRouteOneDnn;
+  } else if (name == "onednn" || name == "widened") {
+    bf16_flag() = route_from_name(name.c_str());
   } else {
-    TORCH_CHECK(false, "srn_fast: bf16 route must be 'auto', 'mkl' or 'onednn', got '", name, "'");
+    TORCH_CHECK(false, "srn_fast: bf16 route must be 'auto', 'mkl', 'onednn' or 'widened', got '", name, "'");
   }
 }
 

@@ -28,6 +28,10 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, in
 // bf16 inputs, float32 accumulation and output.
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
           const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The "widened" bf16 route with B given already widened to float32 (exactly: B_wide = float(bf16 B)): only A is
+// widened per call. Same arithmetic as the bf16 overload.
+void gemm_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                  const float* B_wide, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();
@@ -36,13 +40,16 @@ void set_gemm_backend(const std::string& name);
 
 // The bf16 GEMM route (bf16 inputs, float32 accumulation and output), chosen separately because the fastest one
 // depends on the CPU and its vendor: "mkl" (cblas_gemm_bf16bf16f32: AMX / AVX512-BF16 on Intel, emulated
-// elsewhere) or "onednn" (ATen's bf16 matmul, i.e. oneDNN's, with a bf16 result widened to float32; the route of
-// torch.bmm in bf16). "auto" (the default, or SRN_FAST_BF16_GEMM=mkl|onednn) measures each available route once,
-// as the tile loops call it (every thread on its own tile), and keeps the fastest.
+// elsewhere), "onednn" (ATen's bf16 matmul, i.e. oneDNN's, with a bf16 result widened to float32; the route of
+// torch.bmm in bf16) or "widened" (the operands widened to float32, exactly, and the float32 GEMM: the same
+// arithmetic, faster where bf16 instructions run below the float32 FMA rate). "auto" (the default, or
+// SRN_FAST_BF16_GEMM=mkl|onednn|widened) measures each available route once, as the tile loops call it (every
+// thread on its own tile), and keeps the fastest.
 const char* bf16_route();
 void set_bf16_route(const std::string& name);
 // GFLOP/s (all threads) of each route and of the float32 GEMM at a tile's shape ([128, 256] x [256, 256]),
-// measured once per process (cached): {"float32", "mkl", "onednn"} (a route this torch build lacks is absent).
+// measured once per process (cached): {"float32", "mkl", "onednn", "widened"} (a route this torch build lacks is
+// absent).
 std::vector<std::pair<std::string, double>> tile_gemm_rates();
 
 }  // namespace cpu

@@ -1,5 +1,7 @@
 #include "common/mlp_tile.h"
 
+#include <cstring>
+
 #include "common/checks.h"
 #include "common/elementwise.h"
 
@@ -120,7 +122,11 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
     const at::Tensor Wc = Wl.contiguous();
     w.W.push_back(Wc);
     // bf16 copies only for layers at least tile::kMinBf16Width wide on both sides (see mlp_tile.h), on every path
-    w.W_mm.push_back(mm_dtype == 1 && std::min(Co, Ci) >= tile::kMinBf16Width ? Wc.to(at::kBFloat16) : Wc);
+    const bool bf16_layer = mm_dtype == 1 && std::min(Co, Ci) >= tile::kMinBf16Width;
+    w.W_mm.push_back(bf16_layer ? Wc.to(at::kBFloat16) : Wc);
+    const bool widened = bf16_layer && x.is_cpu() && x.scalar_type() == at::kFloat &&
+                         std::strcmp(cpu::bf16_route(), "widened") == 0;
+    w.W_wide.push_back(widened ? w.W_mm.back().to(at::kFloat) : at::Tensor());
     w.b.push_back(b[l].contiguous());
     w.gamma.push_back(g);
     w.beta.push_back(be);

@@ -22,6 +22,8 @@ namespace srn {
 struct MLPWeights {
   std::vector<at::Tensor> W;      // per layer: [S, C_out, C_in] per scene, or [C_out, C_in] shared
   std::vector<at::Tensor> W_mm;   // the same weights in the matmul dtype (e.g. bf16); same as W when none
+  std::vector<at::Tensor> W_wide; // CPU bf16 layers on the "widened" route (cpu_gemm.h): W_mm widened to float32
+                                  // once per op call, so the tile GEMMs widen only their activations; else undefined
   std::vector<at::Tensor> b;      // [S, C_out] or [C_out]
   std::vector<at::Tensor> gamma;  // [C_out] LayerNorm weight, or undefined (no affine / no norm)
   std::vector<at::Tensor> beta;   // [C_out] LayerNorm bias, or undefined
@@ -98,6 +100,8 @@ struct Layer {
   const T* ln_bias = nullptr;                 // [cout] LayerNorm beta (given together with ln_weight)
   const c10::BFloat16* weight_mm = nullptr;   // [cout, cin] bf16 copy of weight: this layer's matmuls then run
                                               // in bf16 with float32 accumulation (T = float only); else nullptr
+  const float* weight_wide = nullptr;         // [cout, cin] weight_mm widened to float32 (the "widened" bf16
+                                              // route), or nullptr
   int64_t cin = 0, cout = 0;
   bool norm = true;                           // false: plain linear layer
 };
@@ -167,12 +171,16 @@ void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* 
   }
 }
 
+// bf16 GEMM of the tile loops; B_wide: B already widened to float32 (Layer::weight_wide), or nullptr.
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                    const c10::BFloat16* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+                    const c10::BFloat16* B, int64_t ldb, double beta, double* C, int64_t ldc,
+                    const float* B_wide = nullptr) {
   TORCH_CHECK(false, "srn_fast: bf16 matmuls need float32 tensors");
 }
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                    const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                    const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                    const float* B_wide = nullptr) {
+  if (B_wide) return cpu::gemm_widened(ta, tb, M, N, K, A, lda, B_wide, ldb, beta, C, ldc);
   cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
@@ -208,7 +216,7 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
         detail::to_bf16(in, ld_in, R, ci, ws.buf_mm(0));
         in_mm = ws.buf_mm(0);
       }
-      detail::gemm_mm(false, true, R, co, ci, in_mm, ci, ly.weight_mm, ci, T(0), z, ldz);
+      detail::gemm_mm(false, true, R, co, ci, in_mm, ci, ly.weight_mm, ci, T(0), z, ldz, ly.weight_wide);
     } else {
       cpu::gemm(false, true, R, co, ci, in, ld_in, ly.weight, ci, T(0), z, ldz);
     }
@@ -335,7 +343,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     if (ly.weight_mm) {
       c10::BFloat16* vz_mm = ws.buf_mm(1);
       if (!g.weight) detail::to_bf16(vz, co, R, co, vz_mm);
-      detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst);
+      detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst, ly.weight_wide);
     } else {
       cpu::gemm(false, false, R, ci, co, vz, co, ly.weight, ci, beta, dst, ld_dst);
     }
@@ -364,6 +372,9 @@ std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
     t.norm = w.norm[l];
     if (bf16 && std::min(t.cin, t.cout) >= kMinBf16Width) {
       t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
+      if (l < w.W_wide.size() && w.W_wide[l].defined()) {
+        t.weight_wide = w.W_wide[l].data_ptr<float>() + (ps ? b * t.cout * t.cin : 0);
+      }
     }
   }
   return out;

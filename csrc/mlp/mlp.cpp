@@ -235,22 +235,30 @@ void register_mlp(pybind11::module& m) {
   m.def("set_cpu_gemm_backend", [](const std::string& name) { cpu::set_gemm_backend(name); },
         "Select the CPU matmul backend: 'auto', 'blas' or 'aten' (for tests and benchmarks)");
   m.def("cpu_gemm", [](bool ta, bool tb, const at::Tensor& a, const at::Tensor& b, at::Tensor c, double beta) {
-        // c [M, N] = op(a) op(b) + beta * c on contiguous float32/float64 CPU tensors (for the tests)
+        // c [M, N] = op(a) op(b) + beta * c on contiguous float32/float64 CPU tensors, or bf16 a and b with a
+        // float32 c (the bf16 route in use) (for the tests)
+        const bool bf16 = a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+                          c.scalar_type() == at::kFloat;
         TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.is_contiguous() && b.is_contiguous() &&
-                    c.is_contiguous() && a.dtype() == c.dtype() && b.dtype() == c.dtype() && c.device().is_cpu(),
-                    "cpu_gemm: a, b, c must be contiguous 2-D CPU tensors of one dtype");
+                    c.is_contiguous() && (bf16 || (a.dtype() == c.dtype() && b.dtype() == c.dtype())) &&
+                    a.device().is_cpu() && b.device().is_cpu() && c.device().is_cpu(),
+                    "cpu_gemm: a, b, c must be contiguous 2-D CPU tensors of one dtype (or bf16 a, b and float32 c)");
         const int64_t M = c.size(0), N = c.size(1), K = ta ? a.size(0) : a.size(1);
         TORCH_CHECK((ta ? a.size(1) : a.size(0)) == M && (tb ? b.size(1) : b.size(0)) == K &&
                     (tb ? b.size(0) : b.size(1)) == N, "cpu_gemm: shapes do not match");
+        if (bf16) {
+          return cpu::gemm(ta, tb, M, N, K, a.data_ptr<at::BFloat16>(), a.size(1), b.data_ptr<at::BFloat16>(),
+                           b.size(1), float(beta), c.data_ptr<float>(), N);
+        }
         AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "cpu_gemm", [&] {
           cpu::gemm(ta, tb, M, N, K, a.data_ptr<scalar_t>(), a.size(1), b.data_ptr<scalar_t>(), b.size(1),
                     scalar_t(beta), c.data_ptr<scalar_t>(), N);
         });
       }, "c = op(a) op(b) + beta * c through the tile loops' cpu::gemm (for the tests)");
   m.def("cpu_bf16_route", [] { return std::string(cpu::bf16_route()); },
-        "The CPU bf16 GEMM route of the tile loops: 'mkl' or 'onednn' (chosen by measurement unless set)");
+        "The CPU bf16 GEMM route of the tile loops: 'mkl', 'onednn' or 'widened' (chosen by measurement unless set)");
   m.def("set_cpu_bf16_route", [](const std::string& name) { cpu::set_bf16_route(name); },
-        "Select the CPU bf16 GEMM route: 'auto' (fastest measured), 'mkl' or 'onednn'");
+        "Select the CPU bf16 GEMM route: 'auto' (fastest measured), 'mkl', 'onednn' or 'widened'");
   m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
         "Single-thread GFLOP/s at a tile's shape of the float32 GEMM and of each bf16 route (measured once)");
 }

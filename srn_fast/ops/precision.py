@@ -43,7 +43,7 @@ def log_once(msg: str) -> None:
 @functools.lru_cache(maxsize=None)
 def tile_gemm_rates() -> Dict[str, float]:
     """GFLOP/s of the CPU tile GEMM ([128, 256] x [256, 256], every thread on its own tile) in float32 and through
-    each bf16 route ("mkl", "onednn"), measured once per process; {} without the extension."""
+    each bf16 route ("mkl", "onednn", "widened"), measured once per process; {} without the extension."""
     ext = _ext.load()
     if ext is None or not hasattr(ext, "cpu_tile_gemm_rates"):
         return {}
@@ -56,7 +56,8 @@ def bf16_pays(device: Union[str, torch.device]) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     rates = tile_gemm_rates()
-    best = max((r for k, r in rates.items() if k != "float32"), default=0.0)
+    # "widened" is the float32 GEMM on widened bf16 operands: never faster than float32, whatever the noise says
+    best = max((r for k, r in rates.items() if k not in ("float32", "widened")), default=0.0)
     return bool(rates) and best >= BF16_MARGIN * rates.get("float32", float("inf"))
 
 
