@@ -4,7 +4,8 @@
 or not); only when none is installed does it fall back to this source tree. It prints which copy that is and
 whether its compiled extension loaded, so a result can never silently come from an unbuilt copy.
 ``machine_facts()`` is the block every JSON result carries: CPU model and the flags that decide the matmul paths
-(AVX2, AVX-512, AVX512-BF16, AMX), threads, load, versions, commit, GPU name.
+(AVX2, AVX-512, AVX512-BF16, AMX), threads, load, versions, commit, GPU name, and on the CPU the tile GEMM rates
+(float32 and each bf16 route) with the bf16 route that srn_fast picked from them.
 """
 from __future__ import annotations
 
@@ -71,4 +72,7 @@ def machine_facts(device: str = "cpu") -> Dict:
     }
     if str(device).startswith("cuda"):
         facts["gpu"] = torch.cuda.get_device_name()
+    elif ext is not None and hasattr(ext, "cpu_bf16_route"):
+        facts["cpu_tile_gemm_gflops"] = {name: float(r) for name, r in ext.cpu_tile_gemm_rates()}
+        facts["cpu_bf16_route"] = ext.cpu_bf16_route()
     return facts
