@@ -71,7 +71,7 @@ check_skips "$OUT/tests_source_root.log"
 grep -q "srn_fast._C loaded" "$OUT/tests_source_root.log" || { echo "install_and_test: header lacks _C loaded"; exit 1; }
 
 echo "install_and_test: benchmarks/march_bench.py from the source copy's root"
-(cd "$copy" && "$PY" benchmarks/march_bench.py --quick --no-memory --cases render --backends fused,torch) \
+(cd "$copy" && "$PY" benchmarks/march_bench.py --quick --no-memory --cases render --backends fused,torch --no-progress) \
   2>&1 | tee "$OUT/bench.log" | tail -n 6
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "install_and_test: benchmark failed"; exit 1; }
 grep -E "^render_64x64 +fused " "$OUT/bench.log" | grep -vq "Error" || { echo "install_and_test: fused render did not run"; exit 1; }

@@ -30,7 +30,7 @@ bash .ci/install_and_test.sh "$PY" "$OUT/gpu_install" --expect-cuda || status=1
 
 echo "== benchmark ($(date -u +%H:%M:%S))"
 name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).lower().replace('nvidia ', '').replace(' ', '_'))")
-"$PY" benchmarks/march_bench.py --device cuda --repeats "${REPEATS:-5}" \
+"$PY" benchmarks/march_bench.py --device cuda --repeats "${REPEATS:-5}" --no-progress \
   --backends "${BACKENDS:-fused,fused-store,torch,fused-bf16}" \
   --json "$OUT/cuda_${name}.json" --note "benchmarks/gpu_check.sh" 2>&1 | tee "$OUT/gpu_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -29,7 +29,8 @@ For the training step a second figure, "step MB", is the same growth when the pa
 already exist (a training loop that zeroes gradients rather than freeing them): the step's working memory
 without the ~200 MB of hypernetwork weight gradients that every backend must hold.
 Within a case the backends' timed runs are interleaved (fused, torch, fused, torch, ...), so that load changes
-on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median. The notes also give
+on a shared machine hit them alike; the JSON keeps every run's time (ms_all) beside the median. A progress bar on
+stderr follows each case (warm-ups, timed runs, memory children; --no-progress hides it). The notes also give
 the speed-up per repeat (torch's i-th time over the backend's i-th, which ran right after each other): its median
 and range ("paired x torch", JSON speedup_vs_torch_paired), steadier than the ratio of medians on a busy VM. With --rounds K every case runs K times, each with fresh models,
 and a last line per backend gives the min / median / max of the rounds' speed-ups (JSON round_summary).
@@ -47,6 +48,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from bench_env import import_srn_fast, machine_facts  # noqa: E402
 
@@ -246,7 +248,11 @@ def run_case(case, S, args, device):
     yard = bmm_gflops(device, args.repeats)
     yard16 = bmm_gflops(device, args.repeats, torch.bfloat16) if any(b in BF16_BACKENDS for b in backends) else None
     rows, fns, times = {}, {}, {}
+    n_mem = 0 if args.no_memory or device.type != "cpu" else (2 if case == "train_step" else 1)
+    bar = tqdm(total=len(backends) * (1 + args.repeats + n_mem), desc=name, unit="run", leave=False,
+               disable=args.no_progress, file=sys.stderr)
     for backend in backends:
+        bar.set_postfix_str(f"{backend} warm-up")
         row = rows[backend] = {"name": name, "case": case, "size": S, "batch": args.batch, "backend": backend,
                                "bmm_gflops": yard}
         if backend in BF16_BACKENDS:
@@ -260,7 +266,9 @@ def run_case(case, S, args, device):
             times[backend] = []
         except Exception as e:  # torch.compile may not compile here: say so in the table
             row["error"] = error_text(e)
-    for _ in range(args.repeats):
+        bar.update(1)
+    for k in range(args.repeats):
+        bar.set_postfix_str(f"repeat {k + 1}/{args.repeats}")
         for backend, (model, fn) in fns.items():
             try:
                 if device.type == "cuda":
@@ -272,6 +280,7 @@ def run_case(case, S, args, device):
                 times[backend].append(time.perf_counter() - t)
             except Exception as e:
                 rows[backend]["error"] = error_text(e)
+            bar.update(1)
     # float32 references for the error columns: the torch backend's image (render) or loss (train step)
     ref_out = fns["torch"][1]().detach().float() if case in ("render", "train_step") and "torch" in fns else None
     n_rays = args.batch * S * S
@@ -305,14 +314,20 @@ def run_case(case, S, args, device):
             else:
                 row["loss_rel_err_vs_torch"] = float((out - ref_out).abs() / ref_out.abs())
     fns.clear()
+    bar.update(bar.total - bar.n - len(rows) * n_mem)  # backends that failed to build had no timed runs
     if device.type == "cpu":
         for backend, row in rows.items():
             if "error" in row or args.no_memory:
                 row.setdefault("peak_mem_mb", float("nan"))
+                bar.update(n_mem)
                 continue
+            bar.set_postfix_str(f"{backend} peak memory (a child process)")
             row["peak_mem_mb"] = child_peak_mb(case, backend, args.batch, S, device)
+            bar.update(1)
             if case == "train_step":
                 row["step_mem_mb"] = child_peak_mb(case, backend, args.batch, S, device, resident_grads=True)
+                bar.update(1)
+    bar.close()
     ref = rows.get("torch", {}).get("ms_median")
     ref_all = rows.get("torch", {}).get("ms_all")
     for backend, row in rows.items():
@@ -345,6 +360,7 @@ def main(argv=None):
     p.add_argument("--keep-freed-memory", action="store_true", help="CPU: glibc keeps freed memory for reuse, as the "
                    "command-line tools do on the CPU (srn_fast.cpu_memory), for every backend's timed runs (the "
                    "memory children keep glibc's defaults); default: glibc's defaults, as in a plain script")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr) while a case runs")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared')")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
