@@ -428,7 +428,7 @@ def summarise_rounds(rows):
         paired = [r["speedup_vs_torch_paired"]["median"] for r in mine if "speedup_vs_torch_paired" in r]
         if backend == "torch" or not ratios:
             continue
-        item = {"name": mine[0]["name"], "backend": backend, "rounds": len(mine),
+        item = {"name": mine[0]["name"], "backend": backend, "rounds": len(ratios),
                 "speedup_vs_torch": [min(ratios), statistics.median(ratios), max(ratios)],
                 "speedup_vs_torch_paired": [min(paired), statistics.median(paired), max(paired)] if paired else None}
         out.append(item)
