@@ -67,6 +67,23 @@ def one_thread():
 
 
 @pytest.fixture
+def bf16_route(request):
+    """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened"), set for
+    the test and the measured choice restored after it. A route this torch build lacks (e.g. "mkl" without MKL's
+    bf16 GEMM) skips the test."""
+    import srn_fast
+    from srn_fast.ops import precision
+
+    name = request.param
+    if name != "auto" and name not in precision.tile_gemm_rates():
+        pytest.skip(f"this torch build has no {name} bf16 GEMM")
+    ext = srn_fast._ext.load()
+    ext.set_cpu_bf16_route(name)
+    yield name
+    ext.set_cpu_bf16_route("auto")
+
+
+@pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
 

@@ -37,32 +37,15 @@ def test_bad_arguments_are_named():
         ext.cpu_gemm(False, False, torch.zeros(2, 3), torch.zeros(4, 5), torch.zeros(2, 5), 0.0)
 
 
-def _routes():
-    """The CPU bf16 GEMM routes this torch build offers (the measurement names them)."""
-    from srn_fast.ops import precision
-
-    return [r for r in precision.tile_gemm_rates() if r != "float32"]
-
-
-@pytest.fixture
-def bf16_route():
-    """Yields a setter of the bf16 route; restores the measured choice afterwards."""
-    ext = srn_fast._ext.load()
-    yield ext.set_cpu_bf16_route
-    ext.set_cpu_bf16_route("auto")
-
-
-@pytest.mark.parametrize("route", ["mkl", "widened", "onednn"])
+@pytest.mark.parametrize("bf16_route", ["mkl", "widened", "onednn"], indirect=True)
 @pytest.mark.parametrize("M,N,K", [(128, 256, 256), (256, 256, 128), (37, 64, 48)])
 @pytest.mark.parametrize("ta,tb", [(False, True), (False, False), (True, False)])
-def test_bf16_routes_compute_a_bf16_product(route, M, N, K, ta, tb, bf16_route):
+def test_bf16_routes_compute_a_bf16_product(bf16_route, M, N, K, ta, tb):
     """Every route multiplies the bf16 operands exactly (products exact in float32) and sums in float32, in every
     layout the tile loops use (forward A B^T, input gradient A B, weight gradient A^T B), beta 0 and 1; oneDNN
     rounds its result to bf16 (its only difference)."""
-    if route not in _routes():
-        pytest.skip(f"this torch build has no {route} bf16 GEMM")  # mkl: torch without MKL's bf16 GEMM
+    route = bf16_route
     ext = srn_fast._ext.load()
-    bf16_route(route)
     assert ext.cpu_bf16_route() == route
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randn((K, M) if ta else (M, K), generator=g).bfloat16()
@@ -78,10 +61,16 @@ def test_bf16_routes_compute_a_bf16_product(route, M, N, K, ta, tb, bf16_route):
     assert (c.double() - ref - c0.double()).abs().max().item() <= tol + 1e-6
 
 
-def test_widened_route_is_measured_and_selectable(bf16_route):
+def test_widened_and_onednn_routes_are_always_measured():
+    from srn_fast.ops import precision
+
+    assert {"float32", "onednn", "widened"} <= set(precision.tile_gemm_rates())
+
+
+@pytest.mark.parametrize("bf16_route", ["widened"], indirect=True)
+def test_route_is_selectable_and_a_bad_name_is_refused(bf16_route):
     ext = srn_fast._ext.load()
-    assert "widened" in _routes() and "onednn" in _routes()
-    bf16_route("widened")
     assert ext.cpu_bf16_route() == "widened"
     with pytest.raises(RuntimeError, match="bf16 route must be 'auto', 'mkl', 'onednn' or 'widened', got 'fast'"):
         ext.set_cpu_bf16_route("fast")
+    assert ext.cpu_bf16_route() == "widened"  # a refused name changes nothing

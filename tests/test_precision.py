@@ -54,21 +54,11 @@ def _errors(fn_fused, fn_oracle, inputs64, v64, groups):
     return fused, auto
 
 
-# The CPU bf16 GEMM routes held to the budget: the measured choice, and each route that computes in float32
-# ("mkl", "widened"; a route this torch build lacks is skipped). "onednn" rounds every GEMM's result to bf16 and
-# exceeds the budget on the march's LSTM gradients (2.3x autocast's error): it is never forced here.
+# The CPU bf16 GEMM routes held to the budget (conftest's bf16_route fixture sets each): the measured choice, and
+# each route that computes in float32 ("mkl", "widened"; a route this torch build lacks is skipped). "onednn"
+# rounds every GEMM's result to bf16 and exceeds the budget on the march's LSTM gradients (2.3x autocast's error):
+# it is never forced here.
 ROUTES = ["auto", "mkl", "widened"]
-
-
-@pytest.fixture
-def route(request):
-    ext = srn_fast._ext.load()
-    name = request.param
-    if name != "auto" and name not in precision.tile_gemm_rates():
-        pytest.skip(f"this torch build has no {name} bf16 GEMM")
-    ext.set_cpu_bf16_route(name)
-    yield name
-    ext.set_cpu_bf16_route("auto")
 
 
 def _assert_budget(fused, auto, names):
@@ -78,8 +68,8 @@ def _assert_budget(fused, auto, names):
 
 @pytest.mark.filterwarnings("ignore:.*bf16 matmul instructions")
 @pytest.mark.parametrize("tile_rows", [128, 0], ids=["tiles", "batched"])
-@pytest.mark.parametrize("route", ROUTES, indirect=True)
-def test_mlp_bf16_within_budget_of_autocast(tile_rows, route):
+@pytest.mark.parametrize("bf16_route", ROUTES, indirect=True)
+def test_mlp_bf16_within_budget_of_autocast(tile_rows, bf16_route):
     gen = torch.Generator().manual_seed(0)
     layers = make_layers(2, [3, 64, 64, 64], per_scene=True, affine=True, dtype=torch.float64, gen=gen)
     x = torch.randn(2, 300, 3, dtype=torch.float64, generator=gen).requires_grad_()
@@ -93,8 +83,8 @@ def test_mlp_bf16_within_budget_of_autocast(tile_rows, route):
 
 @pytest.mark.filterwarnings("ignore:.*bf16 matmul instructions")
 @pytest.mark.parametrize("mode", ["recompute", "store"])
-@pytest.mark.parametrize("route", ROUTES, indirect=True)
-def test_march_bf16_within_budget_of_autocast(mode, route):
+@pytest.mark.parametrize("bf16_route", ROUTES, indirect=True)
+def test_march_bf16_within_budget_of_autocast(mode, bf16_route):
     gen = torch.Generator().manual_seed(1)
     phi = make_layers(2, [3, 64, 64], per_scene=True, dtype=torch.float64, gen=gen)
     lstm = make_lstm(64, 16, dtype=torch.float64, gen=gen)

@@ -115,11 +115,11 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, in
 namespace {
 
 enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2, kRouteWidened = 3 };
+constexpr const char* kRouteNames[] = {"auto", "mkl", "onednn", "widened"};  // indexed by Bf16Route
 
 int route_from_name(const char* name) {
-  if (std::strcmp(name, "mkl") == 0) return kRouteMkl;
-  if (std::strcmp(name, "onednn") == 0) return kRouteOneDnn;
-  if (std::strcmp(name, "widened") == 0) return kRouteWidened;
+  for (int r = kRouteMkl; r <= kRouteWidened; ++r)
+    if (std::strcmp(name, kRouteNames[r]) == 0) return r;
   return kRouteAuto;
 }
 
@@ -222,8 +222,8 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
                                       c.data() + t * M * N, N);
     }, M, N, K, T));
     // the tile loops hand this route their weights widened once per op call (Layer::weight_wide): time it so
-    std::vector<float> bw(N * K);
-    for (size_t i = 0; i < bw.size(); ++i) bw[i] = static_cast<float>(bh[i]);
+    std::vector<float> bw;
+    widen(bh.data(), N, K, K, bw);
     out.emplace_back("widened", rate([&](int64_t t) {
       gemm_widened(false, true, M, N, K, ah.data() + t * M * K, K, bw.data(), K, 0.f, c.data() + t * M * N, N);
     }, M, N, K, T));
@@ -270,16 +270,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16
   }
 }
 
-const char* bf16_route() {
-  switch (route_in_use()) {
-    case kRouteMkl:
-      return "mkl";
-    case kRouteWidened:
-      return "widened";
-    default:
-      return "onednn";
-  }
-}
+const char* bf16_route() { return kRouteNames[route_in_use()]; }
 
 void set_bf16_route(const std::string& name) {
   if (name == "auto") {

@@ -90,6 +90,9 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
               ": weights, biases, ln weights, ln biases and norm flags must have one entry per layer (got ", L, ", ",
               b.size(), ", ", gamma.size(), ", ", beta.size(), ", ", norm.size(), ")");
   MLPWeights w;
+  // CPU float32 bf16 layers on the "widened" route get their weights widened here, once per op call
+  const bool widened_route = mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat &&
+                             std::strcmp(cpu::bf16_route(), "widened") == 0;
   int64_t c = C_in;
   for (size_t l = 0; l < L; ++l) {
     const std::string wn = "layers[" + std::to_string(l) + "].weight", bn = "layers[" + std::to_string(l) + "].bias";
@@ -124,9 +127,7 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
     // bf16 copies only for layers at least tile::kMinBf16Width wide on both sides (see mlp_tile.h), on every path
     const bool bf16_layer = mm_dtype == 1 && std::min(Co, Ci) >= tile::kMinBf16Width;
     w.W_mm.push_back(bf16_layer ? Wc.to(at::kBFloat16) : Wc);
-    const bool widened = bf16_layer && x.is_cpu() && x.scalar_type() == at::kFloat &&
-                         std::strcmp(cpu::bf16_route(), "widened") == 0;
-    w.W_wide.push_back(widened ? w.W_mm.back().to(at::kFloat) : at::Tensor());
+    w.W_wide.push_back(bf16_layer && widened_route ? w.W_mm.back().to(at::kFloat) : at::Tensor());
     w.b.push_back(b[l].contiguous());
     w.gamma.push_back(g);
     w.beta.push_back(be);
