@@ -68,15 +68,16 @@ def one_thread():
 
 @pytest.fixture
 def bf16_route(request):
-    """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened"), set for
-    the test and the measured choice restored after it. A route this torch build lacks (e.g. "mkl" without MKL's
-    bf16 GEMM) skips the test."""
+    """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened",
+    "avx512bf16"), set for the test and the measured choice restored after it. A route this torch build or CPU lacks
+    ("mkl" without MKL's bf16 GEMM, "avx512bf16" without AVX512-BF16) skips the test; test_cpu_gemm.py checks that
+    the routes measured are the ones the build and CPU have."""
     import srn_fast
     from srn_fast.ops import precision
 
     name = request.param
     if name != "auto" and name not in precision.tile_gemm_rates():
-        pytest.skip(f"this torch build has no {name} bf16 GEMM")
+        pytest.skip(f"this torch build or CPU has no {name} bf16 GEMM")
     ext = srn_fast._ext.load()
     ext.set_cpu_bf16_route(name)
     yield name

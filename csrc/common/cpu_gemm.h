@@ -33,6 +33,17 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16
 void gemm_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                   const float* B_wide, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// The "avx512bf16" route (csrc/common/cpu_gemm_dpbf16.cpp): VDPBF16PS, float32 accumulation and result. Call only
+// where dpbf16_available() (the CPU has AVX512-BF16 and this is an x86-64 build).
+bool dpbf16_available();
+void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                 const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The same with op(B) packed beforehand (a weight: once per op call). P: dpbf16_packed_words(K, N) 32-bit words.
+int64_t dpbf16_packed_words(int64_t K, int64_t N);
+void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
+void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                        const uint32_t* P, float beta, float* C, int64_t ldc);
+
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();
 // Selects "blas" (error if unavailable), "aten", or "auto" (blas when available).
@@ -40,16 +51,17 @@ void set_gemm_backend(const std::string& name);
 
 // The bf16 GEMM route (bf16 inputs, float32 accumulation and output), chosen separately because the fastest one
 // depends on the CPU and its vendor: "mkl" (cblas_gemm_bf16bf16f32: AMX / AVX512-BF16 on Intel, emulated
-// elsewhere), "onednn" (ATen's bf16 matmul, i.e. oneDNN's, with a bf16 result widened to float32; the route of
-// torch.bmm in bf16) or "widened" (the operands widened to float32, exactly, and the float32 GEMM: the same
-// arithmetic, faster where bf16 instructions run below the float32 FMA rate). "auto" (the default, or
-// SRN_FAST_BF16_GEMM=mkl|onednn|widened) measures each available route once, as the tile loops call it (every
-// thread on its own tile), and keeps the fastest.
+// elsewhere), "avx512bf16" (srn_fast's own VDPBF16PS kernel, on CPUs with AVX512-BF16), "widened" (the operands
+// widened to float32, exactly, and the float32 GEMM: the same arithmetic, faster where bf16 instructions run below
+// the float32 FMA rate) or "onednn" (ATen's bf16 matmul, i.e. oneDNN's, the route of torch.bmm in bf16: it rounds
+// each result to bf16, so it is used only when forced). "auto" (the default; SRN_FAST_BF16_GEMM=<route> forces one)
+// measures each available route once, as the tile loops call it (every thread on its own tile), and keeps the
+// fastest of those with a float32 result.
 const char* bf16_route();
 void set_bf16_route(const std::string& name);
 // GFLOP/s (all threads) of each route and of the float32 GEMM at a tile's shape ([128, 256] x [256, 256]),
-// measured once per process (cached): {"float32", "mkl", "onednn", "widened"} (a route this torch build lacks is
-// absent).
+// measured once per process (cached): {"float32", "mkl", "onednn", "widened", "avx512bf16"} (a route this torch
+// build or CPU lacks is absent).
 std::vector<std::pair<std::string, double>> tile_gemm_rates();
 
 }  // namespace cpu

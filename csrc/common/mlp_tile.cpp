@@ -1,5 +1,7 @@
 #include "common/mlp_tile.h"
 
+#include <ATen/Parallel.h>
+
 #include <cstring>
 
 #include "common/checks.h"
@@ -80,6 +82,23 @@ at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std
   return need_vx ? v : at::Tensor();
 }
 
+// W_mm [S, C_out, C_in] or [C_out, C_in] (bf16) packed for the "avx512bf16" route, per scene: int32 [S or 1, words],
+// the forward's op(B) = W^T then the input gradient's op(B) = W (see Layer::weight_pk_fwd / _bwd).
+static at::Tensor pack_weight(const at::Tensor& W_mm) {
+  const int64_t Co = W_mm.size(-2), Ci = W_mm.size(-1), S = W_mm.dim() == 3 ? W_mm.size(0) : 1;
+  const int64_t fwd = cpu::dpbf16_packed_words(Ci, Co), words = fwd + cpu::dpbf16_packed_words(Co, Ci);
+  at::Tensor pk = at::empty({S, words}, W_mm.options().dtype(at::kInt));
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const c10::BFloat16* Ws = W_mm.data_ptr<at::BFloat16>() + s * Co * Ci;
+      uint32_t* P = reinterpret_cast<uint32_t*>(pk.data_ptr<int32_t>()) + s * words;
+      cpu::dpbf16_pack_b(true, Ci, Co, Ws, Ci, P);
+      cpu::dpbf16_pack_b(false, Co, Ci, Ws, Ci, P + fwd);
+    }
+  });
+  return pk;
+}
+
 MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
                             const std::vector<c10::optional<at::Tensor>>& gamma,
                             const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
@@ -90,9 +109,11 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
               ": weights, biases, ln weights, ln biases and norm flags must have one entry per layer (got ", L, ", ",
               b.size(), ", ", gamma.size(), ", ", beta.size(), ", ", norm.size(), ")");
   MLPWeights w;
-  // CPU float32 bf16 layers on the "widened" route get their weights widened here, once per op call
-  const bool widened_route = mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat &&
-                             std::strcmp(cpu::bf16_route(), "widened") == 0;
+  // CPU float32 bf16 layers on the "widened" route get their weights widened here, once per op call; on the
+  // "avx512bf16" route, packed
+  const bool cpu_bf16 = mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat;
+  const bool widened_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "widened") == 0;
+  const bool packed_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "avx512bf16") == 0;
   int64_t c = C_in;
   for (size_t l = 0; l < L; ++l) {
     const std::string wn = "layers[" + std::to_string(l) + "].weight", bn = "layers[" + std::to_string(l) + "].bias";
@@ -128,6 +149,7 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
     const bool bf16_layer = mm_dtype == 1 && std::min(Co, Ci) >= tile::kMinBf16Width;
     w.W_mm.push_back(bf16_layer ? Wc.to(at::kBFloat16) : Wc);
     w.W_wide.push_back(bf16_layer && widened_route ? w.W_mm.back().to(at::kFloat) : at::Tensor());
+    w.W_pk.push_back(bf16_layer && packed_route ? pack_weight(w.W_mm.back()) : at::Tensor());
     w.b.push_back(b[l].contiguous());
     w.gamma.push_back(g);
     w.beta.push_back(be);

@@ -24,6 +24,9 @@ struct MLPWeights {
   std::vector<at::Tensor> W_mm;   // the same weights in the matmul dtype (e.g. bf16); same as W when none
   std::vector<at::Tensor> W_wide; // CPU bf16 layers on the "widened" route (cpu_gemm.h): W_mm widened to float32
                                   // once per op call, so the tile GEMMs widen only their activations; else undefined
+  std::vector<at::Tensor> W_pk;   // CPU bf16 layers on the "avx512bf16" route: int32 [S or 1, words] per scene, W_mm
+                                  // packed once per op call for the forward (op(B) = W^T) then for the input
+                                  // gradient (op(B) = W); else undefined
   std::vector<at::Tensor> b;      // [S, C_out] or [C_out]
   std::vector<at::Tensor> gamma;  // [C_out] LayerNorm weight, or undefined (no affine / no norm)
   std::vector<at::Tensor> beta;   // [C_out] LayerNorm bias, or undefined
@@ -102,6 +105,8 @@ struct Layer {
                                               // in bf16 with float32 accumulation (T = float only); else nullptr
   const float* weight_wide = nullptr;         // [cout, cin] weight_mm widened to float32 (the "widened" bf16
                                               // route), or nullptr
+  const uint32_t* weight_pk_fwd = nullptr;    // weight_mm^T [cin, cout] packed for the "avx512bf16" route
+  const uint32_t* weight_pk_bwd = nullptr;    // weight_mm [cout, cin] packed likewise (input gradient), or nullptr
   int64_t cin = 0, cout = 0;
   bool norm = true;                           // false: plain linear layer
 };
@@ -171,15 +176,17 @@ void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* 
   }
 }
 
-// bf16 GEMM of the tile loops; B_wide: B already widened to float32 (Layer::weight_wide), or nullptr.
+// bf16 GEMM of the tile loops. B prepared once per op call for the route in use, or nullptr: B_wide widened to
+// float32 (Layer::weight_wide), B_pk packed for "avx512bf16" (Layer::weight_pk_fwd / _bwd).
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                     const c10::BFloat16* B, int64_t ldb, double beta, double* C, int64_t ldc,
-                    const float* B_wide = nullptr) {
+                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr) {
   TORCH_CHECK(false, "srn_fast: bf16 matmuls need float32 tensors");
 }
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                     const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                    const float* B_wide = nullptr) {
+                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr) {
+  if (B_pk) return cpu::gemm_dpbf16_packed(ta, M, N, K, A, lda, B_pk, beta, C, ldc);
   if (B_wide) return cpu::gemm_widened(ta, tb, M, N, K, A, lda, B_wide, ldb, beta, C, ldc);
   cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
@@ -216,7 +223,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
         detail::to_bf16(in, ld_in, R, ci, ws.buf_mm(0));
         in_mm = ws.buf_mm(0);
       }
-      detail::gemm_mm(false, true, R, co, ci, in_mm, ci, ly.weight_mm, ci, T(0), z, ldz, ly.weight_wide);
+      detail::gemm_mm(false, true, R, co, ci, in_mm, ci, ly.weight_mm, ci, T(0), z, ldz, ly.weight_wide,
+                      ly.weight_pk_fwd);
     } else {
       cpu::gemm(false, true, R, co, ci, in, ld_in, ly.weight, ci, T(0), z, ldz);
     }
@@ -343,7 +351,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     if (ly.weight_mm) {
       c10::BFloat16* vz_mm = ws.buf_mm(1);
       if (!g.weight) detail::to_bf16(vz, co, R, co, vz_mm);
-      detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst, ly.weight_wide);
+      detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst, ly.weight_wide,
+                      ly.weight_pk_bwd);
     } else {
       cpu::gemm(false, false, R, ci, co, vz, co, ly.weight, ci, beta, dst, ld_dst);
     }
@@ -374,6 +383,11 @@ std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
       t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
       if (l < w.W_wide.size() && w.W_wide[l].defined()) {
         t.weight_wide = w.W_wide[l].data_ptr<float>() + (ps ? b * t.cout * t.cin : 0);
+      }
+      if (l < w.W_pk.size() && w.W_pk[l].defined()) {
+        const at::Tensor& pk = w.W_pk[l];
+        t.weight_pk_fwd = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>()) + (ps ? b * pk.size(1) : 0);
+        t.weight_pk_bwd = t.weight_pk_fwd + cpu::dpbf16_packed_words(t.cin, t.cout);
       }
     }
   }
