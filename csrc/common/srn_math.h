@@ -215,10 +215,20 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
 template <typename T, typename Lanes = SerialLanes>
 SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
                                    T* v_z, T* v_gamma, T* v_beta) {
-  // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select).
+  // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select). Loads
+  // and products are taken before the select: selecting `v_y[k]` (or `v_y[k] * gamma[k]`) itself made GCC 12 use a
+  // masked load and keep the two sums in memory (a store-to-load chain through every iteration).
   T sum_g = T(0), sum_gx = T(0);
   if (gamma) {
-    if (v_gamma || v_beta) {
+    if (v_gamma && v_beta) {
+      SRN_SIMD
+      for (int k = Lanes::first(); k < n; k += Lanes::step()) {
+        const T xh = xhat[k], vy = v_y[k];
+        const T m = xh * gamma[k] + beta[k] > T(0) ? vy : T(0);
+        v_gamma[k] += m * xh;
+        v_beta[k] += m;
+      }
+    } else if (v_gamma || v_beta) {
       for (int k = Lanes::first(); k < n; k += Lanes::step()) {
         const T xh = xhat[k];
         const T vy = xh * gamma[k] + beta[k] > T(0) ? v_y[k] : T(0);
@@ -228,8 +238,8 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
     }
     SRN_SIMD_SUM(sum_g, sum_gx)
     for (int k = Lanes::first(); k < n; k += Lanes::step()) {
-      const T xh = xhat[k];
-      const T g = xh * gamma[k] + beta[k] > T(0) ? v_y[k] * gamma[k] : T(0);
+      const T xh = xhat[k], vg = v_y[k] * gamma[k];
+      const T g = xh * gamma[k] + beta[k] > T(0) ? vg : T(0);
       v_z[k] = g;
       sum_g += g;
       sum_gx += g * xh;
@@ -237,8 +247,8 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
   } else {
     SRN_SIMD_SUM(sum_g, sum_gx)
     for (int k = Lanes::first(); k < n; k += Lanes::step()) {
-      const T xh = xhat[k];
-      const T g = xh > T(0) ? v_y[k] : T(0);
+      const T xh = xhat[k], vy = v_y[k];
+      const T g = xh > T(0) ? vy : T(0);
       v_z[k] = g;
       sum_g += g;
       sum_gx += g * xh;
