@@ -109,8 +109,11 @@ def test_matmul_dtype_auto_follows_the_measured_rates(monkeypatch):
     # the real measurement on this machine: the float32 rate and at least one bf16 route, all positive
     rates = precision.tile_gemm_rates()
     assert rates["float32"] > 0 and "onednn" in rates and all(r > 0 for r in rates.values())
-    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 60.0, "onednn": 150.0})
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 60.0, "avx512bf16": 150.0})
     assert precision.resolve_matmul_dtype("auto", "cpu") is torch.bfloat16
+    # oneDNN rounds its results to bf16: the tile loops never pick it on their own, so neither does auto
+    monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 60.0, "onednn": 150.0})
+    assert precision.resolve_matmul_dtype("auto", "cpu") is None
     monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 81.0, "onednn": 12.0})
     assert precision.resolve_matmul_dtype("auto", "cpu") is None  # within the margin: not worth the precision
     # "widened" is float32 arithmetic: a noisy measurement above float32 must not pick bf16

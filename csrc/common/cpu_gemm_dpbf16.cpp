@@ -59,19 +59,24 @@ inline uint32_t pair(const c10::BFloat16* p0, const c10::BFloat16* p1) {
 int64_t k_pairs(int64_t K) { return (K + 1) / 2; }
 int64_t panels(int64_t N) { return (N + kNR - 1) / kNR; }
 
-// out[j] = (r0[j], r1[j]) for j < n <= 32: two rows of bf16 interleaved into k-pair words (r1 null: zeros).
-SRN_DPBF16_TARGET inline void interleave(const c10::BFloat16* r0, const c10::BFloat16* r1, int n, uint32_t* out) {
+// Two vectors of 32 bf16 interleaved into k-pair words: lo = (a[j], b[j]) for j < 16, hi for 16 <= j < 32.
+SRN_DPBF16_TARGET inline void zip(__m512i a, __m512i b, __m512i& lo, __m512i& hi) {
   alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __mmask32 m = n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
-  const __m512i a = _mm512_maskz_loadu_epi16(m, r0);
-  const __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1) : _mm512_setzero_si512();
   const __m512i lo_idx = _mm512_load_si512(kLo);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  lo = _mm512_permutex2var_epi16(a, lo_idx, b);
+  hi = _mm512_permutex2var_epi16(a, _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16)), b);
+}
+
+// out[j] = (r0[j], r1[j]) for j < n <= 32: two rows of bf16 interleaved into k-pair words (r1 null: zeros).
+SRN_DPBF16_TARGET inline void interleave(const c10::BFloat16* r0, const c10::BFloat16* r1, int n, uint32_t* out) {
+  const __mmask32 m = n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+  __m512i lo, hi;
+  zip(_mm512_maskz_loadu_epi16(m, r0), r1 ? _mm512_maskz_loadu_epi16(m, r1) : _mm512_setzero_si512(), lo, hi);
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
-  _mm512_mask_storeu_epi32(out, m0, _mm512_permutex2var_epi16(a, lo_idx, b));
-  _mm512_mask_storeu_epi32(out + 16, m1, _mm512_permutex2var_epi16(a, hi_idx, b));
+  _mm512_mask_storeu_epi32(out, m0, lo);
+  _mm512_mask_storeu_epi32(out + 16, m1, hi);
 }
 
 // op(A) [M, K] -> the micro-kernel's A operand. A^T (A stored [K, M], the weight-gradient GEMM): panels of kMR rows,
@@ -91,16 +96,28 @@ SRN_DPBF16_TARGET ALayout pack_a(bool ta, int64_t M, int64_t K, const c10::BFloa
         Q[m * KP + kp] = pair(A + m * lda + 2 * kp, 2 * kp + 1 < K ? A + m * lda + 2 * kp + 1 : nullptr);
     return {KP * 4, 4, KP * 4 * kMR};
   }
-  const int64_t P = (M + kMR - 1) / kMR;
-  Q.assign(size_t(P * KP * kMR), 0u);
+  static_assert(kMR == 8, "32 rows of A^T are zipped into four 8-row panels at once");
+  const int64_t panel = KP * kMR;  // words per panel; rows past M in the last panel are never read
+  Q.resize(size_t((M + kMR - 1) / kMR * panel));
   for (int64_t kp = 0; kp < KP; ++kp) {
     const c10::BFloat16* r0 = A + 2 * kp * lda;
     const c10::BFloat16* r1 = 2 * kp + 1 < K ? r0 + lda : nullptr;
-    for (int64_t m0 = 0; m0 < M; m0 += kMR)
+    int64_t m0 = 0;
+    for (; m0 + 32 <= M; m0 += 32) {
+      __m512i lo, hi;
+      zip(_mm512_loadu_si512(r0 + m0), r1 ? _mm512_loadu_si512(r1 + m0) : _mm512_setzero_si512(), lo, hi);
+      // words 0-7 of lo to panel m0 / 8, words 8-15 to the next (masked stores: lanes 8-15 land at q + panel)
+      uint32_t* q = Q.data() + (m0 / kMR) * panel + kp * kMR;
+      _mm512_mask_storeu_epi32(q, 0x00FF, lo);
+      _mm512_mask_storeu_epi32(q + panel - kMR, 0xFF00, lo);
+      _mm512_mask_storeu_epi32(q + 2 * panel, 0x00FF, hi);
+      _mm512_mask_storeu_epi32(q + 3 * panel - kMR, 0xFF00, hi);
+    }
+    for (; m0 < M; m0 += kMR)
       interleave(r0 + m0, r1 ? r1 + m0 : nullptr, int(std::min<int64_t>(kMR, M - m0)),
-                 Q.data() + ((m0 / kMR) * KP + kp) * kMR);
+                 Q.data() + (m0 / kMR) * panel + kp * kMR);
   }
-  return {4, kMR * 4, KP * kMR * 4};
+  return {4, kMR * 4, panel * 4};
 }
 
 // op(B) = B [K, N] row-major -> P: two rows interleaved per k-pair (the weight gradient's activations, every tile).
@@ -155,12 +172,13 @@ constexpr MicroFn kMicro[kMR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>, mic
 
 int64_t dpbf16_packed_words(int64_t K, int64_t N) { return panels(N) * k_pairs(K) * kNR; }
 
-// op(B) [K, N] (B stored [K, N], or [N, K] when tb, row stride ldb) -> panels P[N/32][KP][32] of k-pairs,
-// zero-padded.
+// op(B) [K, N] (B stored [K, N], or [N, K] when tb, row stride ldb) -> panels P[N/32][KP][32] of k-pairs. A
+// missing second row of an odd K is zeros; columns past N in the last panel are zeros when tb and left unwritten
+// otherwise (each column's lane only ever reaches its own column of C, which is not stored).
 void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P) {
   const int64_t KP = k_pairs(K);
+  if (!tb) return pack_rows(K, N, B, ldb, P);  // every tile: no fill (padding lanes only reach unstored columns)
   std::fill(P, P + dpbf16_packed_words(K, N), 0u);
-  if (!tb) return pack_rows(K, N, B, ldb, P);
   auto at = [&](int64_t k, int64_t n) -> const c10::BFloat16* {
     if (k >= K) return nullptr;
     return tb ? B + n * ldb + k : B + k * ldb + n;

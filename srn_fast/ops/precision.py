@@ -3,8 +3,9 @@
 
 * Precision: bf16 matmuls (float32 accumulation, LayerNorm / LSTM / step update in float32) only where this machine
   runs them faster than float32. On the CPU that is measured once per process by the extension, the way the tile
-  loops run their GEMMs (:func:`tile_gemm_rates`: float32 and each bf16 route, MKL's and oneDNN's); bf16 is chosen when
-  its best route is at least :data:`BF16_MARGIN` times the float32 rate. On CUDA: bf16 where the GPU supports it
+  loops run their GEMMs (:func:`tile_gemm_rates`: float32 and each bf16 route: MKL's, srn_fast's own AVX512-BF16
+  kernel, oneDNN's, "widened"); bf16 is chosen when the best route the tile loops may pick on their own (MKL's or
+  the AVX512-BF16 kernel: float32 results) is at least :data:`BF16_MARGIN` times the float32 rate. On CUDA: bf16 where the GPU supports it
   (tensor cores). TF32 for float32 matmuls on CUDA follows ``torch.backends.cuda.matmul.allow_tf32`` (the CUDA
   path's matmuls are ATen/cuBLAS calls, which honour it).
 * March mode: ``"store"`` (keep phi's activations: ~25% faster training steps) when what it keeps fits
@@ -43,7 +44,8 @@ def log_once(msg: str) -> None:
 @functools.lru_cache(maxsize=None)
 def tile_gemm_rates() -> Dict[str, float]:
     """GFLOP/s of the CPU tile GEMM ([128, 256] x [256, 256], every thread on its own tile) in float32 and through
-    each bf16 route ("mkl", "onednn", "widened"), measured once per process; {} without the extension."""
+    each bf16 route ("mkl", "onednn", "widened", and "avx512bf16" where the CPU has it), measured once per process;
+    {} without the extension."""
     ext = _ext.load()
     if ext is None or not hasattr(ext, "cpu_tile_gemm_rates"):
         return {}
@@ -56,8 +58,10 @@ def bf16_pays(device: Union[str, torch.device]) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     rates = tile_gemm_rates()
-    # "widened" is the float32 GEMM on widened bf16 operands: never faster than float32, whatever the noise says
-    best = max((r for k, r in rates.items() if k not in ("float32", "widened")), default=0.0)
+    # the routes the tile loops may pick on their own ("mkl", "avx512bf16"): "widened" is the float32 GEMM on
+    # widened bf16 operands (never faster than float32, whatever the noise says) and "onednn" rounds every result
+    # to bf16, so it runs only when forced (SRN_FAST_BF16_GEMM)
+    best = max((r for k, r in rates.items() if k not in ("float32", "widened", "onednn")), default=0.0)
     return bool(rates) and best >= BF16_MARGIN * rates.get("float32", float("inf"))
 
 
