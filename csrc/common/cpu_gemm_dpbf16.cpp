@@ -8,10 +8,10 @@
 //
 // VDPBF16PS multiplies bf16 pairs: lane j of the accumulator gets a[2j] b[2j] + a[2j+1] b[2j+1]. So op(A) is read
 // as rows of k-pairs (one 32-bit word per pair, broadcast to every lane) and op(B) is packed into 32-column panels
-// of k-pairs, [ceil(K/2)][32] words per panel, zero-padded at the edges. A row-major op(A) (not transposed, K
-// even) is read in place; otherwise it is packed too. Both packings are O((M + N) K) against the O(M N K) product.
-// Weights are packed once per op call (dpbf16_pack_b, MLPWeights::W_pk). Compiled for every x86-64 target through
-// function attributes, and called only when the CPU reports the
+// of k-pairs, [ceil(K/2)][32] words per panel. A row-major op(A) (not transposed, K even) is read in place;
+// otherwise it is packed too (A^T, the weight gradient's: into 8-row panels). Both packings are O((M + N) K)
+// against the O(M N K) product. Weights are packed once per op call (dpbf16_pack_b, MLPWeights::W_pk).
+// Compiled for every x86-64 target through function attributes, and called only when the CPU reports the
 // instructions (dpbf16_available).
 #include "common/cpu_gemm.h"
 
