@@ -102,7 +102,7 @@ static at::Tensor pack_weight(const at::Tensor& W_mm) {
 MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
                             const std::vector<c10::optional<at::Tensor>>& gamma,
                             const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                            const at::Tensor& x, int64_t B, int64_t C_in, int64_t mm_dtype) {
+                            const at::Tensor& x, int64_t B, int64_t C_in, int64_t mm_dtype, bool tiles) {
   const size_t L = W.size();
   TORCH_CHECK(L > 0, op, ": layers must hold at least one layer");
   TORCH_CHECK(b.size() == L && gamma.size() == L && beta.size() == L && norm.size() == L, op,
@@ -111,7 +111,7 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
   MLPWeights w;
   // CPU float32 bf16 layers on the "widened" route get their weights widened here, once per op call; on the
   // "avx512bf16" route, packed
-  const bool cpu_bf16 = mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat;
+  const bool cpu_bf16 = tiles && mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat;
   const bool widened_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "widened") == 0;
   const bool packed_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "avx512bf16") == 0;
   int64_t c = C_in;

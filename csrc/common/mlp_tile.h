@@ -53,10 +53,12 @@ at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std
                              const std::vector<at::Tensor>& ys, const at::Tensor& v_out, MLPGrads& g, bool need_vx);
 
 // Builds MLPWeights from the op arguments, checking shapes, dtypes and devices (messages name the argument).
+// tiles: the CPU tile loops will run (not the batched path): only they read W_wide / W_pk, so only then are the
+// bf16 weights prepared for the route in use.
 MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
                             const std::vector<c10::optional<at::Tensor>>& gamma,
                             const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                            const at::Tensor& x_like, int64_t B, int64_t C_in, int64_t mm_dtype);
+                            const at::Tensor& x_like, int64_t B, int64_t C_in, int64_t mm_dtype, bool tiles);
 
 }  // namespace srn
 

@@ -259,12 +259,12 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
   TORCH_CHECK(mode >= 0 && mode <= 2, kOp, ": unknown mode ", mode);
   const at::Tensor x0 = x0_.contiguous(), dirs = dirs_.contiguous();
   const int64_t B = x0.size(0), N = x0.size(1);
-  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype);
+  const bool batched = batched_path(x0, tile_rows);
+  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype, !batched);
   const int64_t F = phi.W.back().size(-2);
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, F);
   const int64_t H = lw.w_hh.size(1), T = steps;
   const size_t L = phi.size();
-  const bool batched = batched_path(x0, tile_rows);
   check_out(kOp, "xT", xT, {B, N, 3}, x0);
   TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per phi layer");
   Saved sv;
@@ -326,11 +326,11 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
   TORCH_CHECK(mode == kRecompute || mode == kStore, kOp, ": backward needs a forward in recompute or store mode");
   const at::Tensor x0 = x0_.contiguous(), dirs = dirs_.contiguous(), v_xT = v_xT_.contiguous();
   const int64_t B = x0.size(0), N = x0.size(1);
-  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype);
+  const bool batched = batched_path(x0, tile_rows);
+  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype, !batched);
   const size_t L = phi.size();
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, phi.W.back().size(-2));
   const int64_t T = steps, H = lw.w_hh.size(1);
-  const bool batched = batched_path(x0, tile_rows);
   check_shape(kOp, "grad_xT", v_xT, {B, N, 3}, "[B, N, 3]");
   TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per phi layer");
   TORCH_CHECK(v_W.size() == L && v_b.size() == L && v_gamma.size() == L && v_beta.size() == L, kOp,

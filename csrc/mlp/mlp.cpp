@@ -119,9 +119,9 @@ void mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W, const s
   check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
-  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
-  const size_t L = w.size();
   const bool batched = x.is_cuda() || tile_rows == 0;  // the whole batch as one tile (CUDA; CPU tile_rows 0)
+  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched);
+  const size_t L = w.size();
   check_out(kOp, "out", out, {B, N, w.W[L - 1].size(-2)}, x);
   TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
   for (size_t l = 0; l < L; ++l) {  // what is kept: see mlp.h
@@ -156,14 +156,14 @@ void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vec
   check_x(x_, mm_dtype);
   const at::Tensor x = x_.contiguous(), v_out = v_out_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
-  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype);
+  const bool batched = x.is_cuda() || tile_rows == 0;  // the batched whole-batch path
+  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched);
   const size_t L = w.size();
   check_same(kOp, "grad_output", v_out, x, "x");
   check_shape(kOp, "grad_output", v_out, {B, N, w.W[L - 1].size(-2)}, "[B, N, C_out] (the output's shape)");
   TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
   TORCH_CHECK(v_W.size() == L && v_b.size() == L && v_gamma.size() == L && v_beta.size() == L, kOp,
               ": the gradient lists must have one entry per layer");
-  const bool batched = x.is_cuda() || tile_rows == 0;  // the batched whole-batch path
   const bool saved = !is_placeholder(acts[0]) || (L > 1 && !is_placeholder(acts[L - 2]));
   const bool need_x = !is_placeholder(v_x);
   if (need_x) check_out(kOp, "grad_x", v_x, x.sizes(), x);
