@@ -61,24 +61,17 @@ def test_bf16_routes_compute_a_bf16_product(bf16_route, M, N, K, ta, tb):
     assert (c.double() - ref - c0.double()).abs().max().item() <= tol + 1e-6
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
 def test_the_routes_this_machine_has_are_measured():
     """widened and onednn everywhere; avx512bf16 exactly where the CPU has AVX512-BF16 (so that the skips of the
     route's tests can only mean the hardware lacks it); auto never picks onednn (it rounds results to bf16)."""
     import platform
 
     from srn_fast.ops import precision
+    from srn_fast.ops._layers import cpu_flags
 
     rates = precision.tile_gemm_rates()
     assert {"float32", "onednn", "widened"} <= set(rates)
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags and platform.machine() in ("x86_64", "AMD64"):
         assert ("avx512bf16" in rates) == ("avx512_bf16" in flags), (sorted(rates), "avx512_bf16" in flags)
     ext = srn_fast._ext.load()

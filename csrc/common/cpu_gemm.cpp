@@ -227,9 +227,11 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
     out.emplace_back("widened", rate([&](int64_t t) {
       gemm_widened(false, true, M, N, K, ah.data() + t * M * K, K, bw.data(), K, 0.f, c.data() + t * M * N, N);
     }, M, N, K, T));
-    if (dpbf16_available()) {
+    if (dpbf16_available()) {  // likewise its weights come packed once per op call (Layer::weight_pk_fwd)
+      std::vector<uint32_t> bp(dpbf16_packed_words(K, N));
+      dpbf16_pack_b(true, K, N, bh.data(), K, bp.data());
       out.emplace_back("avx512bf16", rate([&](int64_t t) {
-        gemm_dpbf16(false, true, M, N, K, ah.data() + t * M * K, K, bh.data(), K, 0.f, c.data() + t * M * N, N);
+        gemm_dpbf16_packed(false, M, N, K, ah.data() + t * M * K, K, bp.data(), 0.f, c.data() + t * M * N, N);
       }, M, N, K, T));
     }
     return out;

@@ -179,10 +179,7 @@ void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_
   const int64_t KP = k_pairs(K);
   if (!tb) return pack_rows(K, N, B, ldb, P);  // every tile: no fill (padding lanes only reach unstored columns)
   std::fill(P, P + dpbf16_packed_words(K, N), 0u);
-  auto at = [&](int64_t k, int64_t n) -> const c10::BFloat16* {
-    if (k >= K) return nullptr;
-    return tb ? B + n * ldb + k : B + k * ldb + n;
-  };
+  auto at = [&](int64_t k, int64_t n) -> const c10::BFloat16* { return k < K ? B + n * ldb + k : nullptr; };
   for (int64_t p = 0; p < panels(N); ++p) {
     uint32_t* dst = P + p * KP * kNR;
     const int64_t n0 = p * kNR, nn = std::min<int64_t>(kNR, N - n0);
@@ -203,7 +200,7 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
                         const uint32_t* Bp, float beta, float* C, int64_t ldc) {
   thread_local std::vector<uint32_t> ap;
   const int64_t KP = k_pairs(K);
-  // op(A) read in place when A is row-major with an even K and row stride (the forward and input-gradient GEMMs)
+  // op(A) read in place when A is row-major with an even K (the forward and input-gradient GEMMs)
   const char* a = reinterpret_cast<const char*>(A);
   ALayout al{lda * int64_t(sizeof(c10::BFloat16)), 4, lda * int64_t(sizeof(c10::BFloat16)) * kMR};
   if (ta || K % 2) {

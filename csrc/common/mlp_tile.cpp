@@ -112,8 +112,9 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
   // CPU float32 bf16 layers on the "widened" route get their weights widened here, once per op call; on the
   // "avx512bf16" route, packed
   const bool cpu_bf16 = tiles && mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat;
-  const bool widened_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "widened") == 0;
-  const bool packed_route = cpu_bf16 && std::strcmp(cpu::bf16_route(), "avx512bf16") == 0;
+  const char* route = cpu_bf16 ? cpu::bf16_route() : "";
+  const bool widened_route = std::strcmp(route, "widened") == 0;
+  const bool packed_route = std::strcmp(route, "avx512bf16") == 0;
   int64_t c = C_in;
   for (size_t l = 0; l < L; ++l) {
     const std::string wn = "layers[" + std::to_string(l) + "].weight", bn = "layers[" + std::to_string(l) + "].bias";

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, FrozenSet, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils import _pytree
@@ -13,18 +13,24 @@ from ..types import MM_DTYPES, Layer
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_bf16_matmul() -> Optional[bool]:
-    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16); None when unknown (no
-    /proc/cpuinfo). Cached: read once, outside any compiled region (the model asks at construction)."""
+def cpu_flags() -> Optional[FrozenSet[str]]:
+    """The CPU's feature flags from /proc/cpuinfo (e.g. "avx512_bf16"); None when unknown (no /proc/cpuinfo).
+    Cached: read once, outside any compiled region."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
+
+
+def cpu_has_bf16_matmul() -> Optional[bool]:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16); None when unknown (no
+    /proc/cpuinfo). The model asks at construction, outside any compiled region."""
+    flags = cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def mm_code(matmul_dtype: Optional[torch.dtype], x: torch.Tensor, op: str) -> int:
