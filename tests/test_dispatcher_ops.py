@@ -188,5 +188,5 @@ def test_compiled_render_and_training_step_match_eager():
     (le, ge), (lc, gc) = grads
     assert_close(lc, le, 1e-4, 1e-5, "loss")
     assert ge.keys() == gc.keys() and len(ge) == len(list(model.parameters()))
-    for name in ge:
-        assert_close(gc[name], ge[name], 2e-3, 1e-5, name)
+    for name in ge:  # float32 sums in another order: the absolute floor scales with the gradient (some reach ~2e3)
+        assert_close(gc[name], ge[name], 2e-3, 1e-5 * max(1.0, ge[name].abs().max().item()), name)
