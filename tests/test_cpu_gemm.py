@@ -37,8 +37,9 @@ def test_bad_arguments_are_named():
         ext.cpu_gemm(False, False, torch.zeros(2, 3), torch.zeros(4, 5), torch.zeros(2, 5), 0.0)
 
 
-@pytest.mark.parametrize("bf16_route", ["mkl", "widened", "onednn", "avx512bf16"], indirect=True)
-@pytest.mark.parametrize("M,N,K", [(128, 256, 256), (256, 256, 128), (37, 64, 48), (9, 70, 33), (300, 17, 301)])
+@pytest.mark.parametrize("bf16_route", ["mkl", "widened", "onednn", "avx512bf16", "amx"], indirect=True)
+@pytest.mark.parametrize("M,N,K", [(128, 256, 256), (256, 256, 128), (37, 64, 48), (9, 70, 33), (300, 17, 301),
+                                   (64, 32, 64), (33, 96, 512)])
 @pytest.mark.parametrize("ta,tb", [(False, True), (False, False), (True, False)])
 def test_bf16_routes_compute_a_bf16_product(bf16_route, M, N, K, ta, tb):
     """Every route multiplies the bf16 operands exactly (products exact in float32) and sums in float32, in every
@@ -62,8 +63,9 @@ def test_bf16_routes_compute_a_bf16_product(bf16_route, M, N, K, ta, tb):
 
 
 def test_the_routes_this_machine_has_are_measured():
-    """widened and onednn everywhere; avx512bf16 exactly where the CPU has AVX512-BF16 (so that the skips of the
-    route's tests can only mean the hardware lacks it); auto never picks onednn (it rounds results to bf16)."""
+    """widened and onednn everywhere; avx512bf16 exactly where the CPU has AVX512-BF16 and amx exactly where it has
+    AMX-BF16 (so that the skips of the routes' tests can only mean the hardware lacks it); auto never picks onednn
+    (it rounds results to bf16)."""
     import platform
 
     from srn_fast.ops import precision
@@ -74,16 +76,18 @@ def test_the_routes_this_machine_has_are_measured():
     flags = cpu_flags()
     if flags and platform.machine() in ("x86_64", "AMD64"):
         assert ("avx512bf16" in rates) == ("avx512_bf16" in flags), (sorted(rates), "avx512_bf16" in flags)
+        assert ("amx" in rates) == ("amx_bf16" in flags and "avx512_bf16" in flags), (sorted(rates), flags & {
+            "amx_bf16", "amx_tile"})
     ext = srn_fast._ext.load()
     ext.set_cpu_bf16_route("auto")
-    assert ext.cpu_bf16_route() in ("mkl", "widened", "avx512bf16")
+    assert ext.cpu_bf16_route() in ("mkl", "widened", "avx512bf16", "amx")
 
 
 @pytest.mark.parametrize("bf16_route", ["widened"], indirect=True)
 def test_route_is_selectable_and_a_bad_name_is_refused(bf16_route):
     ext = srn_fast._ext.load()
     assert ext.cpu_bf16_route() == "widened"
-    with pytest.raises(RuntimeError, match="bf16 route must be 'auto', 'mkl', 'onednn', 'widened' or 'avx512bf16', "
-                       "got 'fast'"):
+    with pytest.raises(RuntimeError, match="bf16 route must be 'auto', 'mkl', 'onednn', 'widened', 'avx512bf16' or "
+                       "'amx', got 'fast'"):
         ext.set_cpu_bf16_route("fast")
     assert ext.cpu_bf16_route() == "widened"  # a refused name changes nothing

@@ -58,7 +58,7 @@ def _errors(fn_fused, fn_oracle, inputs64, v64, groups):
 # each route that computes in float32 ("mkl", "widened", "avx512bf16"; a route this torch build or CPU lacks is
 # skipped). "onednn" rounds every GEMM's result to bf16 and exceeds the budget on the march's LSTM gradients (2.3x
 # autocast's error on a Zen 4): auto never picks it and it is never forced here.
-ROUTES = ["auto", "mkl", "widened", "avx512bf16"]
+ROUTES = ["auto", "mkl", "widened", "avx512bf16", "amx"]
 
 
 def _assert_budget(fused, auto, names):

@@ -114,11 +114,11 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, in
 
 namespace {
 
-enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2, kRouteWidened = 3, kRouteDpbf16 = 4 };
-constexpr const char* kRouteNames[] = {"auto", "mkl", "onednn", "widened", "avx512bf16"};  // indexed by Bf16Route
+enum Bf16Route { kRouteAuto = 0, kRouteMkl = 1, kRouteOneDnn = 2, kRouteWidened = 3, kRouteDpbf16 = 4, kRouteAmx = 5 };
+constexpr const char* kRouteNames[] = {"auto", "mkl", "onednn", "widened", "avx512bf16", "amx"};  // by Bf16Route
 
 int route_from_name(const char* name) {
-  for (int r = kRouteMkl; r <= kRouteDpbf16; ++r)
+  for (int r = kRouteMkl; r <= kRouteAmx; ++r)
     if (std::strcmp(name, kRouteNames[r]) == 0) return r;
   return kRouteAuto;
 }
@@ -234,6 +234,13 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
         gemm_dpbf16_packed(false, M, N, K, ah.data() + t * M * K, K, bp.data(), 0.f, c.data() + t * M * N, N);
       }, M, N, K, T));
     }
+    if (amx_available()) {  // the same for the AMX route's packing
+      std::vector<uint32_t> bp(amx_packed_words(K, N));
+      amx_pack_b(true, K, N, bh.data(), K, bp.data());
+      out.emplace_back("amx", rate([&](int64_t t) {
+        gemm_amx_packed(false, M, N, K, ah.data() + t * M * K, K, bp.data(), 0.f, c.data() + t * M * N, N);
+      }, M, N, K, T));
+    }
     return out;
   }();
   return rates;
@@ -256,11 +263,12 @@ int chosen_route() {
 }
 
 // The route a bf16 GEMM takes now: the chosen one, except that SRN_FAST_GEMM=aten (or a torch without BLAS
-// symbols) leaves only ATen's, "mkl" needs cblas_gemm_bf16bf16f32 and "avx512bf16" the CPU's instructions.
+// symbols) leaves only ATen's, "mkl" needs cblas_gemm_bf16bf16f32 and "avx512bf16" / "amx" the CPU's instructions.
 int route_in_use() {
   if (!use_blas()) return kRouteOneDnn;
   const int r = chosen_route();
   if (r == kRouteMkl && !mkl_bf16_available()) return kRouteOneDnn;
+  if (r == kRouteAmx && !amx_available()) return kRouteWidened;
   return r == kRouteDpbf16 && !dpbf16_available() ? kRouteWidened : r;
 }
 
@@ -276,12 +284,34 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16
       return gemm_bf16_widened(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
     case kRouteDpbf16:
       return gemm_dpbf16(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    case kRouteAmx:
+      return gemm_amx(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
     default:
       return gemm_aten<c10::BFloat16, float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
 }
 
 const char* bf16_route() { return kRouteNames[route_in_use()]; }
+
+bool bf16_route_packs_b() {
+  const int r = route_in_use();
+  return r == kRouteDpbf16 || r == kRouteAmx;
+}
+
+int64_t bf16_packed_words(int64_t K, int64_t N) {
+  return route_in_use() == kRouteAmx ? amx_packed_words(K, N) : dpbf16_packed_words(K, N);
+}
+
+void bf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P) {
+  if (route_in_use() == kRouteAmx) return amx_pack_b(tb, K, N, B, ldb, P);
+  dpbf16_pack_b(tb, K, N, B, ldb, P);
+}
+
+void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                      const uint32_t* P, float beta, float* C, int64_t ldc) {
+  if (route_in_use() == kRouteAmx) return gemm_amx_packed(ta, M, N, K, A, lda, P, beta, C, ldc);
+  gemm_dpbf16_packed(ta, M, N, K, A, lda, P, beta, C, ldc);
+}
 
 void set_bf16_route(const std::string& name) {
   if (name == "auto") {
@@ -294,10 +324,14 @@ void set_bf16_route(const std::string& name) {
     TORCH_CHECK(dpbf16_available(), "srn_fast: bf16 route 'avx512bf16' is unavailable: this CPU lacks AVX512-BF16 "
                 "(or this is not an x86-64 build)");
     bf16_flag() = kRouteDpbf16;
+  } else if (name == "amx") {
+    TORCH_CHECK(amx_available(), "srn_fast: bf16 route 'amx' is unavailable: this CPU lacks AMX-BF16 (or Linux did "
+                "not grant the tile state, or this is not an x86-64 Linux build)");
+    bf16_flag() = kRouteAmx;
   } else if (name == "onednn" || name == "widened") {
     bf16_flag() = route_from_name(name.c_str());
   } else {
-    TORCH_CHECK(false, "srn_fast: bf16 route must be 'auto', 'mkl', 'onednn', 'widened' or 'avx512bf16', got '",
+    TORCH_CHECK(false, "srn_fast: bf16 route must be 'auto', 'mkl', 'onednn', 'widened', 'avx512bf16' or 'amx', got '",
                 name, "'");
   }
 }

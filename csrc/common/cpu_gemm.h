@@ -38,11 +38,33 @@ void gemm_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::
 bool dpbf16_available();
 void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                  const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
-// The same with op(B) packed beforehand (a weight: once per op call). P: dpbf16_packed_words(K, N) 32-bit words.
-int64_t dpbf16_packed_words(int64_t K, int64_t N);
-void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
+// The same with op(B) packed beforehand (a weight: once per op call). P: dpbf16_packed_words(K, N) 32-bit words,
+// panels of 32 columns, each [kp_stride][32] k-pair words (kp_stride >= ceil(K/2), 0: exactly that; k-pairs past K
+// are zeros: the "amx" route pads K to its tiles' 32).
+int64_t dpbf16_packed_words(int64_t K, int64_t N, int64_t kp_stride = 0);
+void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P,
+                   int64_t kp_stride = 0);
 void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                         const uint32_t* P, float beta, float* C, int64_t ldc);
+
+// The "amx" route (csrc/common/cpu_gemm_amx.cpp): Intel AMX tiles (TDPBF16PS), float32 accumulation and result.
+// Call only where amx_available() (the CPU has AMX-BF16, Linux granted the tile state, x86-64 Linux build). op(B)
+// packed as the avx512bf16 route packs it, with the k-pairs padded to a multiple of 16 (amx_packed_words words).
+bool amx_available();
+void gemm_amx(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+              const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
+int64_t amx_packed_words(int64_t K, int64_t N);
+void amx_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
+void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                     const uint32_t* P, float beta, float* C, int64_t ldc);
+
+// The routes that take a weight packed once per op call ("avx512bf16", "amx"): whether the route in use is one,
+// and its packing and packed GEMM (a weight packed under one route is read only under that route).
+bool bf16_route_packs_b();
+int64_t bf16_packed_words(int64_t K, int64_t N);
+void bf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
+void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                      const uint32_t* P, float beta, float* C, int64_t ldc);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();
@@ -51,7 +73,7 @@ void set_gemm_backend(const std::string& name);
 
 // The bf16 GEMM route (bf16 inputs, float32 accumulation and output), chosen separately because the fastest one
 // depends on the CPU and its vendor: "mkl" (cblas_gemm_bf16bf16f32: AMX / AVX512-BF16 on Intel, emulated
-// elsewhere), "avx512bf16" (srn_fast's own VDPBF16PS kernel, on CPUs with AVX512-BF16), "widened" (the operands
+// elsewhere), "amx" (srn_fast's own AMX kernel, on CPUs with AMX-BF16), "avx512bf16" (srn_fast's own VDPBF16PS kernel, on CPUs with AVX512-BF16), "widened" (the operands
 // widened to float32, exactly, and the float32 GEMM: the same arithmetic, faster where bf16 instructions run below
 // the float32 FMA rate) or "onednn" (ATen's bf16 matmul, i.e. oneDNN's, the route of torch.bmm in bf16: it rounds
 // each result to bf16, so it is used only when forced). "auto" (the default; SRN_FAST_BF16_GEMM=<route> forces one)
@@ -60,7 +82,7 @@ void set_gemm_backend(const std::string& name);
 const char* bf16_route();
 void set_bf16_route(const std::string& name);
 // GFLOP/s (all threads) of each route and of the float32 GEMM at a tile's shape ([128, 256] x [256, 256]),
-// measured once per process (cached): {"float32", "mkl", "onednn", "widened", "avx512bf16"} (a route this torch
+// measured once per process (cached): {"float32", "mkl", "onednn", "widened", "avx512bf16", "amx"} (a route this torch
 // build or CPU lacks is absent).
 std::vector<std::pair<std::string, double>> tile_gemm_rates();
 

@@ -120,16 +120,19 @@ SRN_DPBF16_TARGET ALayout pack_a(bool ta, int64_t M, int64_t K, const c10::BFloa
   return {4, kMR * 4, panel * 4};
 }
 
-// op(B) = B [K, N] row-major -> P: two rows interleaved per k-pair (the weight gradient's activations, every tile).
-SRN_DPBF16_TARGET void pack_rows(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P) {
+// op(B) = B [K, N] row-major -> P: two rows interleaved per k-pair (the weight gradient's activations, every tile);
+// panels of kp_stride k-pairs, those past K zeros.
+SRN_DPBF16_TARGET void pack_rows(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P,
+                                 int64_t kp_stride) {
   const int64_t KP = k_pairs(K);
   for (int64_t p = 0; p < panels(N); ++p) {
     const int64_t n0 = p * kNR;
     const int nn = int(std::min<int64_t>(kNR, N - n0));
     for (int64_t kp = 0; kp < KP; ++kp) {
       const c10::BFloat16* r0 = B + 2 * kp * ldb + n0;
-      interleave(r0, 2 * kp + 1 < K ? r0 + ldb : nullptr, nn, P + (p * KP + kp) * kNR);
+      interleave(r0, 2 * kp + 1 < K ? r0 + ldb : nullptr, nn, P + (p * kp_stride + kp) * kNR);
     }
+    std::fill(P + (p * kp_stride + KP) * kNR, P + (p + 1) * kp_stride * kNR, 0u);
   }
 }
 
@@ -170,18 +173,23 @@ constexpr MicroFn kMicro[kMR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>, mic
 
 }  // namespace
 
-int64_t dpbf16_packed_words(int64_t K, int64_t N) { return panels(N) * k_pairs(K) * kNR; }
+int64_t dpbf16_packed_words(int64_t K, int64_t N, int64_t kp_stride) {
+  return panels(N) * std::max(kp_stride, k_pairs(K)) * kNR;
+}
 
-// op(B) [K, N] (B stored [K, N], or [N, K] when tb, row stride ldb) -> panels P[N/32][KP][32] of k-pairs. A
-// missing second row of an odd K is zeros; columns past N in the last panel are zeros when tb and left unwritten
-// otherwise (each column's lane only ever reaches its own column of C, which is not stored).
-void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P) {
+// op(B) [K, N] (B stored [K, N], or [N, K] when tb, row stride ldb) -> panels P[N/32][kp_stride][32] of k-pairs
+// (kp_stride at least ceil(K/2); 0: exactly that). A missing second row of an odd K is zeros, and so are the
+// k-pairs past K; columns past N in the last panel are zeros when tb and left unwritten otherwise (each column's
+// lane only ever reaches its own column of C, which is not stored).
+void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P,
+                   int64_t kp_stride) {
   const int64_t KP = k_pairs(K);
-  if (!tb) return pack_rows(K, N, B, ldb, P);  // every tile: no fill (padding lanes only reach unstored columns)
-  std::fill(P, P + dpbf16_packed_words(K, N), 0u);
+  kp_stride = std::max(kp_stride, KP);
+  if (!tb) return pack_rows(K, N, B, ldb, P, kp_stride);  // every tile: no fill of the columns past N
+  std::fill(P, P + dpbf16_packed_words(K, N, kp_stride), 0u);
   auto at = [&](int64_t k, int64_t n) -> const c10::BFloat16* { return k < K ? B + n * ldb + k : nullptr; };
   for (int64_t p = 0; p < panels(N); ++p) {
-    uint32_t* dst = P + p * KP * kNR;
+    uint32_t* dst = P + p * kp_stride * kNR;
     const int64_t n0 = p * kNR, nn = std::min<int64_t>(kNR, N - n0);
     for (int64_t kp = 0; kp < KP; ++kp)
       for (int64_t j = 0; j < nn; ++j) dst[kp * kNR + j] = pair(at(2 * kp, n0 + j), at(2 * kp + 1, n0 + j));
@@ -225,8 +233,8 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
 [[noreturn]] static void unavailable() {
   TORCH_CHECK(false, "srn_fast: the 'avx512bf16' bf16 route needs an x86-64 build (GCC or Clang)");
 }
-int64_t dpbf16_packed_words(int64_t, int64_t) { return 0; }
-void dpbf16_pack_b(bool, int64_t, int64_t, const c10::BFloat16*, int64_t, uint32_t*) { unavailable(); }
+int64_t dpbf16_packed_words(int64_t, int64_t, int64_t) { return 0; }
+void dpbf16_pack_b(bool, int64_t, int64_t, const c10::BFloat16*, int64_t, uint32_t*, int64_t) { unavailable(); }
 void gemm_dpbf16(bool, bool, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const c10::BFloat16*,
                  int64_t, float, float*, int64_t) {
   unavailable();

@@ -86,14 +86,14 @@ at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std
 // the forward's op(B) = W^T then the input gradient's op(B) = W (see Layer::weight_pk_fwd / _bwd).
 static at::Tensor pack_weight(const at::Tensor& W_mm) {
   const int64_t Co = W_mm.size(-2), Ci = W_mm.size(-1), S = W_mm.dim() == 3 ? W_mm.size(0) : 1;
-  const int64_t fwd = cpu::dpbf16_packed_words(Ci, Co), words = fwd + cpu::dpbf16_packed_words(Co, Ci);
+  const int64_t fwd = cpu::bf16_packed_words(Ci, Co), words = fwd + cpu::bf16_packed_words(Co, Ci);
   at::Tensor pk = at::empty({S, words}, W_mm.options().dtype(at::kInt));
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const c10::BFloat16* Ws = W_mm.data_ptr<at::BFloat16>() + s * Co * Ci;
       uint32_t* P = reinterpret_cast<uint32_t*>(pk.data_ptr<int32_t>()) + s * words;
-      cpu::dpbf16_pack_b(true, Ci, Co, Ws, Ci, P);
-      cpu::dpbf16_pack_b(false, Co, Ci, Ws, Ci, P + fwd);
+      cpu::bf16_pack_b(true, Ci, Co, Ws, Ci, P);
+      cpu::bf16_pack_b(false, Co, Ci, Ws, Ci, P + fwd);
     }
   });
   return pk;
@@ -114,7 +114,7 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
   const bool cpu_bf16 = tiles && mm_dtype == 1 && x.is_cpu() && x.scalar_type() == at::kFloat;
   const char* route = cpu_bf16 ? cpu::bf16_route() : "";
   const bool widened_route = std::strcmp(route, "widened") == 0;
-  const bool packed_route = std::strcmp(route, "avx512bf16") == 0;
+  const bool packed_route = cpu_bf16 && cpu::bf16_route_packs_b();
   int64_t c = C_in;
   for (size_t l = 0; l < L; ++l) {
     const std::string wn = "layers[" + std::to_string(l) + "].weight", bn = "layers[" + std::to_string(l) + "].bias";

@@ -188,7 +188,7 @@ inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                     const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc,
                     const float* B_wide = nullptr, const uint32_t* B_pk = nullptr) {
-  if (B_pk) return cpu::gemm_dpbf16_packed(ta, M, N, K, A, lda, B_pk, beta, C, ldc);
+  if (B_pk) return cpu::gemm_bf16_packed(ta, M, N, K, A, lda, B_pk, beta, C, ldc);
   if (B_wide) return cpu::gemm_widened(ta, tb, M, N, K, A, lda, B_wide, ldb, beta, C, ldc);
   cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
@@ -389,7 +389,7 @@ std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
       if (l < w.W_pk.size() && w.W_pk[l].defined()) {
         const at::Tensor& pk = w.W_pk[l];
         t.weight_pk_fwd = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>()) + (ps ? b * pk.size(1) : 0);
-        t.weight_pk_bwd = t.weight_pk_fwd + cpu::dpbf16_packed_words(t.cin, t.cout);
+        t.weight_pk_bwd = t.weight_pk_fwd + cpu::bf16_packed_words(t.cin, t.cout);
       }
     }
   }

@@ -44,7 +44,8 @@ def log_once(msg: str) -> None:
 @functools.lru_cache(maxsize=None)
 def tile_gemm_rates() -> Dict[str, float]:
     """GFLOP/s of the CPU tile GEMM ([128, 256] x [256, 256], every thread on its own tile) in float32 and through
-    each bf16 route ("mkl", "onednn", "widened", and "avx512bf16" where the CPU has it), measured once per process;
+    each bf16 route ("mkl", "onednn", "widened", and "avx512bf16" / "amx" where the CPU has them), measured once per
+    process;
     {} without the extension."""
     ext = _ext.load()
     if ext is None or not hasattr(ext, "cpu_tile_gemm_rates"):
@@ -58,7 +59,7 @@ def bf16_pays(device: Union[str, torch.device]) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     rates = tile_gemm_rates()
-    # the routes the tile loops may pick on their own ("mkl", "avx512bf16"): "widened" is the float32 GEMM on
+    # the routes the tile loops may pick on their own ("mkl", "avx512bf16", "amx"): "widened" is the float32 GEMM on
     # widened bf16 operands (never faster than float32, whatever the noise says) and "onednn" rounds every result
     # to bf16, so it runs only when forced (SRN_FAST_BF16_GEMM)
     best = max((r for k, r in rates.items() if k not in ("float32", "widened", "onednn")), default=0.0)
