@@ -19,6 +19,10 @@ status=0
 venv=$(mktemp -d)/venv
 python3 -m venv --system-site-packages "$venv"   # the machine's CUDA torch, no downloads
 PY=$venv/bin/python
+# python3 may itself be a virtual environment (the lent machines' /opt/torch/.venv): --system-site-packages then
+# reaches only the base interpreter's folders, so the new venv also reads python3's own site-packages (a .pth).
+python3 -c "import site; print('\n'.join(site.getsitepackages()))" \
+  >"$("$PY" -c "import sysconfig; print(sysconfig.get_path('purelib'))")/_gpu_check_parent.pth"
 
 echo "== install + tests ($(date -u +%H:%M:%S))"
 "$PY" - <<'PYEOF' || exit 1
