@@ -19,8 +19,11 @@ fetch a different torch.
 """
 import glob
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -36,6 +39,43 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _probe_links_shared_libstdcxx(cxx, readelf, folder, extra):
+    """Whether `cxx` links a small shared library that streams a long with libstdc++ as a shared library."""
+    src, so = os.path.join(folder, "probe.cpp"), os.path.join(folder, "probe.so")
+    with open(src, "w") as f:
+        f.write("#include <sstream>\n#include <string>\n"
+                "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+    if subprocess.run([*cxx, "-shared", "-fPIC", src, "-o", so, *extra], capture_output=True).returncode:
+        return None
+    dyn = subprocess.run([readelf, "-d", so], capture_output=True, text=True).stdout
+    return "libstdc++" in dyn
+
+
+def _shared_libstdcxx_args():
+    """Link arguments that keep libstdc++ shared, one copy per process. A compiler that links it statically by
+    default (seen: the /opt/gcc g++ of a lent GPU machine) puts a second copy of iostreams and locales into _C
+    whose facet ids differ from those of the copy torch loads: the first error message that formats a number
+    segfaults. Then the libstdc++.so.6 this process (torch) loaded is linked explicitly, ahead of the driver's
+    static one, and checked."""
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    readelf = shutil.which("readelf")
+    if not readelf or not cxx or not shutil.which(cxx[0]) or not os.path.exists("/proc/self/maps"):
+        return []
+    with tempfile.TemporaryDirectory() as d:
+        if _probe_links_shared_libstdcxx(cxx, readelf, d, []) is not False:
+            return []
+        with open("/proc/self/maps") as f:
+            loaded = sorted({ln.split()[-1] for ln in f if ln.rstrip().endswith("/libstdc++.so.6")
+                             or "/libstdc++.so.6." in ln})
+        if loaded and _probe_links_shared_libstdcxx(cxx, readelf, d, [loaded[0]]):
+            print(f"srn_fast: {' '.join(cxx)} links libstdc++ statically; linking {loaded[0]} (the one torch "
+                  "loaded) instead", flush=True)
+            return [loaded[0]]
+    print(f"srn_fast: warning: {' '.join(cxx)} links libstdc++ statically and no shared libstdc++.so.6 could be "
+          "linked instead; error messages from _C may crash (set CXX to a g++ that links it shared)", flush=True)
+    return []
 
 
 def _cudart_in(home):
@@ -136,7 +176,7 @@ def _extension():
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
-    link_args = ["-fopenmp"]
+    link_args = ["-fopenmp"] + _shared_libstdcxx_args()
 
     force = _flag("SRN_FAST_FORCE_CUDA")
     no_cuda = _flag("SRN_FAST_NO_CUDA")
