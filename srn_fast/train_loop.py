@@ -38,8 +38,8 @@ from .model import SRNModel
 from .ops._layers import cpu_has_bf16_matmul
 from .ops.precision import bf16_pays, describe_rates
 from .runfolder import RunFolder
-from .train_parts import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _device, _dist_info, _Renderer,
-                          _StopFlag, camera_facts_of, prepare_batch, rng_state, set_rng_state, split_roots)
+from .train_parts import (BatchStream, ExtraLoss, MetricsLog, TrainConfig, _autocast, _device, _dist_info, _local_rank,
+                          _Renderer, _StopFlag, camera_facts_of, prepare_batch, rng_state, set_rng_state, split_roots)
 
 # Options that may differ from the run's own on --resume (they change neither the model nor the data stream).
 RESUME_SAFE = ("lr", "val_data", "val_every", "val_views", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -89,8 +89,8 @@ class Restored:
 def setup(cfg: TrainConfig, extra_loss: Optional[ExtraLoss] = None, log=print) -> Session:
     """Build datasets, model and optimiser for ``cfg``; writes nothing (bad data fails here, before the run
     folder is touched)."""
-    rank, world, local_rank = _dist_info()
-    device = _device(cfg, local_rank)
+    device = _device(cfg, _local_rank())
+    rank, world, local_rank = _dist_info(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     for B in cfg.batch_sizes:

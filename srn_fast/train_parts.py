@@ -235,22 +235,35 @@ def _autocast(cfg: TrainConfig, model: SRNModel, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _dist_info():
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _dist_info(device: torch.device):
+    """(rank, world size, local rank); under torchrun the process group is joined first, with the backend of the
+    process's device (NCCL on a GPU, gloo on the CPU: `--device cpu` on a GPU machine trains on the CPU)."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if ws > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        return dist.get_rank(), dist.get_world_size(), _local_rank()
     return 0, 1, 0
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    d = torch.device(cfg.device)
+    """The process's device: auto is CUDA where available; a CUDA device without an index is the GPU of the
+    process's local rank (one GPU per process under torchrun), which must exist."""
+    if cfg.device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    d = torch.device("cuda" if cfg.device == "auto" else cfg.device)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if d.type == "cuda" and d.index is None:
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise ValueError(f"--device {cfg.device}: the process of local rank {local_rank} needs GPU {local_rank} "
+                             f"but this machine has {n}; start at most {n} processes per node or pass --device cpu")
+        d = torch.device("cuda", local_rank)
     return d
 
 

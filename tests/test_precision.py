@@ -156,7 +156,7 @@ def test_train_bf16_warns_where_bf16_is_slower(monkeypatch, tiny_data, tmp_path)
     monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 20.0, "onednn": 5.0})
     args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--sidelengths", "8",
             "--batch-sizes", "2", "--steps", "1", "--latent-dim", "8", "--phi-hidden", "16", "--tracing-steps", "2",
-            "--rendering-layers", "1", "--val-every", "0", "--no-progress"]
+            "--rendering-layers", "1", "--val-every", "0", "--no-progress", "--device", "cpu"]
     with pytest.warns(RuntimeWarning, match="--bf16: this CPU runs bf16 matmuls no faster than float32"):
         assert main(args + ["--bf16"]) == 0
     assert main(args[:4] + [str(tmp_path / "run_auto")] + args[5:] + ["--bf16", "auto"]) == 0

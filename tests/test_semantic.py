@@ -172,7 +172,7 @@ def test_prepare_batch_cuts_labels_to_the_same_rays(tiny):
 def test_joint_training_updates_srn_and_head_and_resumes(tiny, tmp_path):
     cfg = TrainConfig(data=tiny, out=str(tmp_path / "joint"), sidelengths=[S], batch_sizes=[2], steps=[3], lr=1e-3,
                       latent_dim=8, tracing_steps=2, phi_hidden=16, rendering_layers=1, lstm_hidden=4,
-                      rays_per_view=32, val_every=0, checkpoint_every=2, log_every=1, backend="auto")
+                      rays_per_view=32, val_every=0, checkpoint_every=2, log_every=1, backend="auto", device="cpu")
     torch.manual_seed(0)
     head = SemanticHead(16, NUM_CLASSES)
     h0 = head.net[0].weight.clone()

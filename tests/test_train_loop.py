@@ -184,3 +184,36 @@ def test_good_run_does_not_warn(tiny_data, tmp_path):
     assert r["collapse"] is None and not [m for m in said if "collapsed" in m]
     ratios = [rec["rgb_var_ratio"] for rec in read_metrics(cfg.out) if rec["kind"] == "train"]
     assert min(ratios[-5:]) > 2 * COLLAPSE_RATIO  # it really trains (images are not constant at the end)
+
+
+def test_device_is_the_local_ranks_gpu_and_must_exist(monkeypatch):
+    """auto / cuda under torchrun: GPU local_rank; more processes than GPUs is a clear error, not a CUDA one."""
+    from srn_fast.train_parts import TrainConfig, _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for dev in ("auto", "cuda"):
+        assert _device(TrainConfig(data="x", out="y", device=dev), 0) == torch.device("cuda", 0)
+        with pytest.raises(ValueError, match=rf"--device {dev}: the process of local rank 1 needs GPU 1 but this "
+                                             r"machine has 1; .* --device cpu"):
+            _device(TrainConfig(data="x", out="y", device=dev), 1)
+    assert _device(TrainConfig(data="x", out="y", device="cuda:0"), 1) == torch.device("cuda", 0)
+    assert _device(TrainConfig(data="x", out="y", device="cpu"), 1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device(TrainConfig(data="x", out="y", device="auto"), 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        _device(TrainConfig(data="x", out="y", device="cuda"), 0)
+
+
+def test_process_group_backend_follows_the_device(monkeypatch):
+    """--device cpu on a GPU machine under torchrun joins a gloo group (NCCL has no CPU tensors)."""
+    from srn_fast import train_parts
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_parts.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_parts.dist, "init_process_group", lambda backend: seen.append(backend))
+    train_parts._dist_info(torch.device("cpu"))
+    train_parts._dist_info(torch.device("cuda", 0))
+    assert seen == ["gloo", "nccl"]

@@ -91,7 +91,7 @@ def test_ddp_two_processes_gloo_match_one_process(tiny_data, tmp_path):
     common = ["train", "--data", tiny_data, "--sidelengths", "8", "--batch-sizes", "4", "--steps", "4",
               "--latent-dim", "8", "--phi-hidden", "16", "--rendering-layers", "2", "--tracing-steps", "3",
               "--rays-per-view", "24", "--lr", "1e-3", "--log-every", "1", "--val-every", "0",
-              "--checkpoint-every", "4", "--backend", "torch", "--seed", "3", "--no-progress"]
+              "--checkpoint-every", "4", "--backend", "torch", "--seed", "3", "--no-progress", "--device", "cpu"]
     p = _torchrun(common + ["--out", str(tmp_path / "ddp")])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     from srn_fast.cli import main
