@@ -256,11 +256,11 @@ void register_mlp(pybind11::module& m) {
         });
       }, "c = op(a) op(b) + beta * c through the tile loops' cpu::gemm (for the tests)");
   m.def("cpu_bf16_route", [] { return std::string(cpu::bf16_route()); },
-        "The CPU bf16 GEMM route of the tile loops: 'avx512bf16', 'mkl', 'widened' (the fastest measured of these "
-        "unless set) or 'onednn' (only when set)");
+        "The CPU bf16 GEMM route of the tile loops: 'amx', 'avx512bf16', 'mkl', 'widened' (the fastest measured "
+        "of these unless set) or 'onednn' (only when set)");
   m.def("set_cpu_bf16_route", [](const std::string& name) { cpu::set_bf16_route(name); },
-        "Select the CPU bf16 GEMM route: 'auto' (fastest measured with a float32 result), 'avx512bf16', 'mkl', "
-        "'widened' or 'onednn'");
+        "Select the CPU bf16 GEMM route: 'auto' (fastest measured with a float32 result), 'amx', 'avx512bf16', "
+        "'mkl', 'widened' or 'onednn'");
   m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
         "GFLOP/s (every thread on its own tile) at a tile's shape of the float32 GEMM and of each bf16 route "
         "(measured once)");
