@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define SRN_HD __host__ __device__ __forceinline__
@@ -52,6 +53,89 @@ struct SerialLanes {
     return v;
   }
 };
+
+// Row sums: sum over a row's channels k < n of term(k), reduced across the row's lanes. term is a functor
+// (`T operator()(int64_t k) const`, or returning RowPair<T> for row_sum2) that may also write channel k, which only
+// this lane owns. SerialLanes: four independent 8-wide partial sums over blocks of 32 channels, so that consecutive
+// vector adds do not wait on each other (a single accumulator made the CPU LayerNorm rows latency-bound: a third of
+// their time sat on the one dependent add). int64_t indices: int sums wrap under -fwrapv (Python's CFLAGS), and
+// GCC then turned the loads into gathers.
+template <typename Lanes>
+struct SerialRow {
+  static constexpr bool value = false;
+};
+template <>
+struct SerialRow<SerialLanes> {
+  static constexpr bool value = true;
+};
+
+template <typename T>
+struct RowPair {
+  T a, b;
+};
+
+template <typename T, typename Lanes, typename Term>
+SRN_HD T row_sum(int n, const Term& term) {
+  T s = T(0);
+  if constexpr (SerialRow<Lanes>::value) {
+    T a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
+    int64_t k0 = 0;
+    for (; k0 + 32 <= n; k0 += 32) {
+      SRN_SIMD
+      for (int64_t j = 0; j < 8; ++j) {
+        a0[j] += term(k0 + j);
+        a1[j] += term(k0 + 8 + j);
+        a2[j] += term(k0 + 16 + j);
+        a3[j] += term(k0 + 24 + j);
+      }
+    }
+    SRN_SIMD_SUM(s)
+    for (int64_t k = k0; k < n; ++k) s += term(k);
+    SRN_SIMD_SUM(s)
+    for (int j = 0; j < 8; ++j) s += (a0[j] + a1[j]) + (a2[j] + a3[j]);
+    return s;
+  } else {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) s += term(k);
+    return Lanes::sum(s);
+  }
+}
+
+// Two sums at once (term returns RowPair<T>), as row_sum.
+template <typename T, typename Lanes, typename Term>
+SRN_HD RowPair<T> row_sum2(int n, const Term& term) {
+  T sa = T(0), sb = T(0);
+  if constexpr (SerialRow<Lanes>::value) {
+    T a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {}, b0[8] = {}, b1[8] = {}, b2[8] = {}, b3[8] = {};
+    int64_t k0 = 0;
+    for (; k0 + 32 <= n; k0 += 32) {
+      SRN_SIMD
+      for (int64_t j = 0; j < 8; ++j) {
+        const RowPair<T> p0 = term(k0 + j), p1 = term(k0 + 8 + j), p2 = term(k0 + 16 + j), p3 = term(k0 + 24 + j);
+        a0[j] += p0.a, b0[j] += p0.b;
+        a1[j] += p1.a, b1[j] += p1.b;
+        a2[j] += p2.a, b2[j] += p2.b;
+        a3[j] += p3.a, b3[j] += p3.b;
+      }
+    }
+    SRN_SIMD_SUM(sa, sb)
+    for (int64_t k = k0; k < n; ++k) {
+      const RowPair<T> p = term(k);
+      sa += p.a, sb += p.b;
+    }
+    SRN_SIMD_SUM(sa, sb)
+    for (int j = 0; j < 8; ++j) {
+      sa += (a0[j] + a1[j]) + (a2[j] + a3[j]);
+      sb += (b0[j] + b1[j]) + (b2[j] + b3[j]);
+    }
+    return {sa, sb};
+  } else {
+    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
+      const RowPair<T> p = term(k);
+      sa += p.a, sb += p.b;
+    }
+    return {Lanes::sum(sa), Lanes::sum(sb)};
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // LSTM cell (PyTorch's LSTMCell, gate order i, f, g, o).
@@ -105,16 +189,21 @@ SRN_HD void lstm_cell_vjp(T gi, T gf, T gg, T go, T c_prev, T c, T v_h, T v_c,
 template <typename T, typename M = StdMath<T>, typename Lanes = SerialLanes>
 SRN_HD void lstm_step_row(int H, const T* pre, const T* bias, const T* c_prev, const T* w_out, T b_out, const T* x,
                           const T* dirs, T* gates, T* c, T* h, T* x_new) {
+  // one base pointer per gate: indices like pre[H + k] are int sums that may wrap under -fwrapv (Python's CFLAGS),
+  // so GCC turned them into gathers
+  const T *pf = pre + H, *pg = pre + 2 * H, *po = pre + 3 * H;
+  const T *bf = bias + H, *bg = bias + 2 * H, *bo = bias + 3 * H;
+  T *gf_out = gates + H, *gg_out = gates + 2 * H, *go_out = gates + 3 * H;
   T s = T(0);
   SRN_SIMD_SUM(s)
   for (int k = Lanes::first(); k < H; k += Lanes::step()) {
     T gi, gf, gg, go, cn, hn;
-    lstm_cell<T, M>(pre[k] + bias[k], pre[H + k] + bias[H + k], pre[2 * H + k] + bias[2 * H + k],
-                    pre[3 * H + k] + bias[3 * H + k], c_prev[k], gi, gf, gg, go, cn, hn);
+    lstm_cell<T, M>(pre[k] + bias[k], pf[k] + bf[k], pg[k] + bg[k], po[k] + bo[k], c_prev[k], gi, gf, gg, go, cn,
+                    hn);
     gates[k] = gi;
-    gates[H + k] = gf;
-    gates[2 * H + k] = gg;
-    gates[3 * H + k] = go;
+    gf_out[k] = gf;
+    gg_out[k] = gg;
+    go_out[k] = go;
     c[k] = cn;
     h[k] = hn;
     s += hn * w_out[k];
@@ -142,13 +231,15 @@ SRN_HD T lstm_step_row_vjp(int H, const T* gates, const T* c_prev, const T* c, c
     SRN_SIMD
     for (int k = Lanes::first(); k < H; k += Lanes::step()) v_w_out[k] += vs * h[k];
   }
+  const T *gf = gates + H, *gg = gates + 2 * H, *go = gates + 3 * H;  // base pointers: see lstm_step_row
+  T *vf = v_pre + H, *vg = v_pre + 2 * H, *vo = v_pre + 3 * H;
   SRN_SIMD
   for (int k = Lanes::first(); k < H; k += Lanes::step()) {
     T vh = v_h[k] + vs * w_out[k];
     vh = vh < lo ? lo : (vh > hi ? hi : vh);
     T vcp;
-    lstm_cell_vjp<T, M>(gates[k], gates[H + k], gates[2 * H + k], gates[3 * H + k], c_prev[k], c[k], vh, v_c[k],
-                        v_pre[k], v_pre[H + k], v_pre[2 * H + k], v_pre[3 * H + k], vcp);
+    lstm_cell_vjp<T, M>(gates[k], gf[k], gg[k], go[k], c_prev[k], c[k], vh, v_c[k], v_pre[k], vf[k], vg[k], vo[k],
+                        vcp);
     v_c[k] = vcp;
   }
   return vs;
@@ -174,28 +265,65 @@ SRN_HD T ln_affine_relu(T xhat, const T* gamma, const T* beta, int k) {
   return a > T(0) ? a : T(0);
 }
 
+// The terms of the LayerNorm rows' sums (row_sum / row_sum2).
+namespace ln_detail {
+template <typename T>
+struct Value {  // z[k]
+  const T* z;
+  SRN_HD T operator()(int64_t k) const { return z[k]; }
+};
+template <typename T>
+struct AddBias {  // z[k] += bias[k], then z[k]
+  T* z;
+  const T* bias;
+  SRN_HD T operator()(int64_t k) const { return z[k] += bias[k]; }
+};
+template <typename T>
+struct SquaredDeviation {  // (z[k] - mean)^2
+  const T* z;
+  T mean;
+  SRN_HD T operator()(int64_t k) const {
+    const T d = z[k] - mean;
+    return d * d;
+  }
+};
+// g = v_y[k] * gamma[k] where the ReLU passed (xhat * gamma + beta > 0), else 0; writes v_z[k] = g, gives (g, g xhat).
+// The load and product come before the select: selecting `v_y[k]` itself made GCC 12 use a masked load and keep
+// the sums in memory (a store-to-load chain through every iteration).
+template <typename T>
+struct MaskedGradAffine {
+  const T *xhat, *v_y, *gamma, *beta;
+  T* v_z;
+  SRN_HD RowPair<T> operator()(int64_t k) const {
+    const T xh = xhat[k], vg = v_y[k] * gamma[k];
+    const T g = xh * gamma[k] + beta[k] > T(0) ? vg : T(0);
+    v_z[k] = g;
+    return {g, g * xh};
+  }
+};
+template <typename T>
+struct MaskedGrad {  // no affine: the ReLU mask is xhat > 0
+  const T *xhat, *v_y;
+  T* v_z;
+  SRN_HD RowPair<T> operator()(int64_t k) const {
+    const T xh = xhat[k], vy = v_y[k];
+    const T g = xh > T(0) ? vy : T(0);
+    v_z[k] = g;
+    return {g, g * xh};
+  }
+};
+}  // namespace ln_detail
+
 // z: one row of n pre-activations without bias (bias may be null). Adds the bias in place, then writes
 // xhat = (z - mean) * rstd to `xhat` (may be z itself, or null) and y = ReLU(xhat * gamma + beta) to `y`
 // (may be z itself only when xhat is null or z). Returns rstd.
 template <typename T, typename Y, typename Lanes = SerialLanes>
 SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T* beta, T eps, T* xhat, Y* y) {
   using std::sqrt;
-  T s = T(0);
-  if (bias) {
-    SRN_SIMD_SUM(s)
-    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
-      z[k] += bias[k];
-      s += z[k];
-    }
-  } else {
-    SRN_SIMD_SUM(s)
-    for (int k = Lanes::first(); k < n; k += Lanes::step()) s += z[k];
-  }
-  const T mean = Lanes::sum(s) / T(n);
-  T v = T(0);
-  SRN_SIMD_SUM(v)
-  for (int k = Lanes::first(); k < n; k += Lanes::step()) v += (z[k] - mean) * (z[k] - mean);
-  const T rstd = T(1) / sqrt(Lanes::sum(v) / T(n) + eps);
+  const T sum = bias ? row_sum<T, Lanes>(n, ln_detail::AddBias<T>{z, bias}) : row_sum<T, Lanes>(n, ln_detail::Value<T>{z});
+  const T mean = sum / T(n);
+  const T var = row_sum<T, Lanes>(n, ln_detail::SquaredDeviation<T>{z, mean}) / T(n);
+  const T rstd = T(1) / sqrt(var + eps);
   if (xhat) {
     SRN_SIMD
     for (int k = Lanes::first(); k < n; k += Lanes::step()) {
@@ -215,10 +343,9 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
 template <typename T, typename Lanes = SerialLanes>
 SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
                                    T* v_z, T* v_gamma, T* v_beta) {
-  // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select). Loads
-  // and products are taken before the select: selecting `v_y[k]` (or `v_y[k] * gamma[k]`) itself made GCC 12 use a
-  // masked load and keep the two sums in memory (a store-to-load chain through every iteration).
-  T sum_g = T(0), sum_gx = T(0);
+  // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select; loads and
+  // products before it, see ln_detail::MaskedGradAffine).
+  RowPair<T> sums;
   if (gamma) {
     if (v_gamma && v_beta) {
       SRN_SIMD
@@ -236,25 +363,11 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
         if (v_beta) v_beta[k] += vy;
       }
     }
-    SRN_SIMD_SUM(sum_g, sum_gx)
-    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
-      const T xh = xhat[k], vg = v_y[k] * gamma[k];
-      const T g = xh * gamma[k] + beta[k] > T(0) ? vg : T(0);
-      v_z[k] = g;
-      sum_g += g;
-      sum_gx += g * xh;
-    }
+    sums = row_sum2<T, Lanes>(n, ln_detail::MaskedGradAffine<T>{xhat, v_y, gamma, beta, v_z});
   } else {
-    SRN_SIMD_SUM(sum_g, sum_gx)
-    for (int k = Lanes::first(); k < n; k += Lanes::step()) {
-      const T xh = xhat[k], vy = v_y[k];
-      const T g = xh > T(0) ? vy : T(0);
-      v_z[k] = g;
-      sum_g += g;
-      sum_gx += g * xh;
-    }
+    sums = row_sum2<T, Lanes>(n, ln_detail::MaskedGrad<T>{xhat, v_y, v_z});
   }
-  const T mg = Lanes::sum(sum_g) / T(n), mgx = Lanes::sum(sum_gx) / T(n);
+  const T mg = sums.a / T(n), mgx = sums.b / T(n);
   SRN_SIMD
   for (int k = Lanes::first(); k < n; k += Lanes::step()) v_z[k] = rstd * (v_z[k] - mg - xhat[k] * mgx);
 }
