@@ -135,3 +135,24 @@ def test_release_memory_turns_the_cache_off(tmp_path, monkeypatch):
     assert main(argv) == 2 and bc._state["enabled"]
     assert main(argv + ["--release-memory"]) == 2  # the command fails (no checkpoint) after the choice is applied
     assert not bc._state["enabled"]
+
+
+def test_mlp_output_and_input_gradient_come_from_the_cache_but_never_overwrite_a_held_result():
+    # a 128x128 step's 32 MB phi feature and pixel-generator input gradient were fresh pages every step
+    gen = torch.Generator().manual_seed(2)
+    phi = make_layers(1, [64, 256, 256], per_scene=False, affine=True, dtype=torch.float32, gen=gen)
+    x = torch.randn(1, 512, 64, generator=gen, requires_grad=True)  # output [1, 512, 256]: 512 KB
+    first = ops.mlp(x, phi)
+    ptr = first.data_ptr()
+    del first
+    out = ops.mlp(x, phi)
+    assert out.data_ptr() == ptr  # the freed output's buffer came back
+    held, before = out, out.detach().clone()
+    again = ops.mlp(x * 2, phi)  # `held` is still referenced: a new buffer
+    assert again.data_ptr() != held.data_ptr() and torch.equal(held, before)
+    gx1 = torch.autograd.grad(again.square().sum(), x)[0]
+    gx1_before = gx1.clone()
+    gx2 = torch.autograd.grad(ops.mlp(x, phi).square().sum(), x)[0]
+    assert gx2.data_ptr() != gx1.data_ptr() and torch.equal(gx1, gx1_before)
+    bc.set_enabled(False)
+    torch.testing.assert_close(gx2, torch.autograd.grad(ops.mlp(x, phi).square().sum(), x)[0], rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Reused CPU buffers for what the fused ops save for their backward (and for wide_linear's weight gradient).
+"""Reused CPU buffers for the fused ops' outputs: what they save for their backward, the outputs and gradients they
+return (and wide_linear's weight gradient).
 
 A CPU training step at 64x64 (B = 2) saves ~450 MB of activations in the fused march and MLP ops and frees them in
 the backward; the hypernetwork's three 67 MB weight gradients are new every step too. glibc's malloc serves such

@@ -79,14 +79,15 @@ def grad_shape(param: torch.Tensor, needed: bool) -> Shape:
 
 
 def empty(shape: Shape, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(shape)
+    """An op's output buffer (``like.new_empty(shape)``); large CPU ones reused from :mod:`srn_fast.ops.buffer_cache`
+    (a real tensor's only: fake kernels and traced graphs get a plain ``new_empty``). Outputs too, not only what is
+    saved for backward: a 128x128 step's 32 MB feature and input-gradient outputs were fresh pages every step."""
+    return buffer_cache.take(shape, like)
 
 
 def empties(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
-    return [like.new_empty(s) for s in shapes]
+    return [empty(s, like) for s in shapes]
 
 
-def saved(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
-    """The real kernels' buffers kept for backward: as :func:`empties`, large CPU ones reused from
-    :mod:`srn_fast.ops.buffer_cache` (fake kernels allocate with :func:`empties`)."""
-    return [buffer_cache.take(s, like) for s in shapes]
+#: The real kernels' buffers kept for backward: allocated as every other output.
+saved = empties
