@@ -320,7 +320,8 @@ struct MaskedGrad {  // no affine: the ReLU mask is xhat > 0
 template <typename T, typename Y, typename Lanes = SerialLanes>
 SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T* beta, T eps, T* xhat, Y* y) {
   using std::sqrt;
-  const T sum = bias ? row_sum<T, Lanes>(n, ln_detail::AddBias<T>{z, bias}) : row_sum<T, Lanes>(n, ln_detail::Value<T>{z});
+  const T sum = bias ? row_sum<T, Lanes>(n, ln_detail::AddBias<T>{z, bias})
+                     : row_sum<T, Lanes>(n, ln_detail::Value<T>{z});
   const T mean = sum / T(n);
   const T var = row_sum<T, Lanes>(n, ln_detail::SquaredDeviation<T>{z, mean}) / T(n);
   const T rstd = T(1) / sqrt(var + eps);

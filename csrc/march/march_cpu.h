@@ -90,7 +90,7 @@ struct FastMathF {
   static inline float exp(float x) {
     x = std::min(std::max(x, -87.3f), 88.3f);
     // n = round(x / ln 2) by the 1.5 * 2^23 trick (std::floor does not vectorise without -fno-trapping-math, and
-    // the clamps plus a floor-by-compare made GCC thread jumps and keep the loop scalar): exact for |v| < 2^22
+    // the clamps plus a floor-by-compare made GCC thread jumps and keep the loop scalar): exact while |x / ln 2| < 2^22
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

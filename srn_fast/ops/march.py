@@ -25,7 +25,7 @@ def _march_op_impl(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List
     """(xT, steps, xs, hs, cs, gates, acts, rstd): shapes from :func:`shapes.march_shapes`. grad_clamp (< 0: none)
     is the clamp of the gradient of h that the registered backward applies."""
     sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
-    outs = [S.empty(s, x0) for s in sh[:2]] + S.saved(sh[2:6], x0) + [S.saved(sh.acts, x0), S.saved(sh.rstd, x0)]
+    outs = S.empties(sh[:6], x0) + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)]
     _ext.require(OP).march_forward(x0, dirs, weights, biases, optional(ln_weights), optional(ln_biases), norm, w_ih,
                                    w_hh, bias, w_out, b_out, steps, mode, tile_rows, mm_dtype, *outs)
     return tuple(outs)
@@ -37,7 +37,7 @@ def _march_fake(x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_
                   **{"lstm.weight_ih": w_ih, "lstm.weight_hh": w_hh, "lstm bias": bias, "lstm.out_weight": w_out,
                      "lstm.out_bias": b_out})
     sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
-    return tuple([S.empty(s, x0) for s in sh[:6]] + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)])
+    return tuple(S.empties(sh[:6], x0) + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)])
 
 
 march_op = define_op("march", _march_op_impl, _march_fake)

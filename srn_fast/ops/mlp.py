@@ -32,7 +32,7 @@ def _mlp_op_impl(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weig
     """out [B, N, C_L]; acts, rstd: what backward needs when ``save`` (shapes: :func:`shapes.mlp_shapes`).
     ln_weights / ln_biases: [C_l] LayerNorm affine, or a [0] placeholder for none."""
     sh = S.mlp_shapes(x, weights, norm, save, tile_rows)
-    out, acts, rstd = S.empty(sh.out, x), S.saved(sh.acts, x), S.saved(sh.rstd, x)
+    out, acts, rstd = S.empty(sh.out, x), S.empties(sh.acts, x), S.empties(sh.rstd, x)
     _ext.require(OP).mlp_forward(x, weights, biases, optional(ln_weights), optional(ln_biases), norm, save,
                                  tile_rows, mm_dtype, out, acts, rstd)
     return out, acts, rstd

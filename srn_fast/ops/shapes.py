@@ -88,6 +88,3 @@ def empty(shape: Shape, like: torch.Tensor) -> torch.Tensor:
 def empties(shapes: Sequence[Shape], like: torch.Tensor) -> List[torch.Tensor]:
     return [empty(s, like) for s in shapes]
 
-
-#: The real kernels' buffers kept for backward: allocated as every other output.
-saved = empties
