@@ -69,7 +69,7 @@ def one_thread():
 @pytest.fixture
 def bf16_route(request):
     """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened",
-    "avx512bf16", "amx"), set for the test and the measured choice restored after it. A route this torch build or
+    "avx512bf16", "amx", "amx-kernel"), set for the test and the measured choice restored after it. A route this torch build or
     CPU lacks ("mkl" without MKL's bf16 GEMM, "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16) skips the
     test; test_cpu_gemm.py checks that
     the routes measured are the ones the build and CPU have."""
@@ -77,12 +77,15 @@ def bf16_route(request):
     from srn_fast.ops import precision
 
     name = request.param
-    if name != "auto" and name not in precision.tile_gemm_rates():
-        pytest.skip(f"this torch build or CPU has no {name} bf16 GEMM")
+    route = name.replace("-kernel", "")  # "amx-kernel": amx with its weight gradients on its own kernel too
+    if route != "auto" and route not in precision.tile_gemm_rates():
+        pytest.skip(f"this torch build or CPU has no {route} bf16 GEMM")
     ext = srn_fast._ext.load()
-    ext.set_cpu_bf16_route(name)
+    ext.set_cpu_bf16_route(route)
+    ext.set_cpu_amx_weight_grad_mkl(name == route)
     yield name
     ext.set_cpu_bf16_route("auto")
+    ext.set_cpu_amx_weight_grad_mkl(True)
 
 
 @pytest.fixture

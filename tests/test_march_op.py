@@ -49,16 +49,39 @@ def test_points_depth_and_every_gradient_match_oracle(mode, per_scene, affine, d
 
 @pytest.mark.parametrize("mode", ["recompute", "store"])
 @pytest.mark.parametrize("tile_rows", [1, 7, 64, 1000])
-def test_last_layer_plain_linear_and_tile_sizes(mode, tile_rows):
-    # phi's last layer without LayerNorm (its output is then what the store mode keeps), and tiles that do not
-    # divide N (150) or exceed it: every gradient must still match the oracle.
-    x0, dirs, phi, lstm = setup(widths=(3, 16, 16, 8), last_linear=True, affine=True, per_scene=True)
+@pytest.mark.parametrize("per_scene", [True, False])
+def test_last_layer_plain_linear_and_tile_sizes(mode, tile_rows, per_scene):
+    # phi's last layer without LayerNorm (the CPU tiles fold it into the LSTM's input GEMM: per-scene and shared
+    # weights, phi's output 8 wide against its hidden 16), and tiles that do not divide N (150) or exceed it: every
+    # gradient must still match the oracle.
+    x0, dirs, phi, lstm = setup(widths=(3, 16, 16, 8), last_linear=True, affine=True, per_scene=per_scene)
     assert not phi[-1].norm
     ref = torch_impl.march(x0, dirs, phi, lstm, 3)
     out = ops.march(x0, dirs, phi, lstm, 3, mode=mode, tile_rows=tile_rows)
     assert_close(out, ref, 1e-9, 1e-9, "x_T")
     v = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(3))
     inputs = all_inputs(x0, dirs, phi, lstm)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, v), torch.autograd.grad(ref, inputs, v))):
+        assert_close(a, b, 1e-8, 1e-8, f"input {i}")
+
+
+@pytest.mark.parametrize("tile_rows", [64, 0])
+def test_folded_last_layer_keeps_nothing_and_partial_gradients(tile_rows):
+    # store mode keeps no activation of a folded last layer on the CPU tiles (the batched path keeps every layer's);
+    # gradients asked for only in part (last layer's bias but not its weight; no LSTM input weight) still match
+    from srn_fast.ops import shapes
+
+    x0, dirs, phi, lstm = setup(widths=(3, 16, 16, 8), last_linear=True, per_scene=True)
+    store = srn_fast.types.MARCH_MODES["store"]
+    acts = shapes.march_shapes(x0, [l.weight for l in phi], [l.norm for l in phi], lstm.weight_hh, 3, store, False,
+                               tile_rows).acts
+    assert (acts[-1] == shapes.NONE) == (tile_rows != 0) and all(a != shapes.NONE for a in acts[:-1])
+    phi[-1].weight.requires_grad_(False)
+    lstm.weight_ih.requires_grad_(False)
+    inputs = [x0, phi[-1].bias, phi[0].weight, lstm.weight_hh, lstm.bias_ih]
+    ref = torch_impl.march(x0, dirs, phi, lstm, 3)
+    out = ops.march(x0, dirs, phi, lstm, 3, mode="store", tile_rows=tile_rows)
+    v = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(4))
     for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, v), torch.autograd.grad(ref, inputs, v))):
         assert_close(a, b, 1e-8, 1e-8, f"input {i}")
 

@@ -73,14 +73,18 @@ void set_gemm_backend(const std::string& name);
 
 // The bf16 GEMM route (bf16 inputs, float32 accumulation and output), chosen separately because the fastest one
 // depends on the CPU and its vendor: "mkl" (cblas_gemm_bf16bf16f32: AMX / AVX512-BF16 on Intel, emulated
-// elsewhere), "amx" (srn_fast's own AMX kernel, on CPUs with AMX-BF16), "avx512bf16" (srn_fast's own VDPBF16PS kernel, on CPUs with AVX512-BF16), "widened" (the operands
+// elsewhere), "amx" (srn_fast's own AMX kernel, on CPUs with AMX-BF16), "avx512bf16" (srn_fast's own VDPBF16PS
+// kernel, on CPUs with AVX512-BF16), "widened" (the operands
 // widened to float32, exactly, and the float32 GEMM: the same arithmetic, faster where bf16 instructions run below
 // the float32 FMA rate) or "onednn" (ATen's bf16 matmul, i.e. oneDNN's, the route of torch.bmm in bf16: it rounds
 // each result to bf16, so it is used only when forced). "auto" (the default; SRN_FAST_BF16_GEMM=<route> forces one)
 // measures each available route once, as the tile loops call it (every thread on its own tile), and keeps the
-// fastest of those with a float32 result.
+// fastest of those with a float32 result (amx unless another route measures 1.25x its rate: see chosen_route).
+// Under "amx" the weight-gradient GEMMs (op(A) = A^T) go through MKL's bf16 GEMM where torch exports it
+// (set_amx_weight_grad_mkl(false): through srn_fast's AMX kernel, for the tests).
 const char* bf16_route();
 void set_bf16_route(const std::string& name);
+void set_amx_weight_grad_mkl(bool on);
 // GFLOP/s (all threads) of each route and of the float32 GEMM at a tile's shape ([128, 256] x [256, 256]),
 // measured once per process (cached): {"float32", "mkl", "onednn", "widened", "avx512bf16", "amx"} (a route this torch
 // build or CPU lacks is absent).

@@ -156,12 +156,6 @@ struct Accumulators {
 // ---- CPU: tiles on raw pointers (march_cpu.h) ----------------------------------------------------------------
 
 template <typename T>
-march_cpu::Lstm<T> lstm_ptrs(const LSTMWeights& lw, int64_t F) {
-  return march_cpu::Lstm<T>{lw.w_ih.data_ptr<T>(), lw.w_hh.data_ptr<T>(), lw.bias.data_ptr<T>(),
-                            lw.w_out.data_ptr<T>(), lw.b_out.data_ptr<T>(), lw.w_hh.size(1), F};
-}
-
-template <typename T>
 march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
   march_cpu::Saved<T> p;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
@@ -170,45 +164,141 @@ march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
   p.cs = ptr(sv.cs);
   p.gates = ptr(sv.gates);
   p.steps = ptr(sv.steps);
-  for (auto& a : sv.zs) p.act.push_back(a.data_ptr<T>());
+  for (auto& a : sv.zs) p.act.push_back(a.defined() ? a.data_ptr<T>() : nullptr);
   for (auto& r : sv.rstd) p.rstd.push_back(r.defined() ? r.data_ptr<T>() : nullptr);
   p.BN = BN;
   return p;
 }
 
+// ---- the LSTM's input on the CPU tiles: one GEMM, phi's last layer folded into it ----------------------------
+// The tiles compute the gate pre-activations as one product [feat | h] [W_ih | W_hh]^T (march_cpu.h). When phi's
+// last layer is plain linear (feat = a W_L^T + b_L, a = the output of layer L - 2, C wide), the march uses feat only
+// there, so per scene s
+//   feat W_ih^T = a M_s^T + W_ih b_L,s        with M_s = W_ih W_L,s  [4H, C]  (one small GEMM per op call)
+// and the tiles never evaluate phi's last layer: a third of phi's 256-wide GEMMs (forward, recompute, input gradient
+// and weight gradient) leaves every step, while the LSTM's GEMM keeps its size and stays in T (float32 under bf16
+// too). Backward accumulates per scene G_s = sum v_pre^T [a | h_prev] [4H, C + H] and u_s = sum v_pre [4H] (the
+// same GEMM as the unfolded one, against a instead of feat), and after the tiles, with G_s = [G_a,s | G_h,s]:
+//   grad W_hh = sum_s G_h,s,  grad bias = sum_s u_s,  grad W_ih = sum_s G_a,s W_L,s^T + u_s b_L,s^T,
+//   grad W_L,s = W_ih^T G_a,s,  grad b_L,s = W_ih^T u_s   (summed over s for shared weights).
+// Unfolded (a last layer with LayerNorm, or phi of one layer) G_a,s is the gradient of W_ih itself.
+struct LstmInput {
+  bool fold = false;
+  at::Tensor W_L, b_L;  // folded: phi's last layer per scene [B, F, C], [B, F] (shared ones expanded)
+  at::Tensor w_in;      // [B, 4H, F' + H]: [W_ih (folded: M_s) | W_hh] per scene; F' = C folded, else F
+  at::Tensor bias;      // [B, 4H]: b_ih + b_hh (folded: + W_ih b_L,s)
+};
+
+// phi's last layer is folded on the CPU tiles (not the batched path) when it is plain linear and not the only one.
+bool folds_last(const std::vector<bool>& norm, bool batched) {
+  return !batched && norm.size() >= 2 && !norm.back();
+}
+
+LstmInput make_lstm_input(const MLPWeights& phi, const LSTMWeights& lw, int64_t B, bool batched) {
+  LstmInput in;
+  in.fold = folds_last(phi.norm, batched);
+  const int64_t H4 = lw.w_ih.size(0);
+  at::Tensor w_ih = lw.w_ih.unsqueeze(0).expand({B, H4, lw.w_ih.size(1)}), bias = lw.bias.unsqueeze(0);
+  if (in.fold) {
+    const at::Tensor& W = phi.W.back();  // [B, F, C] or [F, C]
+    const at::Tensor& b = phi.b.back();  // [B, F] or [F]
+    in.W_L = W.dim() == 3 ? W : W.unsqueeze(0).expand({B, W.size(0), W.size(1)});
+    in.b_L = b.dim() == 2 ? b : b.unsqueeze(0).expand({B, b.size(0)});
+    w_ih = at::matmul(lw.w_ih, in.W_L);
+    bias = bias + at::matmul(in.b_L, lw.w_ih.t());
+  }
+  in.w_in = at::cat({w_ih, lw.w_hh.unsqueeze(0).expand({B, H4, lw.w_hh.size(1)})}, 2).contiguous();
+  in.bias = bias.expand({B, H4}).contiguous();
+  return in;
+}
+
+// The LSTM the tiles of scene s run.
 template <typename T>
-void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0, const at::Tensor& dirs,
-                 int64_t steps, Saved& sv, at::Tensor& xT, int64_t tile_rows, bool bf16) {
-  const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
-  const int L = static_cast<int>(phi.size());
+march_cpu::Lstm<T> scene_lstm(const LSTMWeights& lw, const LstmInput& in, int64_t s) {
+  const int64_t H4 = in.w_in.size(1), K = in.w_in.size(2), H = lw.w_hh.size(1);
+  return march_cpu::Lstm<T>{in.w_in.data_ptr<T>() + s * H4 * K, in.bias.data_ptr<T>() + s * H4,
+                            lw.w_out.data_ptr<T>(), lw.b_out.data_ptr<T>(), H, K - H};
+}
+
+// After the tiles: the per-scene accumulators G [threads, B, 4H, F' + H] and u [threads, B, 4H] into the LSTM's
+// gradients (thread 0's slot of acc.w_ih, w_hh, bias) and, folded, phi's last layer's (where wanted).
+void unpack_lstm_grads(const LstmInput& in, const LSTMWeights& lw, const at::Tensor& G_acc, const at::Tensor& u_acc,
+                       Accumulators& acc) {
+  const int64_t H = lw.w_hh.size(1), Fp = in.w_in.size(2) - H;
+  const at::Tensor G = G_acc.sum(0), u = u_acc.sum(0);  // [B, 4H, F' + H], [B, 4H]
+  const at::Tensor G_a = G.narrow(2, 0, Fp);
+  acc.w_hh[0].add_(G.narrow(2, Fp, H).sum(0));
+  acc.bias[0].add_(u.sum(0));
+  if (!in.fold) {
+    acc.w_ih[0].add_(G_a.sum(0));
+    return;
+  }
+  acc.w_ih[0].add_(at::matmul(G_a, in.W_L.transpose(1, 2)).sum(0)).addmm_(u.t(), in.b_L);
+  at::Tensor& gW = acc.W.back();
+  if (gW.defined()) {
+    const at::Tensor g = at::matmul(lw.w_ih.t(), G_a);  // [B, F, C]
+    gW[0].add_(gW.dim() == 4 ? g : g.sum(0));
+  }
+  at::Tensor& gb = acc.b.back();
+  if (gb.defined()) {
+    const at::Tensor g = at::matmul(u, lw.w_ih);  // [B, F]
+    gb[0].add_(gb.dim() == 3 ? g : g.sum(0));
+  }
+}
+
+// The saved-activation pointers of the layers the tiles run (the first L_run of every step's L).
+template <typename T>
+void keep_layers(march_cpu::Saved<T>& sp, size_t L, size_t L_run) {
+  if (sp.act.empty() || L_run == L) return;
+  std::vector<T*> act, rstd;
+  for (size_t i = 0; i < sp.act.size(); ++i) {
+    if (i % L < L_run) {
+      act.push_back(sp.act[i]);
+      rstd.push_back(sp.rstd[i]);
+    }
+  }
+  sp.act.swap(act);
+  sp.rstd.swap(rstd);
+}
+
+template <typename T>
+void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& lin, const at::Tensor& x0,
+                 const at::Tensor& dirs, int64_t steps, Saved& sv, at::Tensor& xT, int64_t tile_rows, bool bf16) {
+  const int64_t B = x0.size(0), N = x0.size(1);
+  const int L = static_cast<int>(phi.size()), L_run = lin.fold ? L - 1 : L;  // the layers the tiles evaluate
   const tile::Grid grid = tile::make_grid(B, N, tile_rows);
   const auto layers = tile::all_scene_layers<T>(phi, B, bf16);
-  const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
   march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
+  keep_layers(sp, L, L_run);
+  const march_cpu::Lstm<T> l0 = scene_lstm<T>(lw, lin, 0);
   const T* xp = x0.data_ptr<T>();
   const T* dp = dirs.data_ptr<T>();
   T* op = xT.data_ptr<T>();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
-    tile::Workspace<T> ws(layers[0].data(), L, grid.R, false);
-    march_cpu::Scratch<T> sc(grid.R, lp.H, F, L);
+    tile::Workspace<T> ws(layers[0].data(), L_run, grid.R, false);
+    march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, L_run);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
-      march_cpu::tile_forward<T>(layers[s].data(), L, lp, n, row, xp + row * 3, dp + row * 3, steps, op + row * 3,
-                                 sp, ws, sc);
+      march_cpu::tile_forward<T>(layers[s].data(), L_run, scene_lstm<T>(lw, lin, s), n, row, xp + row * 3,
+                                 dp + row * 3, steps, op + row * 3, sp, ws, sc);
     }
   });
 }
 
 template <typename T>
-void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor& x0, const at::Tensor& dirs,
-                  const at::Tensor& v_xT, int64_t steps, double clamp_v, const Saved& sv, Accumulators& acc,
-                  at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows, bool bf16) {
-  const int64_t B = x0.size(0), N = x0.size(1), F = phi.W.back().size(-2);
-  const int L = static_cast<int>(phi.size());
+void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& lin, const at::Tensor& x0,
+                  const at::Tensor& dirs, const at::Tensor& v_xT, int64_t steps, double clamp_v, const Saved& sv,
+                  Accumulators& acc, at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows, bool bf16) {
+  const int64_t B = x0.size(0), N = x0.size(1);
+  const int L = static_cast<int>(phi.size()), L_run = lin.fold ? L - 1 : L;
   const tile::Grid grid = tile::make_grid(B, N, tile_rows);
   const auto layers = tile::all_scene_layers<T>(phi, B, bf16);  // bf16: both gradient GEMMs of phi in bf16
-  const march_cpu::Lstm<T> lp = lstm_ptrs<T>(lw, F);
-  const march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
+  march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
+  keep_layers(sp, L, L_run);
+  const march_cpu::Lstm<T> l0 = scene_lstm<T>(lw, lin, 0);
+  // the LSTM's input-weight and bias gradients accumulate per scene (G_s, u_s; see LstmInput)
+  const int64_t NT = at::get_num_threads(), H4 = 4 * l0.H;
+  const at::Tensor G = at::zeros({NT, B, H4, l0.K()}, x0.options()), u = at::zeros({NT, B, H4}, x0.options());
   const T* dp = dirs.data_ptr<T>();
   const T* vp = v_xT.data_ptr<T>();
   T* vx0 = v_x0.data_ptr<T>();
@@ -216,26 +306,28 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const at::Tensor
   const bool recompute = sv.zs.empty();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
     const int64_t tid = at::get_thread_num();
-    tile::Workspace<T> ws(layers[0].data(), L, grid.R, recompute);
-    march_cpu::Scratch<T> sc(grid.R, lp.H, F, L);
+    tile::Workspace<T> ws(layers[0].data(), L_run, grid.R, recompute);
+    march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, L_run);
     auto lstm_acc = [tid](const at::Tensor& a) { return tile::acc_ptr<T>(a, tid, 0, 0, false); };
-    march_cpu::LstmGrad<T> gl{lstm_acc(acc.w_ih), lstm_acc(acc.w_hh), lstm_acc(acc.bias), lstm_acc(acc.w_out),
-                              lstm_acc(acc.b_out)};
+    march_cpu::LstmGrad<T> gl{nullptr, nullptr, lstm_acc(acc.w_out), lstm_acc(acc.b_out)};
     std::vector<tile::LayerGrad<T>> gp(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
       const auto& ly = layers[s];
-      for (int l = 0; l < L; ++l) {
+      for (int l = 0; l < L_run; ++l) {
         const int64_t co = ly[l].cout;
         gp[l].weight = tile::acc_ptr<T>(acc.W[l], tid, s, co * ly[l].cin, phi.per_scene(l));
         gp[l].bias = tile::acc_ptr<T>(acc.b[l], tid, s, co, phi.b[l].dim() == 2);
         gp[l].ln_weight = tile::acc_ptr<T>(acc.gamma[l], tid, s, co, false);
         gp[l].ln_bias = tile::acc_ptr<T>(acc.beta[l], tid, s, co, false);
       }
-      march_cpu::tile_backward<T>(ly.data(), L, lp, n, row, dp + row * 3, steps, vp + row * 3,
-                                  T(clamp_v), sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
+      gl.w_in = tile::acc_ptr<T>(G, tid, s, H4 * l0.K(), true);
+      gl.bias = tile::acc_ptr<T>(u, tid, s, H4, true);
+      march_cpu::tile_backward<T>(ly.data(), L_run, scene_lstm<T>(lw, lin, s), n, row, dp + row * 3, steps,
+                                  vp + row * 3, T(clamp_v), sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
     }
   });
+  unpack_lstm_grads(lin, lw, G, u, acc);
 }
 
 }  // namespace
@@ -281,18 +373,22 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
     sv.hs[0].zero_();
     sv.cs[0].zero_();
   }
+  const bool folded = folds_last(phi.norm, batched);  // then phi's last layer never runs in the tiles: no acts
   for (size_t l = 0; l < L; ++l) {
     const std::string i = "[" + std::to_string(l) + "]";
     const bool keep_rstd = mode == kStore && !batched && phi.norm[l];
-    if (mode == kStore) check_out(kOp, "acts" + i, acts[l], {T, B, N, phi.W[l].size(-2)}, x0);
-    else TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
+    if (mode == kStore && !(folded && l == L - 1)) {
+      check_out(kOp, "acts" + i, acts[l], {T, B, N, phi.W[l].size(-2)}, x0);
+    } else {
+      TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
+    }
     if (keep_rstd) check_out(kOp, "rstd" + i, rstd[l], {T, B, N}, x0);
     else TORCH_CHECK(is_placeholder(rstd[l]), kOp, ": rstd", i, " must be a [0] placeholder");
   }
   if (mode == kStore) {
     for (int64_t t = 0; t < T; ++t) {
       for (size_t l = 0; l < L; ++l) {
-        sv.zs.push_back(acts[l][t]);
+        sv.zs.push_back(is_placeholder(acts[l]) ? at::Tensor() : acts[l][t]);
         if (!batched) sv.rstd.push_back(phi.norm[l] ? rstd[l][t] : at::Tensor());
       }
     }
@@ -303,7 +399,8 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
   } else {
     if (mm_dtype == 1) cpu::bf16_route();  // the bf16 GEMM route is measured once, outside the parallel loop
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_forward", [&] {
-      forward_cpu<scalar_t>(phi, lw, x0, dirs, T, sv, xT, tile_rows, mm_dtype == 1);
+      forward_cpu<scalar_t>(phi, lw, make_lstm_input(phi, lw, B, batched), x0, dirs, T, sv, xT, tile_rows,
+                            mm_dtype == 1);
     });
   }
 }
@@ -343,7 +440,9 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
   sv.xs = xs.contiguous(), sv.hs = hs.contiguous(), sv.cs = cs.contiguous(), sv.gates = gates.contiguous();
   if (mode == kStore) {
     std::vector<at::Tensor> a(L), r(L);
+    const bool folded = folds_last(phi.norm, batched);
     for (size_t l = 0; l < L; ++l) {
+      if (folded && l == L - 1) continue;  // never kept (see LstmInput)
       a[l] = acts[l].contiguous();
       check_shape(kOp, "acts", a[l], {T, B, N, phi.W[l].size(-2)}, "[T, B, N, C_l]");
       if (!batched && phi.norm[l]) {
@@ -353,7 +452,7 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
     }
     for (int64_t t = 0; t < T; ++t) {
       for (size_t l = 0; l < L; ++l) {
-        sv.zs.push_back(a[l][t]);
+        sv.zs.push_back(a[l].defined() ? a[l][t] : at::Tensor());
         if (!batched) sv.rstd.push_back(r[l].defined() ? r[l][t] : at::Tensor());
       }
     }
@@ -399,7 +498,8 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
     vdirs = at::empty_like(x0);
     Accumulators acc{gW, gb, gg, gbe, g_wih, g_whh, g_bias, g_wout, g_bout};
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "march_backward", [&] {
-      backward_cpu<scalar_t>(phi, lw, x0, dirs, v_xT, T, clamp_v, sv, acc, vx0, vdirs, tile_rows, mm_dtype == 1);
+      backward_cpu<scalar_t>(phi, lw, make_lstm_input(phi, lw, B, batched), x0, dirs, v_xT, T, clamp_v, sv, acc, vx0,
+                             vdirs, tile_rows, mm_dtype == 1);
     });
   }
   if (!is_placeholder(v_x0)) {

@@ -3,6 +3,12 @@
 // Everything here works on raw pointers: phi through srn::tile (common/mlp_tile.h), the LSTM matmuls through
 // cpu::gemm (MKL), the cell and its VJP through the per-element functions of common/srn_math.h.
 //
+// The LSTM's two input products are one GEMM: the tile keeps its LSTM input as [R, F + H] rows [phi's output | h]
+// against the concatenated weight [W_ih | W_hh] (one call with K = F + H instead of a second one with K = H, which
+// MKL ran at a small fraction of the first one's rate); likewise both input gradients and both weight gradients.
+// Where march.cpp folds phi's last (plain linear) layer into W_ih, the tiles run phi without it, F is the width of
+// its layer L - 2 and W_ih the folded per-scene weight (march.cpp, "LstmInput").
+//
 // Saved state (recompute / store modes), full-size buffers indexed [t, b, n, ...] so that a tile's rows are one
 // contiguous block per step:
 //   xs [T, B, N, 3] (x_t), hs, cs [T + 1, B, N, H] (h_t, c_t; index 0 = zeros), gates [T, B, N, 4H] (activated)
@@ -29,18 +35,17 @@ namespace march_cpu {
 
 template <typename T>
 struct Lstm {
-  const T* w_ih;   // [4H, F]
-  const T* w_hh;   // [4H, H]
+  const T* w_in;   // [4H, F + H]: [W_ih | W_hh]
   const T* bias;   // [4H] (b_ih + b_hh)
   const T* w_out;  // [H]
   const T* b_out;  // [1]
-  int64_t H, F;
+  int64_t H, F;    // F: the width of the LSTM input the tiles compute
+  int64_t K() const { return F + H; }
 };
 
 template <typename T>
 struct LstmGrad {  // per-thread accumulators (+=)
-  T* w_ih;         // [4H, F]
-  T* w_hh;         // [4H, H]
+  T* w_in;         // [4H, F + H]
   T* bias;         // [4H]
   T* w_out;        // [H]
   T* b_out;        // [1]
@@ -61,18 +66,18 @@ struct Saved {
 // Per-thread scratch of the march (besides phi's tile::Workspace).
 template <typename T>
 struct Scratch {
-  std::vector<T> feat, pre, h[2], c[2], x[2], v_feat, v_h, v_c, v_x, v_dirs, zeros;
+  std::vector<T> in, pre, h[2], c[2], x[2], v_in, v_h, v_c, v_x, v_dirs, zeros;  // in, v_in: [R, F + H]
   std::vector<T*> act, rstd;  // this step's phi activations (L pointers each), for tile::forward / backward
   Scratch(int64_t R, int64_t H, int64_t F, int L) : act(L), rstd(L) {
     const int64_t r = std::max<int64_t>(R, 1);
-    feat.resize(r * F);
+    in.resize(r * (F + H));
     pre.resize(r * 4 * H);
     for (int k = 0; k < 2; ++k) {
       h[k].resize(r * H);
       c[k].resize(r * H);
       x[k].resize(r * 3);
     }
-    v_feat.resize(r * F);
+    v_in.resize(r * (F + H));
     v_h.resize(r * H);
     v_c.resize(r * H);
     v_x.resize(r * 3);
@@ -147,13 +152,28 @@ void cell_backward(const Lstm<T>& lw, int64_t R, const T* gates, const T* c_prev
   g.b_out[0] += v_bout;
 }
 
+// The h columns of the tile's LSTM input rows (in [R, F + H], row stride K): h_prev [R, H], or zeros before the
+// first step.
+template <typename T>
+void set_h_columns(int64_t R, int64_t F, int64_t H, const T* h_prev, T* in) {
+  const int64_t K = F + H;
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = in + r * K + F;
+    if (h_prev) {
+      std::memcpy(dst, h_prev + r * H, sizeof(T) * H);
+    } else {
+      std::fill(dst, dst + H, T(0));
+    }
+  }
+}
+
 // Forward of one tile: R rays of one scene starting at global row `row` (= b * N + n0).
 // x0, dirs: the tile's [R, 3] rows; xT [R, 3] written.
 template <typename T>
 void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* x0,
                   const T* dirs, int64_t steps, T* xT, Saved<T>& sv, tile::Workspace<T>& ws, Scratch<T>& sc) {
   if (R <= 0) return;
-  const int64_t H = lw.H, F = lw.F, BN = sv.BN;
+  const int64_t H = lw.H, F = lw.F, K = lw.K(), BN = sv.BN;
   const bool keep = sv.xs != nullptr;
   const bool store = !sv.act.empty();
   std::vector<T*>& act = sc.act;
@@ -161,6 +181,7 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
   const T* x = x0;
   const T* h_prev = nullptr;
   const T* c_prev = nullptr;
+  T* in = sc.in.data();  // [R, K]: phi's output | h_prev
   if (sv.steps) std::memcpy(sv.steps + row * 3, x0, sizeof(T) * R * 3);
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t o = t * BN + row, o1 = (t + 1) * BN + row;
@@ -168,20 +189,23 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
       T* xs = sv.xs + o * 3;
       if (xs != x) std::memcpy(xs, x, sizeof(T) * R * 3);
     }
-    // phi
-    T* feat = sc.feat.data();
+    // phi into the first F columns (store mode with a plain last layer: into its saved block, then copied)
+    const bool out_saved = store && !phi[L - 1].norm;
     if (store) {
       for (int l = 0; l < L; ++l) {
         act[l] = sv.act[t * L + l] + row * phi[l].cout;
         rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
       }
-      if (!phi[L - 1].norm) feat = act[L - 1];
     }
-    tile::forward<T>(phi, L, R, x, 3, feat, F, store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws);
-    // LSTM gates: feat W_ih^T + h W_hh^T (+ bias in the cell)
+    tile::forward<T>(phi, L, R, x, 3, out_saved ? act[L - 1] : in, out_saved ? F : K,
+                     store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws);
+    if (out_saved) {
+      for (int64_t r = 0; r < R; ++r) std::memcpy(in + r * K, act[L - 1] + r * F, sizeof(T) * F);
+    }
+    set_h_columns(R, F, H, h_prev, in);
+    // LSTM gates: [feat | h] [W_ih | W_hh]^T (+ bias in the cell)
     T* pre = sc.pre.data();
-    cpu::gemm(false, true, R, 4 * H, F, feat, F, lw.w_ih, F, T(0), pre, 4 * H);
-    if (h_prev) cpu::gemm(false, true, R, 4 * H, H, h_prev, H, lw.w_hh, H, T(1), pre, 4 * H);
+    cpu::gemm(false, true, R, 4 * H, K, in, K, lw.w_in, K, T(0), pre, 4 * H);
     T* gates = keep ? sv.gates + o * 4 * H : pre;
     T* c = keep ? sv.cs + o1 * H : sc.c[t & 1].data();
     T* h = keep ? sv.hs + o1 * H : sc.h[t & 1].data();
@@ -202,14 +226,15 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
                    int64_t steps, const T* v_xT, T clamp_v, const Saved<T>& sv, const tile::LayerGrad<T>* g_phi,
                    LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws, Scratch<T>& sc) {
   if (R <= 0) return;
-  const int64_t H = lw.H, F = lw.F, BN = sv.BN;
+  const int64_t H = lw.H, F = lw.F, K = lw.K(), BN = sv.BN;
   const bool store = !sv.act.empty();
   T* v_x = sc.v_x.data();
   T* v_h = sc.v_h.data();
   T* v_c = sc.v_c.data();
   T* vd = sc.v_dirs.data();
   T* v_pre = sc.pre.data();
-  T* v_feat = sc.v_feat.data();
+  T* in = sc.in.data();      // [R, K]: phi's output at x_t | h_{t-1}
+  T* v_in = sc.v_in.data();  // [R, K]: their gradients
   std::memcpy(v_x, v_xT, sizeof(T) * R * 3);
   std::fill(v_h, v_h + R * H, T(0));
   std::fill(v_c, v_c + R * H, T(0));
@@ -226,41 +251,43 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     const T* x_t = sv.xs + o * 3;
     cell_backward<T>(lw, R, gates, c_prev, c_new, h_new, dirs, v_x, v_h, v_c, clamp_v, v_pre, vd, g);
     // phi's output at x_t: recomputed (keeping its activations in ws), or rebuilt from the stored ones
-    const T* feat = sc.feat.data();
     if (store) {
       for (int l = 0; l < L; ++l) {
         act[l] = sv.act[t * L + l] + row * phi[l].cout;
         rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
       }
       const tile::Layer<T>& last = phi[L - 1];
-      if (last.norm) {
-        T* f = sc.feat.data();
-        for (int64_t r = 0; r < R; ++r) {
-          const T* a = act[L - 1] + r * F;
-          for (int64_t k = 0; k < F; ++k) f[r * F + k] = ln_affine_relu<T>(a[k], last.ln_weight, last.ln_bias, int(k));
+      for (int64_t r = 0; r < R; ++r) {
+        const T* a = act[L - 1] + r * F;
+        T* f = in + r * K;
+        if (last.norm) {
+          SRN_SIMD
+          for (int64_t k = 0; k < F; ++k) f[k] = ln_affine_relu<T>(a[k], last.ln_weight, last.ln_bias, int(k));
+        } else {
+          std::memcpy(f, a, sizeof(T) * F);
         }
-      } else {
-        feat = act[L - 1];
       }
     } else {
-      tile::forward<T>(phi, L, R, x_t, 3, sc.feat.data(), F, ws.act(), ws.rstd(), ws);
+      tile::forward<T>(phi, L, R, x_t, 3, in, K, ws.act(), ws.rstd(), ws);
       for (int l = 0; l < L; ++l) {
         act[l] = ws.act()[l];
         rstd[l] = ws.rstd()[l];
       }
     }
-    // gradients of the gate matmuls
-    cpu::gemm(true, false, 4 * H, F, R, v_pre, 4 * H, feat, F, T(1), g.w_ih, F);
-    if (h_prev) cpu::gemm(true, false, 4 * H, H, R, v_pre, 4 * H, h_prev, H, T(1), g.w_hh, H);
+    set_h_columns(R, F, H, h_prev, in);
+    // gradients of the gate matmul: [W_ih | W_hh] and the bias; of its input: [feat | h_prev]
+    cpu::gemm(true, false, 4 * H, K, R, v_pre, 4 * H, in, K, T(1), g.w_in, K);
     for (int64_t r = 0; r < R; ++r) {
       const T* vp = v_pre + r * 4 * H;
       SRN_SIMD
       for (int64_t k = 0; k < 4 * H; ++k) g.bias[k] += vp[k];
     }
-    cpu::gemm(false, false, R, F, 4 * H, v_pre, 4 * H, lw.w_ih, F, T(0), v_feat, F);
-    if (t > 0) cpu::gemm(false, false, R, H, 4 * H, v_pre, 4 * H, lw.w_hh, H, T(0), v_h, H);
+    cpu::gemm(false, false, R, K, 4 * H, v_pre, 4 * H, lw.w_in, K, T(0), v_in, K);
+    if (t > 0) {
+      for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
+    }
     // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
-    tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_feat, F, v_x, 3, true, g_phi, ws);
+    tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws);
   }
   std::memcpy(v_x0, v_x, sizeof(T) * R * 3);
   std::memcpy(v_dirs, vd, sizeof(T) * R * 3);

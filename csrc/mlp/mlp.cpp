@@ -261,6 +261,9 @@ void register_mlp(pybind11::module& m) {
   m.def("set_cpu_bf16_route", [](const std::string& name) { cpu::set_bf16_route(name); },
         "Select the CPU bf16 GEMM route: 'auto' (fastest measured with a float32 result), 'amx', 'avx512bf16', "
         "'mkl', 'widened' or 'onednn'");
+  m.def("set_cpu_amx_weight_grad_mkl", [](bool on) { cpu::set_amx_weight_grad_mkl(on); },
+        "Under the 'amx' route, weight-gradient GEMMs through MKL's bf16 GEMM where torch has it (True, the "
+        "default) or through srn_fast's AMX kernel (False; for the tests)");
   m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
         "GFLOP/s (every thread on its own tile) at a tile's shape of the float32 GEMM and of each bf16 route "
         "(measured once)");

@@ -44,6 +44,12 @@ def mlp_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequence[
     return MLPShapes((B, N, widths[-1]), acts, rstd)
 
 
+def folds_last(norm: Sequence[bool], batched: bool) -> bool:
+    """The march's CPU tiles fold phi's last layer into the LSTM's input GEMM: a plain linear layer, not the only one
+    (csrc/march/march.cpp, ``folds_last``)."""
+    return not batched and len(norm) >= 2 and not norm[-1]
+
+
 class MarchShapes(NamedTuple):
     xT: Shape
     steps: Shape
@@ -59,7 +65,8 @@ def march_shapes(x0: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequen
                  steps: int, mode: int, return_steps: bool, tile_rows: int) -> MarchShapes:
     """``xT [B, N, 3]``; ``steps [T + 1, B, N, 3]`` with return_steps; unless inference: ``xs [T, B, N, 3]``,
     ``hs, cs [T + 1, B, N, H]``, ``gates [T, B, N, 4H]``; store mode: per phi layer ``acts[l] [T, B, N, C_l]`` and, on
-    the CPU tiles, ``rstd[l] [T, B, N]`` for norm layers."""
+    the CPU tiles, ``rstd[l] [T, B, N]`` for norm layers. The CPU tiles fold a plain linear last layer of phi into the
+    LSTM's input GEMM (csrc/march/march.cpp, ``Fold``): it never runs there, so nothing is kept for it."""
     B, N = x0.shape[0], x0.shape[1]
     T, H = int(steps), w_hh.shape[1]
     keep = mode != MARCH_MODES["inference"]
@@ -69,7 +76,8 @@ def march_shapes(x0: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequen
         (B, N, 3), (T + 1, B, N, 3) if return_steps else NONE,
         (T, B, N, 3) if keep else NONE, (T + 1, B, N, H) if keep else NONE, (T + 1, B, N, H) if keep else NONE,
         (T, B, N, 4 * H) if keep else NONE,
-        [(T, B, N, w.shape[-2]) if store else NONE for w in weights],
+        [(T, B, N, w.shape[-2]) if store and not (l == len(weights) - 1 and folds_last(norm, batched)) else NONE
+         for l, w in enumerate(weights)],
         [(T, B, N) if store and not batched and n else NONE for n in norm])
 
 
