@@ -138,10 +138,20 @@ def test_model_auto_precision_and_march_mode(monkeypatch, caplog):
         assert big.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "store"
         small = srn_fast.SRNModel(3, store_budget=1000, **kw)
         assert small.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "recompute"
+        # bf16 at AMX-like rates (>= RECOMPUTE_BF16_RATIO x float32): recompute although store mode fits; float32
+        # on that machine still stores
+        monkeypatch.setattr(precision, "tile_gemm_rates", lambda: {"float32": 80.0, "mkl": 200.0, "amx": 400.0})
+        amx = srn_fast.SRNModel(3, matmul_dtype=torch.bfloat16, store_budget=10 ** 9, **kw)
+        assert amx.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "recompute"
+        amx32 = srn_fast.SRNModel(3, store_budget=10 ** 9, **kw)
+        assert amx32.resolved_march_mode(2, 36, torch.device("cpu"), torch.float32) == "store"
+        assert not precision.recompute_pays("cuda", torch.bfloat16)
         for _ in range(3):
             small.render(inp)
     logged = [r.getMessage() for r in caplog.records if "march_mode='auto'" in r.getMessage()]
-    assert sum("'recompute'" in m for m in logged) == 1 and sum("'store'" in m for m in logged) == 1, logged
+    # once per model and mode (small rendered three times): big, amx32 store; small, amx recompute (amx says why)
+    assert sum("'recompute'" in m for m in logged) == 2 and sum("'store'" in m for m in logged) == 2, logged
+    assert sum("recomputing faster" in m for m in logged) == 1, logged
     # what store mode keeps: 2 x 36 rays x ((3 + 1) phi evaluations x (4 x 32 + 4) + (5 x 32 + 3 + 6)) floats
     assert precision.store_bytes(2, 36, 3, [32] * 4, [32] * 5 + [3]) == 2 * 36 * (4 * 132 + 169) * 4
     # the default budget: a quarter of the available memory

@@ -8,9 +8,11 @@
   the AVX512-BF16 kernel: float32 results) is at least :data:`BF16_MARGIN` times the float32 rate. On CUDA: bf16 where the GPU supports it
   (tensor cores). TF32 for float32 matmuls on CUDA follows ``torch.backends.cuda.matmul.allow_tf32`` (the CUDA
   path's matmuls are ATen/cuBLAS calls, which honour it).
-* March mode: ``"store"`` (keep phi's activations: ~25% faster training steps) when what it keeps fits
+* March mode: ``"store"`` (keep phi's activations: ~25% faster float32 training steps) when what it keeps fits
   :data:`STORE_BUDGET_FRACTION` of the memory available on the device (or a budget in bytes given to the model),
-  else ``"recompute"`` (keep ~50 numbers per ray and step; the mode that scales to large batches).
+  else ``"recompute"`` (keep ~50 numbers per ray and step; the mode that scales to large batches). With bf16
+  matmuls on a CPU whose bf16 GEMM runs :data:`RECOMPUTE_BF16_RATIO` times its float32 rate (AMX), recompute always:
+  there the recomputed GEMMs cost less than writing the stored activations out and reading them back.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ BF16_MARGIN = 1.1
 #: march_mode="auto" stores activations while they take at most this fraction of the available memory
 #: (``SRN_FAST_STORE_BUDGET`` overrides it: a fraction below 1, or a number of bytes).
 STORE_BUDGET_FRACTION = 0.25
+
+#: march_mode="auto" recomputes (with bf16 matmuls, on the CPU) where the best bf16 tile GEMM runs at least this many
+#: times the float32 one: measured on a 2-core AMX Xeon (bf16 ~5x float32), the 64x64 bf16 training step took 275 ms
+#: in recompute mode against 296 ms in store mode, 128x128 1019-1075 against 1121-1151 ms (float32: store 571-594,
+#: recompute 672-753 ms at 64x64).
+RECOMPUTE_BF16_RATIO = 4.0
 
 MatmulSpec = Union[None, str, torch.dtype]
 _logged = set()
@@ -58,12 +66,25 @@ def bf16_pays(device: Union[str, torch.device]) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return _bf16_speedup() >= BF16_MARGIN
+
+
+def _bf16_speedup() -> float:
+    """The best bf16 tile GEMM rate over the float32 one (0 without a measurement). The routes the tile loops may
+    pick on their own ("mkl", "avx512bf16", "amx"): "widened" is the float32 GEMM on widened bf16 operands (never
+    faster than float32, whatever the noise says) and "onednn" rounds every result to bf16, so it runs only when
+    forced (SRN_FAST_BF16_GEMM)."""
     rates = tile_gemm_rates()
-    # the routes the tile loops may pick on their own ("mkl", "avx512bf16", "amx"): "widened" is the float32 GEMM on
-    # widened bf16 operands (never faster than float32, whatever the noise says) and "onednn" rounds every result
-    # to bf16, so it runs only when forced (SRN_FAST_BF16_GEMM)
     best = max((r for k, r in rates.items() if k not in ("float32", "widened", "onednn")), default=0.0)
-    return bool(rates) and best >= BF16_MARGIN * rates.get("float32", float("inf"))
+    return best / rates["float32"] if rates.get("float32") else 0.0
+
+
+def recompute_pays(device: Union[str, torch.device], matmul_dtype: Optional[torch.dtype]) -> bool:
+    """Whether march_mode="auto" recomputes even where store mode fits: bf16 matmuls on a CPU whose bf16 tile GEMM
+    runs :data:`RECOMPUTE_BF16_RATIO` times its float32 rate."""
+    if torch.device(device).type != "cpu" or matmul_dtype != torch.bfloat16:
+        return False
+    return _bf16_speedup() >= RECOMPUTE_BF16_RATIO
 
 
 def describe_rates() -> str:
@@ -122,5 +143,5 @@ def store_bytes(B: int, N: int, steps: int, phi_widths: Sequence[int], pix_width
     return int(B * N * ((steps + 1) * per_phi + per_pix) * element_size)
 
 
-def choose_march_mode(need: int, budget: Optional[int]) -> str:
-    return "store" if budget is not None and need <= budget else "recompute"
+def choose_march_mode(need: int, budget: Optional[int], recompute_faster: bool = False) -> str:
+    return "store" if not recompute_faster and budget is not None and need <= budget else "recompute"
