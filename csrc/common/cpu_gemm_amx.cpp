@@ -81,7 +81,8 @@ SRN_AMX_TARGET void configure() {
 }
 
 // One 32 x 32 block: C (row stride ldc floats; accumulated onto when accumulate) += A (32 rows at a_row bytes apart,
-// k-pairs contiguous) times the panel block b ([kp][32] words), kp_count a multiple of 16.
+// k-pairs contiguous) times the panel block b ([kp][32] words), kp_count a multiple of 16; next_a (or null): the
+// rows of the next block of A to prefetch.
 SRN_AMX_TARGET void block(const char* a, int64_t a_row, const uint32_t* b, int64_t kp_count, float* C, int64_t ldc,
                           bool accumulate, const char* next_a) {
   const int64_t c_stride = ldc * 4;
@@ -99,7 +100,9 @@ SRN_AMX_TARGET void block(const char* a, int64_t a_row, const uint32_t* b, int64
   for (int64_t kp = 0; kp < kp_count; kp += 16) {  // tiles are not renamed: each load right before its first use
     // the next block's A into L1, one 64-byte line (16 k-pairs) of each of its 32 rows per step: a tile load that
     // misses L1 stalls the products behind it
-    for (int r = 0; r < kBlock; ++r) _mm_prefetch(next_a + r * a_row + kp * 4, _MM_HINT_T0);
+    if (next_a) {
+      for (int r = 0; r < kBlock; ++r) _mm_prefetch(next_a + r * a_row + kp * 4, _MM_HINT_T0);
+    }
     _tile_loadd(4, a + kp * 4, a_row);
     _tile_loadd(6, b + kp * 32, 128);
     _tile_dpbf16ps(0, 4, 6);
@@ -193,26 +196,29 @@ void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat
   configure();
   alignas(64) float scratch[kBlock * kBlock];
   const bool accumulate = beta != 0.f;
-  for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
-    const uint32_t* panel = Bp + (n0 / kBlock) * kps * 32;
-    const int64_t nn = std::min<int64_t>(kBlock, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-      const int64_t mm = std::min<int64_t>(kBlock, M - m0);
-      const char* ab = a_tail && m0 == Mfull ? a_tail : a + m0 * a_row;
-      const int64_t ab_row = a_tail && m0 == Mfull ? kps * 4 : a_row;
-      // prefetch target: the next block's rows (or this panel's first block again), clamped inside op(A)
-      const int64_t m_next = m0 + kBlock < std::min(M, a_tail ? Mfull : M) ? m0 + kBlock : 0;
-      const char* next_a = a + m_next * a_row;
+  // m-blocks outside, n-panels inside: the block's 32 rows of A stay in L1 while the panels of B stream past them
+  // (13.2 against 14.8 us for [128, 256] x [256, 256] with n outside, one core of the AMX Xeon); the next m-block's A
+  // is prefetched during the last panel
+  for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+    const int64_t mm = std::min<int64_t>(kBlock, M - m0);
+    const char* ab = a_tail && m0 == Mfull ? a_tail : a + m0 * a_row;
+    const int64_t ab_row = a_tail && m0 == Mfull ? kps * 4 : a_row;
+    const int64_t m_next = m0 + kBlock;
+    const char* next_a = m_next < (a_tail ? Mfull : M) ? a + m_next * a_row : nullptr;
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+      const uint32_t* panel = Bp + (n0 / kBlock) * kps * 32;
+      const int64_t nn = std::min<int64_t>(kBlock, N - n0);
+      const char* pf = n0 + kBlock >= N ? next_a : nullptr;
       float* c = C + m0 * ldc + n0;
       if (mm == kBlock && nn == kBlock) {
-        block(ab, ab_row, panel, kps, c, ldc, accumulate, next_a);
+        block(ab, ab_row, panel, kps, c, ldc, accumulate, pf);
         continue;
       }
       if (accumulate) {  // a block sticking out of C: through the scratch block
         std::fill(scratch, scratch + kBlock * kBlock, 0.f);
         for (int64_t i = 0; i < mm; ++i) std::memcpy(scratch + i * kBlock, c + i * ldc, size_t(nn) * 4);
       }
-      block(ab, ab_row, panel, kps, scratch, kBlock, accumulate, next_a);
+      block(ab, ab_row, panel, kps, scratch, kBlock, accumulate, pf);
       for (int64_t i = 0; i < mm; ++i) std::memcpy(c + i * ldc, scratch + i * kBlock, size_t(nn) * 4);
     }
   }

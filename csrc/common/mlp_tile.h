@@ -193,6 +193,59 @@ inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10
   cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+// acc [n] += the sum of the R rows of v [R, n] (row stride ld), four rows a pass (one accumulator load and store
+// per four rows: a row at a time, that read-modify-write was the loop's cost).
+template <typename T>
+void add_row_sums(const T* v, int64_t R, int64_t n, int64_t ld, T* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const T *v0 = v + r * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) acc[k] += (v0[k] + v1[k]) + (v2[k] + v3[k]);
+  }
+  for (; r < R; ++r) {
+    const T* vr = v + r * ld;
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) acc[k] += vr[k];
+  }
+}
+
+// The end of the LayerNorm+ReLU VJP of a bf16 layer's row: v_z = rstd (g - mg - xhat mgx) (g: the masked gradient,
+// mg / mgx: layernorm_relu_row_vjp_means) straight to bf16, the matmuls' input, and into the bias gradient when
+// given: one pass where a float v_z row, the bias loop and the bf16 conversion took three.
+template <typename T>
+void vjp_row_to_bf16(const T* g, const T* xhat, int64_t n, T rstd, RowPair<T> means, c10::BFloat16* out,
+                     T* v_bias) {
+  const T mg = means.a, mgx = means.b;
+  if (v_bias) {
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) {
+      const T v = rstd * (g[k] - mg - xhat[k] * mgx);
+      out[k] = to_storage<c10::BFloat16, T>(v);
+      v_bias[k] += v;
+    }
+  } else {
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) out[k] = to_storage<c10::BFloat16, T>(rstd * (g[k] - mg - xhat[k] * mgx));
+  }
+}
+
+// A layer's output ReLU(xhat * gamma + beta) (gamma null: no affine) rebuilt from its saved xhat, straight to bf16
+// (the next layer's weight-gradient input); one loop per case, so that each vectorises.
+template <typename T>
+void act_row_to_bf16(const T* xhat, int64_t n, const T* gamma, const T* beta, c10::BFloat16* out) {
+  if (gamma) {
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) {
+      const T a = xhat[k] * gamma[k] + beta[k];
+      out[k] = to_storage<c10::BFloat16, T>(a > T(0) ? a : T(0));
+    }
+  } else {
+    SRN_SIMD
+    for (int64_t k = 0; k < n; ++k) out[k] = to_storage<c10::BFloat16, T>(xhat[k] > T(0) ? xhat[k] : T(0));
+  }
+}
+
 }  // namespace detail
 
 // Forward of L layers on R rays.
@@ -285,8 +338,18 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     const LayerGrad<T>& g = grads[l];
     const int64_t ci = ly.cin, co = ly.cout;
     T* vz = ws.buf(cur);
+    c10::BFloat16* vz_mm = ws.buf_mm(1);
+    // a bf16 layer with LayerNorm: its VJP writes v_z as bf16 and the bias gradient directly (detail::vjp_row_to_bf16)
+    const bool vz_in_mm = ly.norm && ly.weight_mm;
     // gradient of the (biased) pre-activation z_l
-    if (ly.norm) {
+    if (vz_in_mm) {
+      for (int64_t r = 0; r < R; ++r) {
+        const T* xh = act[l] + r * co;
+        const RowPair<T> m = layernorm_relu_row_vjp_means<T>(xh, v + r * ld_v, int(co), ly.ln_weight, ly.ln_bias,
+                                                             vz + r * co, g.ln_weight, g.ln_bias);
+        detail::vjp_row_to_bf16(vz + r * co, xh, co, rstd[l][r], m, vz_mm + r * co, g.bias);
+      }
+    } else if (ly.norm) {
       for (int64_t r = 0; r < R; ++r) {
         layernorm_relu_row_vjp<T>(act[l] + r * co, v + r * ld_v, int(co), rstd[l][r], ly.ln_weight, ly.ln_bias,
                                   vz + r * co, g.ln_weight, g.ln_bias);
@@ -294,35 +357,24 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     } else if (v != vz || ld_v != co) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(vz + r * co, v + r * ld_v, sizeof(T) * co);
     }
-    if (g.bias) {
-      for (int64_t r = 0; r < R; ++r) {
-        const T* vr = vz + r * co;
-        SRN_SIMD
-        for (int64_t k = 0; k < co; ++k) g.bias[k] += vr[k];
-      }
-    }
+    if (g.bias && !vz_in_mm) detail::add_row_sums(vz, R, co, co, g.bias);
     const bool need_prev = l > 0 || v_x != nullptr;
     if (g.weight) {  // v_W += v_z^T a_{l-1}
       if (ly.weight_mm) {
         c10::BFloat16* a_mm = ws.buf_mm(0);
         if (l == 0) {
           detail::to_bf16(x, ldx, R, ci, a_mm);
-        } else {
-          // the previous layer's output from its saved activation, a row at a time through a float row
-          // buffer so that both loops vectorise (the branchy fused loop did not: 12% of a bf16 step)
+        } else {  // the previous layer's output from its saved activation
           const Layer<T>& p = layers[l - 1];
           for (int64_t r = 0; r < R; ++r) {
-            const T* xr = act[l - 1] + r * ci;
             if (p.norm) {
-              SRN_SIMD
-              for (int64_t k = 0; k < ci; ++k) a_buf[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));
-              xr = a_buf;
+              detail::act_row_to_bf16(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
+            } else {
+              detail::to_bf16(act[l - 1] + r * ci, ci, 1, ci, a_mm + r * ci);
             }
-            detail::to_bf16(xr, ci, 1, ci, a_mm + r * ci);
           }
         }
-        c10::BFloat16* vz_mm = ws.buf_mm(1);
-        detail::to_bf16(vz, co, R, co, vz_mm);
+        if (!vz_in_mm) detail::to_bf16(vz, co, R, co, vz_mm);
         detail::gemm_mm(true, false, co, ci, R, vz_mm, co, a_mm, ci, T(1), g.weight, ci);
       } else {
         const T* a = x;
@@ -351,8 +403,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     const int64_t ld_dst = l > 0 ? ci : ldvx;
     const T beta = (l == 0 && accumulate_vx) ? T(1) : T(0);
     if (ly.weight_mm) {
-      c10::BFloat16* vz_mm = ws.buf_mm(1);
-      if (!g.weight) detail::to_bf16(vz, co, R, co, vz_mm);
+      if (!g.weight && !vz_in_mm) detail::to_bf16(vz, co, R, co, vz_mm);
       detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst, ly.weight_wide,
                       ly.weight_pk_bwd);
     } else {

@@ -278,14 +278,24 @@ struct AddBias {  // z[k] += bias[k], then z[k]
   const T* bias;
   SRN_HD T operator()(int64_t k) const { return z[k] += bias[k]; }
 };
+// (d, d^2) with d = z[k] - shift; with a bias, z[k] += bias[k] first. Two functors, not a `bias ?` per element: that
+// select made GCC 12 mask every load and keep the sums on the stack.
 template <typename T>
-struct ShiftedMoments {  // z[k] += bias[k] (bias may be null), then (d, d^2) with d = z[k] - shift
+struct ShiftedMoments {
+  const T* z;
+  T shift;
+  SRN_HD RowPair<T> operator()(int64_t k) const {
+    const T d = z[k] - shift;
+    return {d, d * d};
+  }
+};
+template <typename T>
+struct ShiftedMomentsAddBias {
   T* z;
   const T* bias;
   T shift;
   SRN_HD RowPair<T> operator()(int64_t k) const {
-    const T zk = bias ? (z[k] += bias[k]) : z[k];
-    const T d = zk - shift;
+    const T d = (z[k] += bias[k]) - shift;
     return {d, d * d};
   }
 };
@@ -337,7 +347,8 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
     // an AMX CPU), shifted by the row's first value so that the variance keeps its precision when the mean is large
     // against the spread: var = E[d^2] - E[d]^2 with d = z - z_0
     const T shift = z[0] + (bias ? bias[0] : T(0));
-    const RowPair<T> m = row_sum2<T, Lanes>(n, ln_detail::ShiftedMoments<T>{z, bias, shift});
+    const RowPair<T> m = bias ? row_sum2<T, Lanes>(n, ln_detail::ShiftedMomentsAddBias<T>{z, bias, shift})
+                              : row_sum2<T, Lanes>(n, ln_detail::ShiftedMoments<T>{z, shift});
     const T md = m.a / T(n);
     mean = shift + md;
     var = m.b / T(n) - md * md;
@@ -363,11 +374,12 @@ SRN_HD T layernorm_relu_row(T* z, int n, const T* bias, const T* gamma, const T*
   return rstd;
 }
 
-// VJP of layernorm_relu_row from its saved xhat and rstd. v_y: gradient of y; writes the gradient of the
-// (biased) pre-activation z to v_z (may alias v_y); accumulates v_gamma / v_beta when non-null (affine only).
+// First part of layernorm_relu_row_vjp: the masked gradient g (the ReLU's) into v_z, the LayerNorm affine gradients
+// accumulated, and the row means of g and g * xhat returned (the rest is v_z = rstd * (g - mean(g) - xhat *
+// mean(g xhat))).
 template <typename T, typename Lanes = SerialLanes>
-SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
-                                   T* v_z, T* v_gamma, T* v_beta) {
+SRN_HD RowPair<T> layernorm_relu_row_vjp_means(const T* xhat, const T* v_y, int n, const T* gamma, const T* beta,
+                                               T* v_z, T* v_gamma, T* v_beta) {
   // Branch-free loops, one per case, so that the CPU compiler vectorises them (the ReLU mask is a select; loads and
   // products before it, see ln_detail::MaskedGradAffine).
   RowPair<T> sums;
@@ -392,7 +404,16 @@ SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, c
   } else {
     sums = row_sum2<T, Lanes>(n, ln_detail::MaskedGrad<T>{xhat, v_y, v_z});
   }
-  const T mg = sums.a / T(n), mgx = sums.b / T(n);
+  return {sums.a / T(n), sums.b / T(n)};
+}
+
+// VJP of layernorm_relu_row from its saved xhat and rstd. v_y: gradient of y; writes the gradient of the
+// (biased) pre-activation z to v_z (may alias v_y); accumulates v_gamma / v_beta when non-null (affine only).
+template <typename T, typename Lanes = SerialLanes>
+SRN_HD void layernorm_relu_row_vjp(const T* xhat, const T* v_y, int n, T rstd, const T* gamma, const T* beta,
+                                   T* v_z, T* v_gamma, T* v_beta) {
+  const RowPair<T> m = layernorm_relu_row_vjp_means<T, Lanes>(xhat, v_y, n, gamma, beta, v_z, v_gamma, v_beta);
+  const T mg = m.a, mgx = m.b;
   SRN_SIMD
   for (int k = Lanes::first(); k < n; k += Lanes::step()) v_z[k] = rstd * (v_z[k] - mg - xhat[k] * mgx);
 }

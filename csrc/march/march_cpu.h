@@ -277,11 +277,7 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     set_h_columns(R, F, H, h_prev, in);
     // gradients of the gate matmul: [W_ih | W_hh] and the bias; of its input: [feat | h_prev]
     cpu::gemm(true, false, 4 * H, K, R, v_pre, 4 * H, in, K, T(1), g.w_in, K);
-    for (int64_t r = 0; r < R; ++r) {
-      const T* vp = v_pre + r * 4 * H;
-      SRN_SIMD
-      for (int64_t k = 0; k < 4 * H; ++k) g.bias[k] += vp[k];
-    }
+    tile::detail::add_row_sums(v_pre, R, 4 * H, 4 * H, g.bias);
     cpu::gemm(false, false, R, K, 4 * H, v_pre, 4 * H, lw.w_in, K, T(0), v_in, K);
     if (t > 0) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
