@@ -1,6 +1,8 @@
 """srn_fast.ops.wide_linear (the hypernetwork's last layers) against F.linear: values, gradients under a random
 cotangent, float64 gradcheck and gradgradcheck, opcheck, the chunked CPU gradient's remainder, errors, the fused
 model's hypernetwork against the torch backend's, and CPU vs CUDA."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,29 @@ def test_values_and_gradients_match_linear(M, K, O):
     g = torch.randn(M, O, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     for name, a, b in zip(("x", "weight", "bias"), torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, ref, g)):
         assert_close(a, b, 1e-11, 1e-11, name)
+
+
+@pytest.mark.parametrize("layout", ["addmm", "linear"])
+def test_both_forward_layouts_match_linear(monkeypatch, layout):
+    wl = importlib.import_module("srn_fast.ops.wide_linear")  # the module (srn_fast.ops.wide_linear is the function)
+
+    monkeypatch.setattr(wl, "forward_layout", lambda x, weight: layout)
+    args = _args(2, 256, 1027)
+    y = ops.wide_linear(*args)
+    assert y.shape == (2, 1027) and y.is_contiguous()
+    assert_close(y, F.linear(*args), 1e-12, 1e-12, layout)
+
+
+def test_forward_layout_is_measured_once_per_shape():
+    wl = importlib.import_module("srn_fast.ops.wide_linear")  # the module (srn_fast.ops.wide_linear is the function)
+
+    x, w, _ = _args(2, 8, 333)
+    wl._layout_choice.clear()
+    first = wl.forward_layout(x, w)
+    assert first in ("addmm", "linear") and list(wl._layout_choice) == [((333, 8), 2, torch.float64)]
+    wl._layout_choice[((333, 8), 2, torch.float64)] = "other"  # cached: not measured again
+    assert wl.forward_layout(x, w) == "other"
+    wl._layout_choice.clear()
 
 
 def test_grad_input_chunks_cover_every_row():

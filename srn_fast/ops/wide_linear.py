@@ -2,22 +2,28 @@
 the hypernetwork's last layers, which map B latent features ``[B, 256]`` to a phi layer's weights and bias
 ``[B, 65792]`` through a ``[65792, 256]`` weight (67 MB in float32, read once per product).
 
-Such a product is bound by reading the weight, but the CPU BLAS (MKL) runs it far below that bound in the layouts
-that ``F.linear`` and its autograd use. Here the forward is ``addmm(b, W, x^T)^T`` (the output's rows are the
-weight's rows) and the gradient of x, ``g W``, splits the weight's rows into 128 chunks (one batched product, then a
-sum); the gradient of W is ``g^T x`` as in ``F.linear``. Measured on a 2-core AVX2 EPYC, weight [65792, 256]
-(reading it once: 2.6 ms; wall-clock medians of 25 calls):
+Such a product is bound by reading the weight, but the CPU BLAS (MKL) runs it far below that bound in some layouts,
+and which ones depends on the CPU. The gradient of x, ``g W``, splits the weight's rows into 128 chunks (one batched
+product, then a sum); the gradient of W is ``g^T x`` as in ``F.linear``. The forward is ``addmm(b, W, x^T)^T`` (the
+output's rows are the weight's rows) or ``F.linear`` itself, whichever the first call measures faster on the CPU
+(:func:`forward_layout`; once per weight shape, batch size and dtype). Measured on a 2-core AVX2 EPYC, weight
+[65792, 256] (reading it once: 2.6 ms; wall-clock medians of 25 calls):
 
-* B = 2 (the training batch): forward 16.1 -> 3.9 ms, gradient of x 13.8 -> 5.5 ms;
+* B = 2 (the training batch): forward 16.1 (``F.linear``) -> 3.9 ms (addmm), gradient of x 13.8 -> 5.5 ms;
 * B = 8: 15.0 -> 8.0 and 7.3 -> 5.6 ms; B = 32: 20.5 -> 16.1 and 12.6 -> 10.8 ms.
 
-A 64x64 training step of the fused model (B = 2) spends ~60 ms instead of ~134 ms in its hypernetwork.
+A 64x64 training step of the fused model (B = 2) spends ~60 ms instead of ~134 ms in its hypernetwork there. On a
+2-core AMX Xeon the picture is the other way round: B = 2, weights beyond the cache (reading one: 3.3 ms),
+``F.linear`` 3.1 ms against addmm 6.3-7.5 ms.
 
 The values equal ``F.linear``'s up to float rounding (the sums run in another order). The op and its backward are
 plain PyTorch products, so it runs on every device (on CUDA the grad of x is one ``mm``: cuBLAS splits the long sum
 itself), a gradient of a gradient works, and ``torch.compile`` sees one op.
 """
 from __future__ import annotations
+
+import time
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -30,9 +36,35 @@ OP = "srn_fast.ops.wide_linear"
 GRAD_X_CHUNKS = 128
 
 
+_LAYOUTS = {
+    "addmm": lambda x, weight, bias: torch.addmm(bias[:, None], weight, x.t()).t().contiguous(),
+    "linear": lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias),
+}
+_layout_choice: Dict[Tuple, str] = {}
+
+
+def forward_layout(x: Tensor, weight: Tensor) -> str:
+    """The forward's layout for this call's shapes: "addmm" off the CPU; on the CPU the faster of "addmm" and "linear"
+    as the first call with these shapes measures it (each timed twice on the call's own weight, the best kept)."""
+    if x.device.type != "cpu":
+        return "addmm"
+    key = (tuple(weight.shape), x.shape[0], x.dtype)
+    if key not in _layout_choice:
+        bias = weight.new_zeros(weight.shape[0])
+        best = {}
+        with torch.no_grad():
+            for _ in range(2):
+                for name, f in _LAYOUTS.items():
+                    t = time.perf_counter()
+                    f(x, weight, bias)
+                    best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+        _layout_choice[key] = min(best, key=best.get)
+    return _layout_choice[key]
+
+
 def _wide_linear_op_impl(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """x [M, K], weight [O, K], bias [O] -> [M, O]."""
-    return torch.addmm(bias[:, None], weight, x.t()).t().contiguous()
+    return _LAYOUTS[forward_layout(x, weight)](x, weight, bias)
 
 
 def _wide_linear_fake(x, weight, bias):
