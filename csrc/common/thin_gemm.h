@@ -53,7 +53,22 @@ void thin_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, in
     std::vector<T> acc(kThin * M, T(0));
     T* c0 = acc.data();
     T *c1 = c0 + M, *c2 = c1 + M, *c3 = c2 + M;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {  // four rows of A a pass: the accumulators' load and store once per four
+      T bk[4][kThin] = {};
+      for (int q = 0; q < 4; ++q)
+        for (int64_t j = 0; j < N; ++j) bk[q][j] = b(k + q, j);
+      const T *a0 = A + k * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+      SRN_SIMD
+      for (int64_t i = 0; i < M; ++i) {
+        const T v0 = a0[i], v1 = a1[i], v2 = a2[i], v3 = a3[i];
+        c0[i] += (v0 * bk[0][0] + v1 * bk[1][0]) + (v2 * bk[2][0] + v3 * bk[3][0]);
+        c1[i] += (v0 * bk[0][1] + v1 * bk[1][1]) + (v2 * bk[2][1] + v3 * bk[3][1]);
+        c2[i] += (v0 * bk[0][2] + v1 * bk[1][2]) + (v2 * bk[2][2] + v3 * bk[3][2]);
+        c3[i] += (v0 * bk[0][3] + v1 * bk[1][3]) + (v2 * bk[2][3] + v3 * bk[3][3]);
+      }
+    }
+    for (; k < K; ++k) {
       const T* ak = A + k * lda;
       T bk[kThin] = {T(0), T(0), T(0), T(0)};
       for (int64_t j = 0; j < N; ++j) bk[j] = b(k, j);
