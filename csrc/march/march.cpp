@@ -5,7 +5,8 @@
 // (3 + 2H + 4H numbers) and the backward recomputes phi's activations; "store" mode keeps phi's activations
 // as well; "inference" keeps nothing.
 //   CPU (march_cpu.h): tiles of ~128 rays of one scene go through all steps while they are in cache, in parallel
-//        over tiles, on raw pointers (phi via srn::tile + MKL sgemm, LSTM via cpu::gemm, cell loops vectorised).
+//        over tiles, on raw pointers (phi via srn::tile + MKL sgemm, LSTM via cpu::gemm, cell loops vectorised);
+//        a plain linear last layer of phi is folded into the LSTM's input GEMM (LstmInput below).
 //   CUDA (march_tile_forward / march_tile_backward below): the whole batch is one tile: batched GEMMs through
 //        ATen (cuBLAS) with the torch-free element-wise kernels of common/elementwise_kernels.cu between them.
 #include <ATen/Parallel.h>
@@ -338,7 +339,8 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
 //   xT [B, N, 3]; steps_out [T + 1, B, N, 3] (the points of every step) or [0];
 //   unless mode == inference: xs [T, B, N, 3], hs, cs [T + 1, B, N, H] (index 0 = zeros), gates [T, B, N, 4H];
 //   store mode, per phi layer l: acts[l] [T, B, N, C_l] (CPU: tile::forward's saved activation; batched path: the
-//   pre-norm z) and, on the CPU, rstd[l] [T, B, N] for norm layers; [0] otherwise.
+//   pre-norm z) and, on the CPU, rstd[l] [T, B, N] for norm layers; [0] otherwise, and for a last layer the CPU
+//   tiles fold into the LSTM (LstmInput).
 void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::vector<at::Tensor>& W,
                    const std::vector<at::Tensor>& b, const std::vector<c10::optional<at::Tensor>>& gamma,
                    const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
