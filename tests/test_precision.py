@@ -82,11 +82,14 @@ def test_mlp_bf16_within_budget_of_autocast(tile_rows, bf16_route):
 
 
 @pytest.mark.filterwarnings("ignore:.*bf16 matmul instructions")
+@pytest.mark.parametrize("last_linear", [False, True], ids=["last-norm", "last-linear"])
 @pytest.mark.parametrize("mode", ["recompute", "store"])
 @pytest.mark.parametrize("bf16_route", ROUTES, indirect=True)
-def test_march_bf16_within_budget_of_autocast(mode, bf16_route):
+def test_march_bf16_within_budget_of_autocast(mode, bf16_route, last_linear):
+    # last-linear: phi's last layer plain linear, as the reference's: the CPU tiles fold it into the LSTM's GEMM
     gen = torch.Generator().manual_seed(1)
-    phi = make_layers(2, [3, 64, 64], per_scene=True, dtype=torch.float64, gen=gen)
+    widths = [3, 64, 64, 64] if last_linear else [3, 64, 64]
+    phi = make_layers(2, widths, per_scene=True, dtype=torch.float64, gen=gen, last_linear=last_linear)
     lstm = make_lstm(64, 16, dtype=torch.float64, gen=gen)
     x0 = (torch.randn(2, 150, 3, dtype=torch.float64, generator=gen) * 0.3).requires_grad_()
     dirs = torch.nn.functional.normalize(torch.randn(2, 150, 3, dtype=torch.float64, generator=gen), dim=-1)
@@ -186,3 +189,49 @@ def test_fused_model_under_autocast_says_what_to_use_instead():
         ref = srn_fast.SRNModel(2, latent_dim=8, phi_hidden=16, tracing_steps=2, backend="torch")
         assert ref.render(inp)["rgb"].dtype == torch.bfloat16
     assert fused.render(inp)["rgb"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16], ids=["float32", "bf16"])
+def test_avx512_rows_match_the_generic_rows(matmul_dtype):
+    """The CPU tile loops' AVX-512 LayerNorm rows (forward, the bf16 VJP, the bf16 rebuilt activation; CPUs with
+    AVX512-BF16) against the generic rows: the MLP op (affine LayerNorm, kept and recomputed activations) and the march
+    (plain LayerNorm, folded last layer), outputs and every gradient. float32 differs only in summation order; in bf16
+    a value rounded to the other neighbour moves a few elements by one bf16 step."""
+    import platform
+
+    from srn_fast.ops._layers import cpu_flags
+
+    ext = srn_fast._ext.load()
+    if cpu_flags() and platform.machine() in ("x86_64", "AMD64"):
+        assert ext.cpu_avx512_rows() == ("avx512_bf16" in cpu_flags())
+    if not ext.cpu_avx512_rows():
+        pytest.skip("this CPU has no AVX512-BF16: the tile loops have only the generic rows")
+    gen = torch.Generator().manual_seed(5)
+    mlp_layers = make_layers(2, [3, 64, 48, 32], per_scene=True, affine=True, dtype=torch.float32, gen=gen)
+    phi = make_layers(2, [3, 64, 64, 32], per_scene=True, dtype=torch.float32, gen=gen, last_linear=True)
+    lstm = make_lstm(32, 16, dtype=torch.float32, gen=gen)
+    x = torch.randn(2, 200, 3, generator=gen) * 0.3
+    dirs = torch.nn.functional.normalize(torch.randn(2, 200, 3, generator=gen), dim=-1)
+    n_mlp, n_phi = len(layer_tensors(mlp_layers)), len(layer_tensors(phi))
+    inputs = [x.requires_grad_()] + layer_tensors(mlp_layers) + layer_tensors(phi) + list(lstm)
+
+    def run():
+        t = [i.detach().requires_grad_() for i in inputs]
+        ly = with_tensors(mlp_layers, t[1:1 + n_mlp])
+        ph = with_tensors(phi, t[1 + n_mlp:1 + n_mlp + n_phi])
+        ls = srn_fast.LSTMParams(*t[1 + n_mlp + n_phi:])
+        outs = [ops.mlp(t[0], ly, matmul_dtype=matmul_dtype, save_activations=save) for save in (True, False)]
+        outs.append(ops.march(t[0], dirs, ph, ls, 3, mode="recompute", matmul_dtype=matmul_dtype))
+        g = torch.Generator().manual_seed(6)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, t))
+
+    fast = run()
+    ext.set_cpu_avx512_rows(False)
+    try:
+        generic = run()
+    finally:
+        ext.set_cpu_avx512_rows(True)
+    tol = 1e-5 if matmul_dtype is None else 1e-2
+    for i, (a, b) in enumerate(zip(fast, generic)):
+        assert rel_err(a, b) <= tol, f"result {i}: {rel_err(a, b):.2e}"

@@ -66,6 +66,23 @@ void bf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t 
 void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                       const uint32_t* P, float beta, float* C, int64_t ldc);
 
+// The tile loops' LayerNorm(+affine)+ReLU row for float rows of a multiple of 16 on CPUs with AVX512-BF16
+// (csrc/common/layernorm_avx512.cpp): srn_math.h's layernorm_relu_row<float, Y> with the output written as float to y
+// and / or as bf16 to y_mm (either may be null). z [n] (bias added in place), xhat [n] or null; returns rstd.
+bool ln_row_avx512_available();
+// Whether the tile loops use these rows: available and not turned off (set_avx512_rows(false), for the tests).
+bool avx512_rows();
+void set_avx512_rows(bool on);
+float layernorm_relu_row_avx512(float* z, int64_t n, const float* bias, const float* gamma, const float* beta,
+                                float eps, float* xhat, float* y, c10::BFloat16* y_mm);
+// Its VJP for a bf16 layer (mlp_tile.h's layernorm_relu_row_vjp_means + detail::vjp_row_to_bf16): xhat, v_y [n]; g [n]
+// scratch; v_gamma / v_beta [n] accumulated (or null); v_z [n] written as bf16; v_bias [n] accumulated (or null).
+void layernorm_relu_row_vjp_bf16_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
+                                        const float* gamma, const float* beta, float* g, float* v_gamma,
+                                        float* v_beta, c10::BFloat16* v_z, float* v_bias);
+// ReLU(xhat * gamma + beta) (gamma null: no affine) as bf16 (mlp_tile.h's detail::act_row_to_bf16).
+void relu_row_bf16_avx512(const float* xhat, int64_t n, const float* gamma, const float* beta, c10::BFloat16* out);
+
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();
 // Selects "blas" (error if unavailable), "aten", or "auto" (blas when available).

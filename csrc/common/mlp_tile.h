@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_gemm.h"
@@ -246,6 +247,22 @@ void act_row_to_bf16(const T* xhat, int64_t n, const T* gamma, const T* beta, c1
   }
 }
 
+// One LayerNorm+ReLU row of the tile loops (srn_math.h's layernorm_relu_row, the bias added in place): with
+// `fast`, float rows of a multiple of 16 go through the AVX-512 row (cpu::layernorm_relu_row_avx512).
+template <typename T, typename Y>
+T ln_relu_row(T* z, int64_t n, const Layer<T>& ly, T eps, T* xhat, Y* y, bool fast) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast && n % 16 == 0) {
+      if constexpr (std::is_same_v<Y, c10::BFloat16>) {
+        return cpu::layernorm_relu_row_avx512(z, n, ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, nullptr, y);
+      } else {
+        return cpu::layernorm_relu_row_avx512(z, n, ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, y, nullptr);
+      }
+    }
+  }
+  return layernorm_relu_row<T, Y>(z, int(n), ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, y);
+}
+
 }  // namespace detail
 
 // Forward of L layers on R rays.
@@ -260,6 +277,7 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
   int64_t ld_in = ldx;
   const c10::BFloat16* in_mm = nullptr;  // ... or its bf16 copy when the previous layer wrote one
   int spare = 0;            // float buffer not holding `in`
+  const bool fast_ln = cpu::avx512_rows();  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp)
   for (int l = 0; l < L; ++l) {
     const Layer<T>& ly = layers[l];
     const bool last = l == L - 1;
@@ -298,8 +316,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     if (next_mm) {  // the next layer reads bf16: write the activation as bf16 directly
       c10::BFloat16* y = ws.buf_mm(1);
       for (int64_t r = 0; r < R; ++r) {
-        const T rs = layernorm_relu_row<T, c10::BFloat16>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias,
-                                                          eps, act ? z + r * ldz : nullptr, y + r * co);
+        const T rs = detail::ln_relu_row<T, c10::BFloat16>(z + r * ldz, co, ly, eps, act ? z + r * ldz : nullptr,
+                                                           y + r * co, fast_ln);
         if (rstd) rstd[l][r] = rs;
       }
       in_mm = y;
@@ -310,8 +328,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     T* y = last ? out : (act ? ws.buf(spare) : z);
     const int64_t ldy = last ? ldo : co;
     for (int64_t r = 0; r < R; ++r) {
-      const T rs = layernorm_relu_row<T, T>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias, eps,
-                                            act ? z + r * ldz : nullptr, y + r * ldy);
+      const T rs = detail::ln_relu_row<T, T>(z + r * ldz, co, ly, eps, act ? z + r * ldz : nullptr, y + r * ldy,
+                                             fast_ln);
       if (rstd) rstd[l][r] = rs;
     }
     in = y, ld_in = ldy;
@@ -330,6 +348,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
               const LayerGrad<T>* grads, Workspace<T>& ws) {
   if (R <= 0) return;
   int cur = 0;  // ws.buf(cur) holds v_z of the current layer; buf(1 - cur) receives the gradient of its input
+  const bool fast_ln = cpu::avx512_rows();  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp)
   T* a_buf = ws.buf(2);
   const T* v = v_out;
   int64_t ld_v = ldv;
@@ -342,7 +361,15 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     // a bf16 layer with LayerNorm: its VJP writes v_z as bf16 and the bias gradient directly (detail::vjp_row_to_bf16)
     const bool vz_in_mm = ly.norm && ly.weight_mm;
     // gradient of the (biased) pre-activation z_l
-    if (vz_in_mm) {
+    if (vz_in_mm && fast_ln && co % 16 == 0) {
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t r = 0; r < R; ++r) {
+          cpu::layernorm_relu_row_vjp_bf16_avx512(act[l] + r * co, v + r * ld_v, co, rstd[l][r], ly.ln_weight,
+                                                  ly.ln_bias, vz + r * co, g.ln_weight, g.ln_bias, vz_mm + r * co,
+                                                  g.bias);
+        }
+      }
+    } else if (vz_in_mm) {
       for (int64_t r = 0; r < R; ++r) {
         const T* xh = act[l] + r * co;
         const RowPair<T> m = layernorm_relu_row_vjp_means<T>(xh, v + r * ld_v, int(co), ly.ln_weight, ly.ln_bias,
@@ -367,7 +394,11 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
         } else {  // the previous layer's output from its saved activation
           const Layer<T>& p = layers[l - 1];
           for (int64_t r = 0; r < R; ++r) {
-            if (p.norm) {
+            if (p.norm && fast_ln && ci % 16 == 0) {
+              if constexpr (std::is_same_v<T, float>) {
+                cpu::relu_row_bf16_avx512(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
+              }
+            } else if (p.norm) {
               detail::act_row_to_bf16(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
             } else {
               detail::to_bf16(act[l - 1] + r * ci, ci, 1, ci, a_mm + r * ci);

@@ -264,6 +264,10 @@ void register_mlp(pybind11::module& m) {
   m.def("set_cpu_amx_weight_grad_mkl", [](bool on) { cpu::set_amx_weight_grad_mkl(on); },
         "Under the 'amx' route, weight-gradient GEMMs through MKL's bf16 GEMM where torch has it (True, the "
         "default) or through srn_fast's AMX kernel (False; for the tests)");
+  m.def("cpu_avx512_rows", [] { return cpu::avx512_rows(); },
+        "Whether the CPU tile loops run their LayerNorm rows in AVX-512 (CPUs with AVX512-BF16)");
+  m.def("set_cpu_avx512_rows", [](bool on) { cpu::set_avx512_rows(on); },
+        "Turn the AVX-512 LayerNorm rows off (False: the generic rows; for the tests) or back on");
   m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
         "GFLOP/s (every thread on its own tile) at a tile's shape of the float32 GEMM and of each bf16 route "
         "(measured once)");
