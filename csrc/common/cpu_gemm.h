@@ -75,11 +75,12 @@ bool avx512_rows();
 void set_avx512_rows(bool on);
 float layernorm_relu_row_avx512(float* z, int64_t n, const float* bias, const float* gamma, const float* beta,
                                 float eps, float* xhat, float* y, c10::BFloat16* y_mm);
-// Its VJP for a bf16 layer (mlp_tile.h's layernorm_relu_row_vjp_means + detail::vjp_row_to_bf16): xhat, v_y [n]; g [n]
-// scratch; v_gamma / v_beta [n] accumulated (or null); v_z [n] written as bf16; v_bias [n] accumulated (or null).
-void layernorm_relu_row_vjp_bf16_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
-                                        const float* gamma, const float* beta, float* g, float* v_gamma,
-                                        float* v_beta, c10::BFloat16* v_z, float* v_bias);
+// Its VJP (srn_math.h's layernorm_relu_row_vjp, or for a bf16 layer mlp_tile.h's detail::vjp_row_to_bf16): xhat,
+// v_y [n]; g [n]: the gradient of z as float when v_z is null, else scratch and v_z [n] gets it as bf16; v_gamma /
+// v_beta / v_bias [n] accumulated (or null).
+void layernorm_relu_row_vjp_avx512(const float* xhat, const float* v_y, int64_t n, float rstd, const float* gamma,
+                                   const float* beta, float* g, float* v_gamma, float* v_beta, c10::BFloat16* v_z,
+                                   float* v_bias);
 // ReLU(xhat * gamma + beta) (gamma null: no affine) as bf16 (mlp_tile.h's detail::act_row_to_bf16).
 void relu_row_bf16_avx512(const float* xhat, int64_t n, const float* gamma, const float* beta, c10::BFloat16* out);
 

@@ -2,7 +2,7 @@
 // the same one-pass shifted moments) written for AVX-512: 16 floats a vector and the bf16 output through
 // VCVTNEPS2BF16 (round to nearest even, like to_storage<c10::BFloat16>). The generic row, auto-vectorised by GCC 12 to
 // 8-wide vectors with a five-instruction integer rounding per bf16, took ~350 cycles per 256-wide row on the AMX Xeon:
-// a third of a bf16 march's forward. Likewise the VJP of a bf16 layer's row (v_z out as bf16, the bias gradient added)
+// a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added)
 // and a layer's output rebuilt from xhat as bf16. Used where the CPU has AVX512-BF16 (ln_row_avx512_available) for
 // rows of a multiple of 16; compiled for every x86-64 target through function attributes.
 #include "common/cpu_gemm.h"
@@ -93,10 +93,9 @@ SRN_LN512_TARGET static inline __mmask16 relu_mask(const float* xhat, const floa
   return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
 }
 
-SRN_LN512_TARGET void layernorm_relu_row_vjp_bf16_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
-                                                         const float* gamma, const float* beta, float* g,
-                                                         float* v_gamma, float* v_beta, c10::BFloat16* v_z,
-                                                         float* v_bias) {
+SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
+                                                    const float* gamma, const float* beta, float* g, float* v_gamma,
+                                                    float* v_beta, c10::BFloat16* v_z, float* v_bias) {
   // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients
   __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
@@ -114,7 +113,11 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_bf16_avx512(const float* xhat, cons
   for (int64_t k = 0; k < n; k += 16) {
     const __m512 v = _mm512_mul_ps(
         rs, _mm512_fnmadd_ps(_mm512_loadu_ps(xhat + k), mgx, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), (__m256i)_mm512_cvtneps_pbh(v));
+    if (v_z) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), (__m256i)_mm512_cvtneps_pbh(v));
+    } else {
+      _mm512_storeu_ps(g + k, v);
+    }
     if (v_bias) _mm512_storeu_ps(v_bias + k, _mm512_add_ps(v, _mm512_loadu_ps(v_bias + k)));
   }
 }
@@ -136,8 +139,8 @@ float layernorm_relu_row_avx512(float*, int64_t, const float*, const float*, con
                                 c10::BFloat16*) {
   ln512_unavailable();
 }
-void layernorm_relu_row_vjp_bf16_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*,
-                                        float*, float*, c10::BFloat16*, float*) {
+void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*, float*,
+                                   float*, c10::BFloat16*, float*) {
   ln512_unavailable();
 }
 void relu_row_bf16_avx512(const float*, int64_t, const float*, const float*, c10::BFloat16*) { ln512_unavailable(); }

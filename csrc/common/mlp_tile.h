@@ -348,7 +348,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
               const LayerGrad<T>* grads, Workspace<T>& ws) {
   if (R <= 0) return;
   int cur = 0;  // ws.buf(cur) holds v_z of the current layer; buf(1 - cur) receives the gradient of its input
-  const bool fast_ln = cpu::avx512_rows();  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp)
+  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp): float only
+  const bool fast_ln = std::is_same_v<T, float> && cpu::avx512_rows();
   T* a_buf = ws.buf(2);
   const T* v = v_out;
   int64_t ld_v = ldv;
@@ -361,12 +362,13 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     // a bf16 layer with LayerNorm: its VJP writes v_z as bf16 and the bias gradient directly (detail::vjp_row_to_bf16)
     const bool vz_in_mm = ly.norm && ly.weight_mm;
     // gradient of the (biased) pre-activation z_l
-    if (vz_in_mm && fast_ln && co % 16 == 0) {
+    const bool fast_vjp = ly.norm && fast_ln && co % 16 == 0;  // the AVX-512 row adds the bias gradient itself
+    if (fast_vjp) {
       if constexpr (std::is_same_v<T, float>) {
         for (int64_t r = 0; r < R; ++r) {
-          cpu::layernorm_relu_row_vjp_bf16_avx512(act[l] + r * co, v + r * ld_v, co, rstd[l][r], ly.ln_weight,
-                                                  ly.ln_bias, vz + r * co, g.ln_weight, g.ln_bias, vz_mm + r * co,
-                                                  g.bias);
+          cpu::layernorm_relu_row_vjp_avx512(act[l] + r * co, v + r * ld_v, co, rstd[l][r], ly.ln_weight, ly.ln_bias,
+                                             vz + r * co, g.ln_weight, g.ln_bias, vz_in_mm ? vz_mm + r * co : nullptr,
+                                             g.bias);
         }
       }
     } else if (vz_in_mm) {
@@ -384,7 +386,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     } else if (v != vz || ld_v != co) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(vz + r * co, v + r * ld_v, sizeof(T) * co);
     }
-    if (g.bias && !vz_in_mm) detail::add_row_sums(vz, R, co, co, g.bias);
+    if (g.bias && !vz_in_mm && !fast_vjp) detail::add_row_sums(vz, R, co, co, g.bias);
     const bool need_prev = l > 0 || v_x != nullptr;
     if (g.weight) {  // v_W += v_z^T a_{l-1}
       if (ly.weight_mm) {
