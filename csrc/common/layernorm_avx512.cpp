@@ -1,5 +1,5 @@
-// The CPU tile loops' LayerNorm(+affine)+ReLU row (srn_math.h's layernorm_relu_row<float, Y>: the same contract and
-// the same one-pass shifted moments) written for AVX-512: 16 floats a vector and the bf16 output through
+// The CPU tile loops' LayerNorm(+affine)+ReLU rows (srn_math.h's layernorm_relu_row<float, Y> row by row: the same
+// contract and the same one-pass shifted moments) written for AVX-512: 16 floats a vector and the bf16 output through
 // VCVTNEPS2BF16 (round to nearest even, like to_storage<c10::BFloat16>). The generic row, auto-vectorised by GCC 12 to
 // 8-wide vectors with a five-instruction integer rounding per bf16, took ~350 cycles per 256-wide row on the AMX Xeon:
 // a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added)
@@ -9,6 +9,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 
@@ -36,53 +37,63 @@ bool avx512_rows() { return rows_flag().load(std::memory_order_relaxed) && ln_ro
 void set_avx512_rows(bool on) { rows_flag() = on; }
 
 #if SRN_HAVE_LN512
-SRN_LN512_TARGET float layernorm_relu_row_avx512(float* z, int64_t n, const float* bias, const float* gamma,
-                                                 const float* beta, float eps, float* xhat, float* y,
-                                                 c10::BFloat16* y_mm) {
-  // moments of d = z - z_0 (bias added in place first), two accumulator pairs
-  const float shift = z[0] + (bias ? bias[0] : 0.f);
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 s1a = _mm512_setzero_ps(), s1b = _mm512_setzero_ps(), s2a = _mm512_setzero_ps(), s2b = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    __m512 v0 = _mm512_loadu_ps(z + k), v1 = _mm512_loadu_ps(z + k + 16);
-    if (bias) {
-      v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias + k));
-      v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + k + 16));
-      _mm512_storeu_ps(z + k, v0);
-      _mm512_storeu_ps(z + k + 16, v1);
+// R rows (row strides ldz, ldx, ldy) in groups of 8: each group's moments first, then its eight rstd with one vector
+// square root and division, then its normalise pass while the group's rows are still in L1. One row at a time, the
+// reductions, the square root and the division were a ~100-cycle dependency chain per row (a quarter of the row).
+SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias,
+                                                 const float* gamma, const float* beta, float eps, float* xhat,
+                                                 int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
+                                                 float* rstd_out) {
+  constexpr int G = 8;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r0 = 0; r0 < R; r0 += G) {
+    const int g = int(std::min<int64_t>(G, R - r0));
+    alignas(32) float sum1[G] = {}, sum2[G] = {}, shift[G] = {}, mean[G], rstd[G];
+    for (int i = 0; i < g; ++i) {
+      float* zr = z + (r0 + i) * ldz;
+      shift[i] = zr[0] + (bias ? bias[0] : 0.f);
+      const __m512 sh = _mm512_set1_ps(shift[i]);
+      __m512 s1 = zero, s2 = zero;
+      for (int64_t k = 0; k < n; k += 16) {
+        __m512 v = _mm512_loadu_ps(zr + k);
+        if (bias) {
+          v = _mm512_add_ps(v, _mm512_loadu_ps(bias + k));
+          _mm512_storeu_ps(zr + k, v);
+        }
+        const __m512 d = _mm512_sub_ps(v, sh);
+        s1 = _mm512_add_ps(s1, d);
+        s2 = _mm512_fmadd_ps(d, d, s2);
+      }
+      sum1[i] = _mm512_reduce_add_ps(s1);
+      sum2[i] = _mm512_reduce_add_ps(s2);
     }
-    const __m512 d0 = _mm512_sub_ps(v0, sh), d1 = _mm512_sub_ps(v1, sh);
-    s1a = _mm512_add_ps(s1a, d0);
-    s1b = _mm512_add_ps(s1b, d1);
-    s2a = _mm512_fmadd_ps(d0, d0, s2a);
-    s2b = _mm512_fmadd_ps(d1, d1, s2b);
-  }
-  if (k < n) {  // n % 32 == 16
-    __m512 v = _mm512_loadu_ps(z + k);
-    if (bias) {
-      v = _mm512_add_ps(v, _mm512_loadu_ps(bias + k));
-      _mm512_storeu_ps(z + k, v);
+    {  // the group's mean and rstd at once
+      const __m256 inv_n = _mm256_set1_ps(1.f / float(n));
+      const __m256 md = _mm256_mul_ps(_mm256_load_ps(sum1), inv_n);
+      __m256 var = _mm256_fnmadd_ps(md, md, _mm256_mul_ps(_mm256_load_ps(sum2), inv_n));
+      var = _mm256_max_ps(var, _mm256_setzero_ps());
+      _mm256_store_ps(mean, _mm256_add_ps(_mm256_load_ps(shift), md));
+      _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f),
+                                          _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
     }
-    const __m512 d = _mm512_sub_ps(v, sh);
-    s1a = _mm512_add_ps(s1a, d);
-    s2a = _mm512_fmadd_ps(d, d, s2a);
+    for (int i = 0; i < g; ++i) {
+      const int64_t r = r0 + i;
+      const float* zr = z + r * ldz;
+      float* xr = xhat ? xhat + r * ldx : nullptr;
+      const __m512 mu = _mm512_set1_ps(mean[i]), rs = _mm512_set1_ps(rstd[i]);
+      for (int64_t k = 0; k < n; k += 16) {
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(zr + k), mu), rs);
+        if (xr) _mm512_storeu_ps(xr + k, xh);
+        __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
+        a = _mm512_max_ps(a, zero);
+        if (y) _mm512_storeu_ps(y + r * ldy + k, a);
+        if (y_mm) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + r * ldy + k), (__m256i)_mm512_cvtneps_pbh(a));
+        }
+      }
+      if (rstd_out) rstd_out[r] = rstd[i];
+    }
   }
-  const float md = _mm512_reduce_add_ps(_mm512_add_ps(s1a, s1b)) / float(n);
-  float var = _mm512_reduce_add_ps(_mm512_add_ps(s2a, s2b)) / float(n) - md * md;
-  var = var > 0.f ? var : 0.f;
-  const float rstd = 1.f / std::sqrt(var + eps);
-  // normalise, affine, ReLU; out as float and / or bf16
-  const __m512 mean = _mm512_set1_ps(shift + md), rs = _mm512_set1_ps(rstd), zero = _mm512_setzero_ps();
-  for (k = 0; k < n; k += 16) {
-    const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(z + k), mean), rs);
-    if (xhat) _mm512_storeu_ps(xhat + k, xh);
-    __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-    a = _mm512_max_ps(a, zero);
-    if (y) _mm512_storeu_ps(y + k, a);
-    if (y_mm) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), (__m256i)_mm512_cvtneps_pbh(a));
-  }
-  return rstd;
 }
 
 // The ReLU mask of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
@@ -135,8 +146,8 @@ SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, int64_t n, const f
 [[noreturn]] static void ln512_unavailable() {
   TORCH_CHECK(false, "srn_fast: the AVX-512 LayerNorm rows need an x86-64 build");
 }
-float layernorm_relu_row_avx512(float*, int64_t, const float*, const float*, const float*, float, float*, float*,
-                                c10::BFloat16*) {
+void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*, const float*, const float*, float,
+                                float*, int64_t, float*, c10::BFloat16*, int64_t, float*) {
   ln512_unavailable();
 }
 void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*, float*,

@@ -247,22 +247,6 @@ void act_row_to_bf16(const T* xhat, int64_t n, const T* gamma, const T* beta, c1
   }
 }
 
-// One LayerNorm+ReLU row of the tile loops (srn_math.h's layernorm_relu_row, the bias added in place): with
-// `fast`, float rows of a multiple of 16 go through the AVX-512 row (cpu::layernorm_relu_row_avx512).
-template <typename T, typename Y>
-T ln_relu_row(T* z, int64_t n, const Layer<T>& ly, T eps, T* xhat, Y* y, bool fast) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (fast && n % 16 == 0) {
-      if constexpr (std::is_same_v<Y, c10::BFloat16>) {
-        return cpu::layernorm_relu_row_avx512(z, n, ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, nullptr, y);
-      } else {
-        return cpu::layernorm_relu_row_avx512(z, n, ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, y, nullptr);
-      }
-    }
-  }
-  return layernorm_relu_row<T, Y>(z, int(n), ly.bias, ly.ln_weight, ly.ln_bias, eps, xhat, y);
-}
-
 }  // namespace detail
 
 // Forward of L layers on R rays.
@@ -313,11 +297,21 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
       continue;
     }
     const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
+    const bool fast_rows = std::is_same_v<T, float> && fast_ln && co % 16 == 0;
     if (next_mm) {  // the next layer reads bf16: write the activation as bf16 directly
       c10::BFloat16* y = ws.buf_mm(1);
+      if (fast_rows) {
+        if constexpr (std::is_same_v<T, float>) {
+          cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps, act ? z : nullptr,
+                                          ldz, nullptr, y, co, rstd ? rstd[l] : nullptr);
+        }
+        in_mm = y;
+        in = nullptr;
+        continue;
+      }
       for (int64_t r = 0; r < R; ++r) {
-        const T rs = detail::ln_relu_row<T, c10::BFloat16>(z + r * ldz, co, ly, eps, act ? z + r * ldz : nullptr,
-                                                           y + r * co, fast_ln);
+        const T rs = layernorm_relu_row<T, c10::BFloat16>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias,
+                                                          eps, act ? z + r * ldz : nullptr, y + r * co);
         if (rstd) rstd[l][r] = rs;
       }
       in_mm = y;
@@ -327,10 +321,17 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     // float activation: into `out` (last layer), in place (nothing saved), or into the spare buffer
     T* y = last ? out : (act ? ws.buf(spare) : z);
     const int64_t ldy = last ? ldo : co;
-    for (int64_t r = 0; r < R; ++r) {
-      const T rs = detail::ln_relu_row<T, T>(z + r * ldz, co, ly, eps, act ? z + r * ldz : nullptr, y + r * ldy,
-                                             fast_ln);
-      if (rstd) rstd[l][r] = rs;
+    if (fast_rows) {
+      if constexpr (std::is_same_v<T, float>) {
+        cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps, act ? z : nullptr, ldz,
+                                        y, nullptr, ldy, rstd ? rstd[l] : nullptr);
+      }
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        const T rs = layernorm_relu_row<T, T>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias, eps,
+                                              act ? z + r * ldz : nullptr, y + r * ldy);
+        if (rstd) rstd[l][r] = rs;
+      }
     }
     in = y, ld_in = ldy;
     if (y == ws.buf(spare)) spare = 1 - spare;
