@@ -80,6 +80,9 @@ SRN_AMX_TARGET void configure() {
   _tile_loadconfig(&cfg);
 }
 
+// _tile_release in a function compiled for AMX (gemm_amx_packed itself is compiled for the build's target).
+SRN_AMX_TARGET void release() { _tile_release(); }
+
 // One 32 x 32 block: C (row stride ldc floats; accumulated onto when accumulate) += A (32 rows at a_row bytes apart,
 // k-pairs contiguous) times the panel block b ([kp][32] words), kp_count a multiple of 16; next_a (or null): the
 // rows of the next block of A to prefetch.
@@ -222,7 +225,7 @@ void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat
       for (int64_t i = 0; i < mm; ++i) std::memcpy(c + i * ldc, scratch + i * kBlock, size_t(nn) * 4);
     }
   }
-  _tile_release();
+  release();
 }
 
 void gemm_amx(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,

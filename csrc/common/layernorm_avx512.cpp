@@ -16,7 +16,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SRN_HAVE_LN512 1
-#define SRN_LN512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define SRN_LN512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 #else
 #define SRN_HAVE_LN512 0
 #endif
@@ -150,8 +150,8 @@ void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*,
                                 float*, int64_t, float*, c10::BFloat16*, int64_t, float*) {
   ln512_unavailable();
 }
-void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*, float*,
-                                   float*, c10::BFloat16*, float*) {
+void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*,
+                                   float*, float*, c10::BFloat16*, float*) {
   ln512_unavailable();
 }
 void relu_row_bf16_avx512(const float*, int64_t, const float*, const float*, c10::BFloat16*) { ln512_unavailable(); }
