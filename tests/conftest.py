@@ -69,10 +69,10 @@ def one_thread():
 @pytest.fixture
 def bf16_route(request):
     """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened",
-    "avx512bf16", "amx", "amx-kernel"), set for the test and the measured choice restored after it. A route this torch build or
-    CPU lacks ("mkl" without MKL's bf16 GEMM, "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16) skips the
-    test; test_cpu_gemm.py checks that
-    the routes measured are the ones the build and CPU have."""
+    "avx512bf16", "amx", or "amx-kernel": amx with its weight gradients on its own kernel too), set for the test and
+    the measured choice restored after it. A route this torch build or CPU lacks ("mkl" without MKL's bf16 GEMM,
+    "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16) skips the test; test_cpu_gemm.py checks that the routes
+    measured are the ones the build and CPU have."""
     import srn_fast
     from srn_fast.ops import precision
 

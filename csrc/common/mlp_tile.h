@@ -261,7 +261,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
   int64_t ld_in = ldx;
   const c10::BFloat16* in_mm = nullptr;  // ... or its bf16 copy when the previous layer wrote one
   int spare = 0;            // float buffer not holding `in`
-  const bool fast_ln = cpu::avx512_rows();  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp)
+  // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp): float only
+  const bool fast_ln = std::is_same_v<T, float> && cpu::avx512_rows();
   for (int l = 0; l < L; ++l) {
     const Layer<T>& ly = layers[l];
     const bool last = l == L - 1;
@@ -297,7 +298,7 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
       continue;
     }
     const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
-    const bool fast_rows = std::is_same_v<T, float> && fast_ln && co % 16 == 0;
+    const bool fast_rows = fast_ln && co % 16 == 0;
     if (next_mm) {  // the next layer reads bf16: write the activation as bf16 directly
       c10::BFloat16* y = ws.buf_mm(1);
       if (fast_rows) {

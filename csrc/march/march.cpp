@@ -156,8 +156,10 @@ struct Accumulators {
 
 // ---- CPU: tiles on raw pointers (march_cpu.h) ----------------------------------------------------------------
 
+// Pointers to sv's buffers; of the per-step activations (sv.zs / sv.rstd: L per step) only those of the first L_run
+// layers, the ones the tiles run.
 template <typename T>
-march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
+march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN, size_t L, size_t L_run) {
   march_cpu::Saved<T> p;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
   p.xs = ptr(sv.xs);
@@ -165,8 +167,11 @@ march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN) {
   p.cs = ptr(sv.cs);
   p.gates = ptr(sv.gates);
   p.steps = ptr(sv.steps);
-  for (auto& a : sv.zs) p.act.push_back(a.defined() ? a.data_ptr<T>() : nullptr);
-  for (auto& r : sv.rstd) p.rstd.push_back(r.defined() ? r.data_ptr<T>() : nullptr);
+  for (size_t i = 0; i < sv.zs.size(); ++i) {
+    if (i % L >= L_run) continue;
+    p.act.push_back(ptr(sv.zs[i]));
+    p.rstd.push_back(ptr(sv.rstd[i]));
+  }
   p.BN = BN;
   return p;
 }
@@ -247,41 +252,41 @@ void unpack_lstm_grads(const LstmInput& in, const LSTMWeights& lw, const at::Ten
   }
 }
 
-// The saved-activation pointers of the layers the tiles run (the first L_run of every step's L).
+// What the CPU tile loops of one op call share: the tile grid, every scene's layers, the saved buffers and scene 0's
+// LSTM (its sizes). The tiles run phi's first L_run layers: all L, or L - 1 where the last is folded (LstmInput).
 template <typename T>
-void keep_layers(march_cpu::Saved<T>& sp, size_t L, size_t L_run) {
-  if (sp.act.empty() || L_run == L) return;
-  std::vector<T*> act, rstd;
-  for (size_t i = 0; i < sp.act.size(); ++i) {
-    if (i % L < L_run) {
-      act.push_back(sp.act[i]);
-      rstd.push_back(sp.rstd[i]);
-    }
-  }
-  sp.act.swap(act);
-  sp.rstd.swap(rstd);
-}
+struct CpuTiles {
+  int L, L_run;
+  tile::Grid grid;
+  std::vector<std::vector<tile::Layer<T>>> layers;
+  march_cpu::Saved<T> sp;
+  march_cpu::Lstm<T> l0;
+  CpuTiles(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& lin, const Saved& sv, int64_t B, int64_t N,
+           int64_t tile_rows, bool bf16)
+      : L(static_cast<int>(phi.size())),
+        L_run(lin.fold ? L - 1 : L),
+        grid(tile::make_grid(B, N, tile_rows)),
+        layers(tile::all_scene_layers<T>(phi, B, bf16)),
+        sp(saved_ptrs<T>(sv, B * N, L, L_run)),
+        l0(scene_lstm<T>(lw, lin, 0)) {}
+};
 
 template <typename T>
 void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& lin, const at::Tensor& x0,
                  const at::Tensor& dirs, int64_t steps, Saved& sv, at::Tensor& xT, int64_t tile_rows, bool bf16) {
-  const int64_t B = x0.size(0), N = x0.size(1);
-  const int L = static_cast<int>(phi.size()), L_run = lin.fold ? L - 1 : L;  // the layers the tiles evaluate
-  const tile::Grid grid = tile::make_grid(B, N, tile_rows);
-  const auto layers = tile::all_scene_layers<T>(phi, B, bf16);
-  march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
-  keep_layers(sp, L, L_run);
-  const march_cpu::Lstm<T> l0 = scene_lstm<T>(lw, lin, 0);
+  const int64_t N = x0.size(1);
+  CpuTiles<T> ct(phi, lw, lin, sv, x0.size(0), N, tile_rows, bf16);
+  const tile::Grid& grid = ct.grid;
   const T* xp = x0.data_ptr<T>();
   const T* dp = dirs.data_ptr<T>();
   T* op = xT.data_ptr<T>();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
-    tile::Workspace<T> ws(layers[0].data(), L_run, grid.R, false);
-    march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, L_run);
+    tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, false);
+    march_cpu::Scratch<T> sc(grid.R, ct.l0.H, ct.l0.F, ct.L_run);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
-      march_cpu::tile_forward<T>(layers[s].data(), L_run, scene_lstm<T>(lw, lin, s), n, row, xp + row * 3,
-                                 dp + row * 3, steps, op + row * 3, sp, ws, sc);
+      march_cpu::tile_forward<T>(ct.layers[s].data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, xp + row * 3,
+                                 dp + row * 3, steps, op + row * 3, ct.sp, ws, sc);
     }
   });
 }
@@ -291,12 +296,9 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
                   const at::Tensor& dirs, const at::Tensor& v_xT, int64_t steps, double clamp_v, const Saved& sv,
                   Accumulators& acc, at::Tensor& v_x0, at::Tensor& v_dirs, int64_t tile_rows, bool bf16) {
   const int64_t B = x0.size(0), N = x0.size(1);
-  const int L = static_cast<int>(phi.size()), L_run = lin.fold ? L - 1 : L;
-  const tile::Grid grid = tile::make_grid(B, N, tile_rows);
-  const auto layers = tile::all_scene_layers<T>(phi, B, bf16);  // bf16: both gradient GEMMs of phi in bf16
-  march_cpu::Saved<T> sp = saved_ptrs<T>(sv, B * N);
-  keep_layers(sp, L, L_run);
-  const march_cpu::Lstm<T> l0 = scene_lstm<T>(lw, lin, 0);
+  CpuTiles<T> ct(phi, lw, lin, sv, B, N, tile_rows, bf16);  // bf16: both gradient GEMMs of phi in bf16
+  const tile::Grid& grid = ct.grid;
+  const march_cpu::Lstm<T>& l0 = ct.l0;
   // the LSTM's input-weight and bias gradients accumulate per scene (G_s, u_s; see LstmInput)
   const int64_t NT = at::get_num_threads(), H4 = 4 * l0.H;
   const at::Tensor G = at::zeros({NT, B, H4, l0.K()}, x0.options()), u = at::zeros({NT, B, H4}, x0.options());
@@ -307,15 +309,15 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
   const bool recompute = sv.zs.empty();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
     const int64_t tid = at::get_thread_num();
-    tile::Workspace<T> ws(layers[0].data(), L_run, grid.R, recompute);
-    march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, L_run);
+    tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, recompute);
+    march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, ct.L_run);
     auto lstm_acc = [tid](const at::Tensor& a) { return tile::acc_ptr<T>(a, tid, 0, 0, false); };
     march_cpu::LstmGrad<T> gl{nullptr, nullptr, lstm_acc(acc.w_out), lstm_acc(acc.b_out)};
-    std::vector<tile::LayerGrad<T>> gp(L);
+    std::vector<tile::LayerGrad<T>> gp(ct.L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
-      const auto& ly = layers[s];
-      for (int l = 0; l < L_run; ++l) {
+      const auto& ly = ct.layers[s];
+      for (int l = 0; l < ct.L_run; ++l) {
         const int64_t co = ly[l].cout;
         gp[l].weight = tile::acc_ptr<T>(acc.W[l], tid, s, co * ly[l].cin, phi.per_scene(l));
         gp[l].bias = tile::acc_ptr<T>(acc.b[l], tid, s, co, phi.b[l].dim() == 2);
@@ -324,8 +326,8 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
       }
       gl.w_in = tile::acc_ptr<T>(G, tid, s, H4 * l0.K(), true);
       gl.bias = tile::acc_ptr<T>(u, tid, s, H4, true);
-      march_cpu::tile_backward<T>(ly.data(), L_run, scene_lstm<T>(lw, lin, s), n, row, dp + row * 3, steps,
-                                  vp + row * 3, T(clamp_v), sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
+      march_cpu::tile_backward<T>(ly.data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, dp + row * 3, steps,
+                                  vp + row * 3, T(clamp_v), ct.sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
     }
   });
   unpack_lstm_grads(lin, lw, G, u, acc);

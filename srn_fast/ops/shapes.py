@@ -66,7 +66,7 @@ def march_shapes(x0: torch.Tensor, weights: Sequence[torch.Tensor], norm: Sequen
     """``xT [B, N, 3]``; ``steps [T + 1, B, N, 3]`` with return_steps; unless inference: ``xs [T, B, N, 3]``,
     ``hs, cs [T + 1, B, N, H]``, ``gates [T, B, N, 4H]``; store mode: per phi layer ``acts[l] [T, B, N, C_l]`` and, on
     the CPU tiles, ``rstd[l] [T, B, N]`` for norm layers. The CPU tiles fold a plain linear last layer of phi into the
-    LSTM's input GEMM (csrc/march/march.cpp, ``Fold``): it never runs there, so nothing is kept for it."""
+    LSTM's input GEMM (csrc/march/march.cpp, ``LstmInput``): it never runs there, so nothing is kept for it."""
     B, N = x0.shape[0], x0.shape[1]
     T, H = int(steps), w_hh.shape[1]
     keep = mode != MARCH_MODES["inference"]
