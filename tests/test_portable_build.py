@@ -1,7 +1,10 @@
 """The CPU kernels that use instruction-set extensions (AVX512-BF16, AMX) reach them through function attributes,
 so that `SRN_FAST_NO_NATIVE=1` builds (`-march` left at the compiler's default, for wheels meant for other machines)
-compile. Every such source is compiled here for plain x86-64: an intrinsic called from a function without the
-attribute compiles under `-march=native` on a machine that has the extension and fails everywhere else."""
+compile and run. The sources with such attributes are compiled here for plain x86-64 and linked with a small driver
+that runs each kernel this CPU has against a plain reference: an intrinsic called from a function without the
+attribute compiles under `-march=native` on a machine with the extension and fails everywhere else, and GCC 12
+dropped the stores filling a stack tile configuration in such a build (SIGILL at the first AMX instruction) while the
+native build ran."""
 import glob
 import os
 import platform
@@ -13,6 +16,64 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+DRIVER = r"""
+#include "common/cpu_gemm.h"
+#include <cmath>
+#include <cstdio>
+#include <vector>
+using srn::cpu::dpbf16_packed_words;
+static float bf(c10::BFloat16 v) { return float(v); }
+int main() {
+  const int64_t M = 37, N = 64, K = 96;  // M not a multiple of the kernels' blocks
+  std::vector<c10::BFloat16> A(M * K), W(N * K);  // W [N, K]: C = A W^T, as the tile loops' forward
+  for (int64_t i = 0; i < M * K; ++i) A[i] = c10::BFloat16(float((i * 37) % 101) / 50.f - 1.f);
+  for (int64_t i = 0; i < N * K; ++i) W[i] = c10::BFloat16(float((i * 53) % 89) / 44.f - 1.f);
+  std::vector<float> ref(M * N, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) ref[m * N + n] += bf(A[m * K + k]) * bf(W[n * K + k]);
+  auto check = [&](const char* name, const std::vector<float>& c) {
+    double err = 0;
+    for (int64_t i = 0; i < M * N; ++i) err = std::fmax(err, std::fabs(c[i] - ref[i]));
+    std::printf("%s %s %.3g\n", name, err < 1e-3 ? "ok" : "WRONG", err);
+    return err < 1e-3;
+  };
+  bool good = true;
+  if (srn::cpu::dpbf16_available()) {
+    std::vector<uint32_t> P(dpbf16_packed_words(K, N));
+    srn::cpu::dpbf16_pack_b(true, K, N, W.data(), K, P.data());
+    std::vector<float> c(M * N, 0.f);
+    srn::cpu::gemm_dpbf16_packed(false, M, N, K, A.data(), K, P.data(), 0.f, c.data(), N);
+    good &= check("avx512bf16", c);
+  }
+  if (srn::cpu::amx_available()) {
+    std::vector<uint32_t> P(srn::cpu::amx_packed_words(K, N));
+    srn::cpu::amx_pack_b(true, K, N, W.data(), K, P.data());
+    std::vector<float> c(M * N, 0.f);
+    srn::cpu::gemm_amx_packed(false, M, N, K, A.data(), K, P.data(), 0.f, c.data(), N);
+    good &= check("amx", c);
+  }
+  if (srn::cpu::ln_row_avx512_available()) {  // LayerNorm+ReLU of ref's rows (n = 64) against a plain loop
+    std::vector<float> z = ref, y(M * N), rstd(M);
+    srn::cpu::layernorm_relu_rows_avx512(z.data(), M, N, N, nullptr, nullptr, nullptr, 1e-5f, nullptr, N, y.data(),
+                                         nullptr, N, rstd.data());
+    double err = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      double mean = 0, var = 0;
+      for (int64_t n = 0; n < N; ++n) mean += ref[m * N + n] / N;
+      for (int64_t n = 0; n < N; ++n) var += (ref[m * N + n] - mean) * (ref[m * N + n] - mean) / N;
+      for (int64_t n = 0; n < N; ++n) {
+        const double want = std::fmax(0.0, (ref[m * N + n] - mean) / std::sqrt(var + 1e-5));
+        err = std::fmax(err, std::fabs(y[m * N + n] - want));
+      }
+    }
+    std::printf("layernorm %s %.3g\n", err < 1e-4 ? "ok" : "WRONG", err);
+    good &= err < 1e-4;
+  }
+  return good ? 0 : 1;
+}
+"""
+
 
 def _target_attribute_sources():
     out = []
@@ -23,22 +84,33 @@ def _target_attribute_sources():
     return out
 
 
-def test_target_attribute_sources_compile_for_plain_x86_64(tmp_path):
+def test_target_attribute_sources_build_and_run_for_plain_x86_64(tmp_path):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the extension-specific kernels are x86-64 only")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler on this machine")
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    from srn_fast.ops._layers import cpu_flags
 
     sources = _target_attribute_sources()
-    assert {os.path.basename(s) for s in sources} >= {"cpu_gemm_amx.cpp", "cpu_gemm_dpbf16.cpp",
+    assert {os.path.basename(s) for s in sources} == {"cpu_gemm_amx.cpp", "cpu_gemm_dpbf16.cpp",
                                                      "layernorm_avx512.cpp"}
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(ROOT, 'csrc')}",
-                                                       f"-I{sysconfig.get_paths()['include']}"]
-    for src in sources:
-        cmd = [cxx, "-std=c++20", "-O2", "-march=x86-64", "-fPIC", *includes, "-c", src,
-               "-o", str(tmp_path / "out.o")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"{os.path.relpath(src, ROOT)} does not compile for plain x86-64:\n" + \
-            res.stderr[-3000:]
+    driver = tmp_path / "driver.cpp"
+    driver.write_text(DRIVER)
+    lib = library_paths()[0]
+    cmd = [cxx, "-std=c++20", "-O2", "-march=x86-64", *[f"-I{p}" for p in include_paths()],
+           f"-I{os.path.join(ROOT, 'csrc')}", f"-I{sysconfig.get_paths()['include']}", *sources, str(driver),
+           f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-o", str(tmp_path / "driver")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, "the kernels do not build for plain x86-64:\n" + res.stderr[-3000:]
+    run = subprocess.run([str(tmp_path / "driver")], capture_output=True, text=True)
+    assert run.returncode == 0, f"exit {run.returncode}:\n{run.stdout}{run.stderr}"
+    flags = cpu_flags()
+    if flags:  # the kernels the CPU has ran (not skipped by a failed availability check)
+        ran = {line.split()[0] for line in run.stdout.splitlines()}
+        want = {"avx512bf16", "layernorm"} if "avx512_bf16" in flags else set()
+        if {"amx_bf16", "avx512_bf16"} <= flags:
+            want.add("amx")
+        assert ran == want, (run.stdout, sorted(flags & {"avx512_bf16", "amx_bf16"}))

@@ -75,8 +75,14 @@ struct alignas(64) TileConfig {
 };
 
 SRN_AMX_TARGET void configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;  // every tile 16 rows of 64 bytes
+  // every tile 16 rows of 64 bytes. Static, not a stack copy: GCC 12 does not see _tile_loadconfig read its operand,
+  // and in a -march=x86-64 build it dropped the stores that fill a local one (palette 0: SIGILL at the first tile
+  // instruction)
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    return c;
+  }();
   _tile_loadconfig(&cfg);
 }
 
