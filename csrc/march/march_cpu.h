@@ -198,7 +198,7 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
       }
     }
     tile::forward<T>(phi, L, R, x, 3, out_saved ? act[L - 1] : in, out_saved ? F : K,
-                     store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws);
+                     store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws, /*stream_act=*/store);
     if (out_saved) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(in + r * K, act[L - 1] + r * F, sizeof(T) * F);
     }

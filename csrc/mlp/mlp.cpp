@@ -7,6 +7,7 @@
 #include "mlp/mlp.h"
 
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <c10/core/DeviceGuard.h>
 
 #include "common/checks.h"
@@ -43,10 +44,14 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, cons
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool save = !act.empty();
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
+  // tiles handed out one at a time (an atomic counter), not split in equal halves: a thread slowed by anything else
+  // on its core no longer holds the other one at the end (nothing is accumulated, so the order does not matter)
+  std::atomic<int64_t> next{0};
+  const int64_t count = tiles.count();
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, false);
     std::vector<T*> ap(L), rp(L);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
       const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
       const int64_t row = s * N + r0;
       if (save) {
@@ -56,7 +61,7 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, cons
         }
       }
       tile::forward<T>(layers[s].data(), L, n, xp + row * C0, C0, op + row * CL, CL, save ? ap.data() : nullptr,
-                       save ? rp.data() : nullptr, ws);
+                       save ? rp.data() : nullptr, ws, /*stream_act=*/save);
     }
   });
 }
