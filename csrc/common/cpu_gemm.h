@@ -78,6 +78,12 @@ void set_avx512_rows(bool on);
 void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias, const float* gamma,
                                 const float* beta, float eps, float* xhat, int64_t ldx, float* y, c10::BFloat16* y_mm,
                                 int64_t ldy, float* rstd_out, bool stream_xhat = false);
+// The same rows for a thin layer (cin <= 4, phi's 3-wide input layer): z = x W^T (+ bias) computed from x [R, cin]
+// (row stride ldxi) and W [n, cin] where the rows read it, never stored.
+void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, const float* W, int64_t R, int64_t n,
+                                     const float* bias, const float* gamma, const float* beta, float eps, float* xhat,
+                                     int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out,
+                                     bool stream_xhat = false);
 // Its VJP (srn_math.h's layernorm_relu_row_vjp, or for a bf16 layer mlp_tile.h's detail::vjp_row_to_bf16): xhat,
 // v_y [n]; g [n]: the gradient of z as float when v_z is null, else scratch and v_z [n] gets it as bf16; v_gamma /
 // v_beta / v_bias [n] accumulated (or null).

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -131,6 +132,109 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
   if (stream) _mm_sfence();  // the streamed stores ordered before whatever reads xhat next (another thread's backward)
 }
 
+// layernorm_relu_rows_avx512 of a thin layer (phi's 3-wide input layer) whose pre-activation z = x W^T + bias is
+// computed where the rows read it, C multiply-adds a vector, instead of written by a GEMM and read back twice.
+// wt [C][n]: W transposed. Same groups of 8 rows, two side by side for the moments.
+template <int C>
+SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float* wt, int64_t R, int64_t n,
+                                       const float* bias, const float* gamma, const float* beta, float eps,
+                                       float* xhat, int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
+                                       float* rstd_out, bool stream) {
+  constexpr int G = 8;
+  const __m512 zero = _mm512_setzero_ps();
+  auto zvec = [&](const __m512* xb, int64_t k) SRN_LN512_TARGET {
+    __m512 z = bias ? _mm512_loadu_ps(bias + k) : zero;
+    for (int c = 0; c < C; ++c) z = _mm512_fmadd_ps(xb[c], _mm512_loadu_ps(wt + c * n + k), z);
+    return z;
+  };
+  auto zfirst = [&](const float* xr) {  // the row's z[0], the shift of its moments
+    float z = bias ? bias[0] : 0.f;
+    for (int c = 0; c < C; ++c) z += xr[c] * wt[c * n];
+    return z;
+  };
+  for (int64_t r0 = 0; r0 < R; r0 += G) {
+    const int g = int(std::min<int64_t>(G, R - r0));
+    alignas(32) float sum1[G] = {}, sum2[G] = {}, shift[G] = {}, mean[G], rstd[G];
+    for (int i = 0; i < g; i += 2) {
+      const float* xa = x + (r0 + i) * ldxi;
+      const float* xb_ = i + 1 < g ? xa + ldxi : xa;  // an odd last row: computed twice, its copy dropped
+      __m512 ba[C], bb[C];
+      for (int c = 0; c < C; ++c) ba[c] = _mm512_set1_ps(xa[c]), bb[c] = _mm512_set1_ps(xb_[c]);
+      shift[i] = zfirst(xa);
+      const float shift_b = zfirst(xb_);
+      const __m512 sha = _mm512_set1_ps(shift[i]), shb = _mm512_set1_ps(shift_b);
+      __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;
+      for (int64_t k = 0; k < n; k += 16) {
+        const __m512 da = _mm512_sub_ps(zvec(ba, k), sha), db = _mm512_sub_ps(zvec(bb, k), shb);
+        s1a = _mm512_add_ps(s1a, da);
+        s2a = _mm512_fmadd_ps(da, da, s2a);
+        s1b = _mm512_add_ps(s1b, db);
+        s2b = _mm512_fmadd_ps(db, db, s2b);
+      }
+      sum1[i] = _mm512_reduce_add_ps(s1a);
+      sum2[i] = _mm512_reduce_add_ps(s2a);
+      if (i + 1 < g) {
+        shift[i + 1] = shift_b;
+        sum1[i + 1] = _mm512_reduce_add_ps(s1b);
+        sum2[i + 1] = _mm512_reduce_add_ps(s2b);
+      }
+    }
+    {  // the group's mean and rstd at once
+      const __m256 inv_n = _mm256_set1_ps(1.f / float(n));
+      const __m256 md = _mm256_mul_ps(_mm256_load_ps(sum1), inv_n);
+      __m256 var = _mm256_fnmadd_ps(md, md, _mm256_mul_ps(_mm256_load_ps(sum2), inv_n));
+      var = _mm256_max_ps(var, _mm256_setzero_ps());
+      _mm256_store_ps(mean, _mm256_add_ps(_mm256_load_ps(shift), md));
+      _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f),
+                                          _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
+    }
+    for (int i = 0; i < g; ++i) {
+      const int64_t r = r0 + i;
+      const float* xr_in = x + r * ldxi;
+      __m512 xb[C];
+      for (int c = 0; c < C; ++c) xb[c] = _mm512_set1_ps(xr_in[c]);
+      float* xr = xhat ? xhat + r * ldx : nullptr;
+      const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
+      for (int64_t k = 0; k < n; k += 16) {
+        const __m512 xh = _mm512_fmadd_ps(zvec(xb, k), rs, nmr);
+        if (xr) {
+          if (stream) {
+            _mm512_stream_ps(xr + k, xh);
+          } else {
+            _mm512_storeu_ps(xr + k, xh);
+          }
+        }
+        __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
+        a = _mm512_max_ps(a, zero);
+        if (y) _mm512_storeu_ps(y + r * ldy + k, a);
+        if (y_mm) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + r * ldy + k), (__m256i)_mm512_cvtneps_pbh(a));
+        }
+      }
+      if (rstd_out) rstd_out[r] = rstd[i];
+    }
+  }
+  if (stream) _mm_sfence();
+}
+
+void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, const float* W, int64_t R, int64_t n,
+                                     const float* bias, const float* gamma, const float* beta, float eps, float* xhat,
+                                     int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out,
+                                     bool stream) {
+  TORCH_CHECK(cin >= 1 && cin <= 4, "srn_fast: layernorm_relu_rows_thin_avx512 takes 1 to 4 input columns");
+  stream = stream && xhat && reinterpret_cast<uintptr_t>(xhat) % 64 == 0 && ldx % 16 == 0;
+  thread_local std::vector<float> wt;
+  wt.resize(size_t(cin * n));
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t c = 0; c < cin; ++c) wt[c * n + k] = W[k * cin + c];
+  switch (cin) {
+    case 1: return thin_rows<1>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
+    case 2: return thin_rows<2>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
+    case 3: return thin_rows<3>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
+    default: return thin_rows<4>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
+  }
+}
+
 // The ReLU mask of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
 SRN_LN512_TARGET static inline __mmask16 relu_mask(const float* xhat, const float* gamma, const float* beta,
                                                    int64_t k) {
@@ -187,6 +291,11 @@ void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*,
 }
 void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*,
                                    float*, float*, c10::BFloat16*, float*) {
+  ln512_unavailable();
+}
+void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
+                                     const float*, const float*, float, float*, int64_t, float*, c10::BFloat16*, int64_t,
+                                     float*, bool) {
   ln512_unavailable();
 }
 void relu_row_bf16_avx512(const float*, int64_t, const float*, const float*, c10::BFloat16*) { ln512_unavailable(); }

@@ -17,6 +17,7 @@
 
 #include "common/cpu_gemm.h"
 #include "common/srn_math.h"
+#include "common/thin_gemm.h"
 
 namespace srn {
 
@@ -271,6 +272,22 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     const Layer<T>& ly = layers[l];
     const bool last = l == L - 1;
     const int64_t ci = ly.cin, co = ly.cout;
+    const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
+    if (fast_ln && ly.norm && !ly.weight_mm && in && ci <= cpu::kThin && co % 16 == 0) {
+      // a thin float layer (phi's input layer): the AVX-512 rows compute z = x W^T + b themselves, no GEMM
+      if constexpr (std::is_same_v<T, float>) {
+        c10::BFloat16* y_mm = next_mm ? ws.buf_mm(1) : nullptr;
+        T* y = next_mm ? nullptr : (last ? out : ws.buf(spare));
+        const int64_t ldy = last && !next_mm ? ldo : co;
+        cpu::layernorm_relu_rows_thin_avx512(in, ld_in, ci, ly.weight, R, co, ly.bias, ly.ln_weight, ly.ln_bias, eps,
+                                             act ? act[l] : nullptr, co, y, y_mm, ldy, rstd ? rstd[l] : nullptr,
+                                             stream_act);
+        in_mm = y_mm;
+        in = y, ld_in = ldy;
+        if (y == ws.buf(spare)) spare = 1 - spare;
+      }
+      continue;
+    }
     T* z;
     int64_t ldz = co;
     if (last && !ly.norm) {
@@ -301,7 +318,6 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
       if (z == ws.buf(spare)) spare = 1 - spare;
       continue;
     }
-    const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
     const bool fast_rows = fast_ln && co % 16 == 0;
     if (next_mm) {  // the next layer reads bf16: write the activation as bf16 directly
       c10::BFloat16* y = ws.buf_mm(1);
