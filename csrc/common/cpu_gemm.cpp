@@ -1,3 +1,4 @@
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 #include "common/thin_gemm.h"
 
@@ -148,7 +149,7 @@ void gemm_bf16_mkl(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10:
 
 // op(X) stored as [rows, cols] bf16 with row stride ld -> dense float32 [rows, cols] in w (resized as needed).
 // bf16 -> float32 is exact: the bf16 bits are the high half of the float's.
-void widen(const c10::BFloat16* X, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& w) {
+void widen(const c10::BFloat16* X, int64_t rows, int64_t cols, int64_t ld, aligned_vector<float>& w) {
   if (w.size() < size_t(rows * cols)) w.resize(rows * cols);
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* s = reinterpret_cast<const uint16_t*>(X + r * ld);
@@ -162,7 +163,7 @@ void widen(const c10::BFloat16* X, int64_t rows, int64_t cols, int64_t ld, std::
 void gemm_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                   const float* B_wide, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (trivial(M, N, K, beta, C, ldc)) return;
-  thread_local std::vector<float> wa;
+  thread_local aligned_vector<float> wa;
   const int64_t a_cols = ta ? M : K;
   widen(A, ta ? K : M, a_cols, lda, wa);
   gemm(ta, tb, M, N, K, wa.data(), a_cols, B_wide, ldb, beta, C, ldc);
@@ -176,7 +177,7 @@ namespace {
 // instructions run below its float32 FMA rate (e.g. AVX512-BF16 without AMX at half the rate).
 void gemm_bf16_widened(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                        const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  thread_local std::vector<float> wb;
+  thread_local aligned_vector<float> wb;
   const int64_t b_cols = tb ? K : N;
   widen(B, tb ? N : K, b_cols, ldb, wb);
   gemm_widened(ta, tb, M, N, K, A, lda, wb.data(), b_cols, beta, C, ldc);
@@ -209,10 +210,10 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
   static const std::vector<std::pair<std::string, double>> rates = [] {
     constexpr int64_t M = 128, N = 256, K = 256;  // one tile through one 256-wide layer: C = A B^T
     const int64_t T = std::max(1, at::get_num_threads());
-    std::vector<float> a(T * M * K), b(N * K), c(T * M * N);
+    aligned_vector<float> a(T * M * K), b(N * K), c(T * M * N);
     for (size_t i = 0; i < a.size(); ++i) a[i] = float((i * 7919) % 1000) / 1000.f - 0.5f;
     for (size_t i = 0; i < b.size(); ++i) b[i] = float((i * 104729) % 1000) / 1000.f - 0.5f;
-    std::vector<c10::BFloat16> ah(a.begin(), a.end()), bh(b.begin(), b.end());
+    aligned_vector<c10::BFloat16> ah(a.begin(), a.end()), bh(b.begin(), b.end());
     std::vector<std::pair<std::string, double>> out;
     out.emplace_back("float32", rate([&](int64_t t) {
       gemm(false, true, M, N, K, a.data() + t * M * K, K, b.data(), K, 0.f, c.data() + t * M * N, N);
@@ -227,20 +228,20 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
                                       c.data() + t * M * N, N);
     }, M, N, K, T));
     // the tile loops hand this route their weights widened once per op call (Layer::weight_wide): time it so
-    std::vector<float> bw;
+    aligned_vector<float> bw;
     widen(bh.data(), N, K, K, bw);
     out.emplace_back("widened", rate([&](int64_t t) {
       gemm_widened(false, true, M, N, K, ah.data() + t * M * K, K, bw.data(), K, 0.f, c.data() + t * M * N, N);
     }, M, N, K, T));
     if (dpbf16_available()) {  // likewise its weights come packed once per op call (Layer::weight_pk_fwd)
-      std::vector<uint32_t> bp(dpbf16_packed_words(K, N));
+      aligned_vector<uint32_t> bp(dpbf16_packed_words(K, N));
       dpbf16_pack_b(true, K, N, bh.data(), K, bp.data());
       out.emplace_back("avx512bf16", rate([&](int64_t t) {
         gemm_dpbf16_packed(false, M, N, K, ah.data() + t * M * K, K, bp.data(), 0.f, c.data() + t * M * N, N);
       }, M, N, K, T));
     }
     if (amx_available()) {  // the same for the AMX route's packing
-      std::vector<uint32_t> bp(amx_packed_words(K, N));
+      aligned_vector<uint32_t> bp(amx_packed_words(K, N));
       amx_pack_b(true, K, N, bh.data(), K, bp.data());
       out.emplace_back("amx", rate([&](int64_t t) {
         gemm_amx_packed(false, M, N, K, ah.data() + t * M * K, K, bp.data(), 0.f, c.data() + t * M * N, N);

@@ -17,6 +17,7 @@
 // that stick out of C (M or N not a multiple of 32) go through a 32 x 32 scratch block; A rows past M come from
 // zero-padded copies. Compiled for every x86-64 target through function attributes; used only where the CPU
 // reports AMX-BF16 and Linux grants the process the tile state (amx_available).
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 
 #include <c10/util/Exception.h>
@@ -159,7 +160,7 @@ SRN_AMX_TARGET inline void transpose16(__m512i r[16]) {
 // 32, kps = amx_kp_stride(K); rows past M hold whatever the padding columns of the zip held (they only reach rows
 // of C that are not stored).
 SRN_AMX_TARGET void pack_a_transposed(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda,
-                                      std::vector<uint32_t>& zipped, std::vector<uint32_t>& Q) {
+                                      aligned_vector<uint32_t>& zipped, aligned_vector<uint32_t>& Q) {
   const int64_t kps = amx_kp_stride(K), Mp = (M + kBlock - 1) / kBlock * kBlock;
   zipped.resize(size_t(dpbf16_packed_words(K, M, kps)));
   dpbf16_pack_b(false, K, M, A, lda, zipped.data(), kps);  // [M/32][kps][32]: word (kp, m) = (A[2kp][m], A[2kp+1][m])
@@ -176,7 +177,7 @@ SRN_AMX_TARGET void pack_a_transposed(int64_t M, int64_t K, const c10::BFloat16*
 }
 
 // Row-major op(A) [M, K] -> Q [Mp][kps] words: rows padded with zeros to 2 kps bf16, rows past M zeros.
-void pack_a_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, int64_t Mp, std::vector<uint32_t>& Q) {
+void pack_a_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, int64_t Mp, aligned_vector<uint32_t>& Q) {
   const int64_t kps = amx_kp_stride(K);
   Q.assign(size_t(Mp * kps), 0u);
   for (int64_t m = 0; m < M; ++m) std::memcpy(Q.data() + m * kps, A + m * lda, size_t(K) * 2);
@@ -187,7 +188,7 @@ void pack_a_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, int6
 void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                      const uint32_t* Bp, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  thread_local std::vector<uint32_t> zipped, qa, tail;
+  thread_local aligned_vector<uint32_t> zipped, qa, tail;
   const int64_t kps = amx_kp_stride(K), Mfull = M / kBlock * kBlock;
   const char* a = reinterpret_cast<const char*>(A);
   int64_t a_row = lda * 2;
@@ -236,7 +237,7 @@ void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat
 
 void gemm_amx(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
               const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  thread_local std::vector<uint32_t> bp;
+  thread_local aligned_vector<uint32_t> bp;
   bp.resize(size_t(amx_packed_words(K, N)));
   amx_pack_b(tb, K, N, B, ldb, bp.data());
   gemm_amx_packed(ta, M, N, K, A, lda, bp.data(), beta, C, ldc);

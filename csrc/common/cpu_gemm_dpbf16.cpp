@@ -13,6 +13,7 @@
 // against the O(M N K) product. Weights are packed once per op call (dpbf16_pack_b, MLPWeights::W_pk).
 // Compiled for every x86-64 target through function attributes, and called only when the CPU reports the
 // instructions (dpbf16_available).
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 
 #include <c10/util/Exception.h>
@@ -87,7 +88,7 @@ struct ALayout {
 };
 
 SRN_DPBF16_TARGET ALayout pack_a(bool ta, int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda,
-                                 std::vector<uint32_t>& Q) {
+                                 aligned_vector<uint32_t>& Q) {
   const int64_t KP = k_pairs(K);
   if (!ta) {
     Q.resize(size_t(M * KP));
@@ -198,7 +199,7 @@ void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_
 
 void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                  const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  thread_local std::vector<uint32_t> bp;
+  thread_local aligned_vector<uint32_t> bp;
   bp.resize(size_t(dpbf16_packed_words(K, N)));
   dpbf16_pack_b(tb, K, N, B, ldb, bp.data());
   gemm_dpbf16_packed(ta, M, N, K, A, lda, bp.data(), beta, C, ldc);
@@ -206,7 +207,7 @@ void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::B
 
 void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                         const uint32_t* Bp, float beta, float* C, int64_t ldc) {
-  thread_local std::vector<uint32_t> ap;
+  thread_local aligned_vector<uint32_t> ap;
   const int64_t KP = k_pairs(K);
   // op(A) read in place when A is row-major with an even K (the forward and input-gradient GEMMs)
   const char* a = reinterpret_cast<const char*>(A);

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 #include "common/srn_math.h"
 #include "common/thin_gemm.h"
@@ -132,24 +133,27 @@ class Workspace {
   Workspace(const Layer<T>* layers, int L, int64_t R, bool with_act) : R_(R) {
     int64_t cmax = 1;
     for (int l = 0; l < L; ++l) cmax = std::max({cmax, layers[l].cin, layers[l].cout});
-    const int64_t n = std::max<int64_t>(R, 1) * cmax;
+    // every buffer (and, for widths of a multiple of 16, every row) on a cache line: aligned.h
+    const int64_t n = line_multiple<c10::BFloat16>(std::max<int64_t>(R, 1) * cmax);
     f_.assign(3 * n, T(0));
     h_.assign(2 * n, c10::BFloat16(0.f));
     for (int k = 0; k < 3; ++k) fp_[k] = f_.data() + k * n;
     hp_[0] = h_.data();
     hp_[1] = h_.data() + n;
+    TORCH_INTERNAL_ASSERT(is_line_aligned(fp_[1]) && is_line_aligned(fp_[2]) && is_line_aligned(hp_[1]),
+                          "srn_fast: tile workspace buffers off cache lines");
     if (with_act) {
       int64_t total = 0;
-      for (int l = 0; l < L; ++l) total += layers[l].cout;
-      act_store_.assign(std::max<int64_t>(R, 1) * (total + L), T(0));
+      for (int l = 0; l < L; ++l) total += line_multiple<T>(R * layers[l].cout) + line_multiple<T>(R);
+      act_store_.assign(std::max<int64_t>(total, 1), T(0));
       T* p = act_store_.data();
       for (int l = 0; l < L; ++l) {
         act_.push_back(p);
-        p += R * layers[l].cout;
+        p += line_multiple<T>(R * layers[l].cout);
       }
       for (int l = 0; l < L; ++l) {
         rstd_.push_back(p);
-        p += R;
+        p += line_multiple<T>(R);
       }
     }
   }
@@ -161,8 +165,8 @@ class Workspace {
 
  private:
   int64_t R_;
-  std::vector<T> f_, act_store_;
-  std::vector<c10::BFloat16> h_;
+  aligned_vector<T> f_, act_store_;
+  aligned_vector<c10::BFloat16> h_;
   T* fp_[3];
   c10::BFloat16* hp_[2];
   std::vector<T*> act_, rstd_;

@@ -66,7 +66,7 @@ struct Saved {
 // Per-thread scratch of the march (besides phi's tile::Workspace).
 template <typename T>
 struct Scratch {
-  std::vector<T> in, pre, h[2], c[2], x[2], v_in, v_h, v_c, v_x, v_dirs, zeros;  // in, v_in: [R, F + H]
+  aligned_vector<T> in, pre, h[2], c[2], x[2], v_in, v_h, v_c, v_x, v_dirs, zeros;  // in, v_in: [R, F + H]
   std::vector<T*> act, rstd;  // this step's phi activations (L pointers each), for tile::forward / backward
   Scratch(int64_t R, int64_t H, int64_t F, int L) : act(L), rstd(L) {
     const int64_t r = std::max<int64_t>(R, 1);
