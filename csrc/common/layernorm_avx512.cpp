@@ -49,6 +49,41 @@ SRN_LN512_TARGET static inline __m512 biased(const float* zr, const float* bias,
   return bias ? _mm512_add_ps(v, _mm512_loadu_ps(bias + k)) : v;
 }
 
+// A vector of a row's shifted values d into its running sums: s1 += d, s2 += d^2.
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void add_moments(__m512 d, __m512& s1, __m512& s2) {
+  s1 = _mm512_add_ps(s1, d);
+  s2 = _mm512_fmadd_ps(d, d, s2);
+}
+
+// The eight rows' mean and rstd of a group at once, from their sums of (z - shift) and (z - shift)^2: one vector
+// square root and division for all of them.
+SRN_LN512_TARGET static inline void group_mean_rstd(const float* sum1, const float* sum2, const float* shift,
+                                                    int64_t n, float eps, float* mean, float* rstd) {
+  const __m256 inv_n = _mm256_set1_ps(1.f / float(n));
+  const __m256 md = _mm256_mul_ps(_mm256_load_ps(sum1), inv_n);
+  __m256 var = _mm256_fnmadd_ps(md, md, _mm256_mul_ps(_mm256_load_ps(sum2), inv_n));
+  var = _mm256_max_ps(var, _mm256_setzero_ps());
+  _mm256_store_ps(mean, _mm256_add_ps(_mm256_load_ps(shift), md));
+  _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
+}
+
+// One vector of a row's normalise pass: xhat into xr (streamed or not; null: not kept), ReLU(xhat gamma + beta) into
+// yr as float and / or ymr as bf16 (either may be null).
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 xh, int64_t k, float* xr, bool stream, const float* gamma,
+                                         const float* beta, float* yr, c10::BFloat16* ymr) {
+  if (xr) {
+    if (stream) {
+      _mm512_stream_ps(xr + k, xh);
+    } else {
+      _mm512_storeu_ps(xr + k, xh);
+    }
+  }
+  __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
+  a = _mm512_max_ps(a, _mm512_setzero_ps());
+  if (yr) _mm512_storeu_ps(yr + k, a);
+  if (ymr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(ymr + k), (__m256i)_mm512_cvtneps_pbh(a));
+}
+
 SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias,
                                                  const float* gamma, const float* beta, float eps, float* xhat,
                                                  int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
@@ -73,10 +108,8 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
       __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;
       for (int64_t k = 0; k < n; k += 16) {
         const __m512 da = _mm512_sub_ps(biased(za, bias, k), sha), db = _mm512_sub_ps(biased(zb, bias, k), shb);
-        s1a = _mm512_add_ps(s1a, da);
-        s2a = _mm512_fmadd_ps(da, da, s2a);
-        s1b = _mm512_add_ps(s1b, db);
-        s2b = _mm512_fmadd_ps(db, db, s2b);
+        add_moments(da, s1a, s2a);
+        add_moments(db, s1b, s2b);
       }
       sum1[i] = _mm512_reduce_add_ps(s1a);
       sum2[i] = _mm512_reduce_add_ps(s2a);
@@ -90,41 +123,21 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
       __m512 s1a = zero, s2a = zero;
       for (int64_t k = 0; k < n; k += 16) {
         const __m512 da = _mm512_sub_ps(biased(za, bias, k), sha);
-        s1a = _mm512_add_ps(s1a, da);
-        s2a = _mm512_fmadd_ps(da, da, s2a);
+        add_moments(da, s1a, s2a);
       }
       sum1[i] = _mm512_reduce_add_ps(s1a);
       sum2[i] = _mm512_reduce_add_ps(s2a);
     }
-    {  // the group's mean and rstd at once
-      const __m256 inv_n = _mm256_set1_ps(1.f / float(n));
-      const __m256 md = _mm256_mul_ps(_mm256_load_ps(sum1), inv_n);
-      __m256 var = _mm256_fnmadd_ps(md, md, _mm256_mul_ps(_mm256_load_ps(sum2), inv_n));
-      var = _mm256_max_ps(var, _mm256_setzero_ps());
-      _mm256_store_ps(mean, _mm256_add_ps(_mm256_load_ps(shift), md));
-      _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f),
-                                          _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
-    }
+    group_mean_rstd(sum1, sum2, shift, n, eps, mean, rstd);
     for (int i = 0; i < g; ++i) {
       const int64_t r = r0 + i;
       const float* zr = z + r * ldz;
       float* xr = xhat ? xhat + r * ldx : nullptr;
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
-      for (int64_t k = 0; k < n; k += 16) {
-        const __m512 xh = _mm512_fmadd_ps(biased(zr, bias, k), rs, nmr);  // (z - mean) rstd as one FMA
-        if (xr) {
-          if (stream) {
-            _mm512_stream_ps(xr + k, xh);
-          } else {
-            _mm512_storeu_ps(xr + k, xh);
-          }
-        }
-        __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-        a = _mm512_max_ps(a, zero);
-        if (y) _mm512_storeu_ps(y + r * ldy + k, a);
-        if (y_mm) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + r * ldy + k), (__m256i)_mm512_cvtneps_pbh(a));
-        }
+      float* yr = y ? y + r * ldy : nullptr;
+      c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
+      for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
+        emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, stream, gamma, beta, yr, ymr);
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
@@ -166,10 +179,8 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
       __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;
       for (int64_t k = 0; k < n; k += 16) {
         const __m512 da = _mm512_sub_ps(zvec(ba, k), sha), db = _mm512_sub_ps(zvec(bb, k), shb);
-        s1a = _mm512_add_ps(s1a, da);
-        s2a = _mm512_fmadd_ps(da, da, s2a);
-        s1b = _mm512_add_ps(s1b, db);
-        s2b = _mm512_fmadd_ps(db, db, s2b);
+        add_moments(da, s1a, s2a);
+        add_moments(db, s1b, s2b);
       }
       sum1[i] = _mm512_reduce_add_ps(s1a);
       sum2[i] = _mm512_reduce_add_ps(s2a);
@@ -179,15 +190,7 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
         sum2[i + 1] = _mm512_reduce_add_ps(s2b);
       }
     }
-    {  // the group's mean and rstd at once
-      const __m256 inv_n = _mm256_set1_ps(1.f / float(n));
-      const __m256 md = _mm256_mul_ps(_mm256_load_ps(sum1), inv_n);
-      __m256 var = _mm256_fnmadd_ps(md, md, _mm256_mul_ps(_mm256_load_ps(sum2), inv_n));
-      var = _mm256_max_ps(var, _mm256_setzero_ps());
-      _mm256_store_ps(mean, _mm256_add_ps(_mm256_load_ps(shift), md));
-      _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f),
-                                          _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
-    }
+    group_mean_rstd(sum1, sum2, shift, n, eps, mean, rstd);
     for (int i = 0; i < g; ++i) {
       const int64_t r = r0 + i;
       const float* xr_in = x + r * ldxi;
@@ -195,21 +198,10 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
       for (int c = 0; c < C; ++c) xb[c] = _mm512_set1_ps(xr_in[c]);
       float* xr = xhat ? xhat + r * ldx : nullptr;
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
-      for (int64_t k = 0; k < n; k += 16) {
-        const __m512 xh = _mm512_fmadd_ps(zvec(xb, k), rs, nmr);
-        if (xr) {
-          if (stream) {
-            _mm512_stream_ps(xr + k, xh);
-          } else {
-            _mm512_storeu_ps(xr + k, xh);
-          }
-        }
-        __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-        a = _mm512_max_ps(a, zero);
-        if (y) _mm512_storeu_ps(y + r * ldy + k, a);
-        if (y_mm) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + r * ldy + k), (__m256i)_mm512_cvtneps_pbh(a));
-        }
+      float* yr = y ? y + r * ldy : nullptr;
+      c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
+      for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
+        emit(_mm512_fmadd_ps(zvec(xb, k), rs, nmr), k, xr, stream, gamma, beta, yr, ymr);
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
