@@ -200,7 +200,7 @@ class SRNModel(nn.Module):
             return self.march_mode
         budget = self._auto_value(("store_budget", device.type), lambda: store_budget(device, self.store_budget))
         need = store_bytes(B, N, self.tracing_steps, self._phi_widths, self._pix_widths,
-                           torch.finfo(dtype).bits // 8)
+                           torch.finfo(dtype).bits // 8, tiles=device.type == "cpu")
         mm = self.resolved_matmul_dtype(device)
         faster = self._auto_value(("recompute_pays", device.type, mm), lambda: recompute_pays(device, mm))
         mode = choose_march_mode(need, budget, bool(faster))

@@ -9,6 +9,7 @@ relative to the reference's RMS, for the output, the inputs' gradients, and the 
 heavy cancellation, whose relative error is noise (it varied 1x-9x between seeds for either implementation).
 """
 import logging
+import math
 
 import pytest
 import torch
@@ -155,8 +156,11 @@ def test_model_auto_precision_and_march_mode(monkeypatch, caplog):
     # once per model and mode (small rendered three times): big, amx32 store; small, amx recompute (amx says why)
     assert sum("'recompute'" in m for m in logged) == 2 and sum("'store'" in m for m in logged) == 2, logged
     assert sum("recomputing faster" in m for m in logged) == 1, logged
-    # what store mode keeps: 2 x 36 rays x ((3 + 1) phi evaluations x (4 x 32 + 4) + (5 x 32 + 3 + 6)) floats
-    assert precision.store_bytes(2, 36, 3, [32] * 4, [32] * 5 + [3]) == 2 * 36 * (4 * 132 + 169) * 4
+    # what store mode keeps, 2 x 36 rays, (3 + 1) phi evaluations: batched (CUDA) every layer's pre-activation,
+    # 4 x 32 (phi) and 5 x 32 + 3 (pixel generator) floats; CPU tiles xhat and rstd of the LayerNorm layers only,
+    # 3 x 32 + 3 and 5 x 32 + 5
+    assert precision.store_bytes(2, 36, 3, [32] * 4, [32] * 5 + [3]) == 2 * 36 * (4 * 128 + 163) * 4
+    assert precision.store_bytes(2, 36, 3, [32] * 4, [32] * 5 + [3], tiles=True) == 2 * 36 * (4 * 99 + 165) * 4
     # the default budget: a quarter of the available memory
     assert precision.store_budget("cpu") == pytest.approx(0.25 * precision.available_memory("cpu"), rel=0.2)
     with pytest.raises(ValueError, match="march_mode must be one of"):
@@ -235,3 +239,35 @@ def test_avx512_rows_match_the_generic_rows(matmul_dtype):
     tol = 1e-5 if matmul_dtype is None else 1e-2
     for i, (a, b) in enumerate(zip(fast, generic)):
         assert rel_err(a, b) <= tol, f"result {i}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("tile_rows", [128, 0], ids=["cpu-tiles", "batched"])
+def test_store_bytes_matches_what_the_ops_keep(tile_rows):
+    """precision.store_bytes (march_mode="auto"'s estimate) equals what the ops' store mode keeps beyond recompute
+    mode: the march's acts and rstd at every step plus the MLP op's saved tensors for phi at the surface and for the
+    pixel generator (the SRN networks: every layer LayerNorm+ReLU but a plain last one)."""
+    from srn_fast.ops import shapes
+    from srn_fast.types import MARCH_MODES
+
+    B, N, T, H = 2, 36, 3, 16
+    phi_w, pix_w = [32] * 4, [32] * 5 + [3]
+    x = torch.zeros(B, N, 3)
+
+    def weights(widths, c_in):
+        return [torch.zeros(B, w, c) for w, c in zip(widths, [c_in] + list(widths[:-1]))]
+
+    def norms(widths):
+        return [True] * (len(widths) - 1) + [False]
+
+    def numel(shape_list):
+        return sum(math.prod(s) for s in shape_list if s != shapes.NONE)
+
+    phi, pix = weights(phi_w, 3), weights(pix_w, phi_w[-1])
+    kept = {}
+    for mode in ("store", "recompute"):
+        m = shapes.march_shapes(x, phi, norms(phi_w), torch.zeros(4 * H, H), T, MARCH_MODES[mode], False, tile_rows)
+        kept[mode] = numel(m.acts) + numel(m.rstd)
+    mlp = [shapes.mlp_shapes(x if ws is phi else torch.zeros(B, N, phi_w[-1]), ws, norms(w), True, tile_rows)
+           for ws, w in ((phi, phi_w), (pix, pix_w))]
+    total = kept["store"] - kept["recompute"] + sum(numel(s.acts) + numel(s.rstd) for s in mlp)
+    assert precision.store_bytes(B, N, T, phi_w, pix_w, tiles=tile_rows != 0) == total * 4

@@ -135,12 +135,16 @@ def store_budget(device: Union[str, torch.device], budget: Union[None, int, floa
 
 
 def store_bytes(B: int, N: int, steps: int, phi_widths: Sequence[int], pix_widths: Sequence[int],
-                element_size: int = 4) -> int:
-    """What store mode keeps beyond recompute mode for a render of B x N rays: phi's activations (and a LayerNorm
-    rstd per layer) at every step, and at the surface point, plus the pixel generator's."""
-    per_phi = sum(phi_widths) + len(phi_widths)
-    per_pix = sum(pix_widths) + len(pix_widths)
-    return int(B * N * ((steps + 1) * per_phi + per_pix) * element_size)
+                element_size: int = 4, tiles: bool = False) -> int:
+    """What store mode keeps beyond recompute mode for a render of B x N rays: phi's activations at every step and
+    at the surface point, plus the pixel generator's; every layer LayerNorm+ReLU but the last, which is plain (the
+    SRN networks). tiles: the CPU tile loops, which keep xhat and an rstd per LayerNorm layer and nothing of the
+    plain last layer (the march folds phi's into the LSTM's input GEMM; the MLP op's backward does not read it);
+    else the batched path (CUDA), which keeps every layer's pre-activation."""
+    def per_row(widths: Sequence[int]) -> int:
+        return sum(widths[:-1]) + len(widths) - 1 if tiles else sum(widths)
+
+    return int(B * N * ((steps + 1) * per_row(phi_widths) + per_row(pix_widths)) * element_size)
 
 
 def choose_march_mode(need: int, budget: Optional[int], recompute_faster: bool = False) -> str:
