@@ -197,9 +197,10 @@ def test_fused_model_under_autocast_says_what_to_use_instead():
 
 @pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16], ids=["float32", "bf16"])
 def test_avx512_rows_match_the_generic_rows(matmul_dtype):
-    """The CPU tile loops' AVX-512 LayerNorm rows (forward, the bf16 VJP, the bf16 rebuilt activation; CPUs with
-    AVX512-BF16) against the generic rows: the MLP op (affine LayerNorm, kept and recomputed activations) and the march
-    (plain LayerNorm, folded last layer), outputs and every gradient. float32 differs only in summation order; in bf16
+    """The CPU tile loops' AVX-512 LayerNorm rows (forward, the thin input layer computed inside its rows, xhat
+    streamed in store mode, the bf16 VJP, the bf16 rebuilt activation; CPUs with AVX512-BF16) against the generic
+    rows: the MLP op (affine LayerNorm, kept and recomputed activations) and the march (plain LayerNorm, folded last
+    layer, recompute and store modes), outputs and every gradient. float32 differs only in summation order; in bf16
     a value rounded to the other neighbour moves a few elements by one bf16 step."""
     import platform
 
@@ -225,7 +226,7 @@ def test_avx512_rows_match_the_generic_rows(matmul_dtype):
         ph = with_tensors(phi, t[1 + n_mlp:1 + n_mlp + n_phi])
         ls = srn_fast.LSTMParams(*t[1 + n_mlp + n_phi:])
         outs = [ops.mlp(t[0], ly, matmul_dtype=matmul_dtype, save_activations=save) for save in (True, False)]
-        outs.append(ops.march(t[0], dirs, ph, ls, 3, mode="recompute", matmul_dtype=matmul_dtype))
+        outs += [ops.march(t[0], dirs, ph, ls, 3, mode=mode, matmul_dtype=matmul_dtype) for mode in ("recompute", "store")]
         g = torch.Generator().manual_seed(6)
         loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(loss, t))
