@@ -69,7 +69,7 @@ def one_thread():
 @pytest.fixture
 def bf16_route(request):
     """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened",
-    "avx512bf16", "amx", or "amx-kernel": amx with its weight gradients on its own kernel too), set for the test and
+    "avx512bf16", "amx", or "amx-mkl": amx with its weight gradients on MKL's bf16 GEMM), set for the test and
     the measured choice restored after it. A route this torch build or CPU lacks ("mkl" without MKL's bf16 GEMM,
     "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16) skips the test; test_cpu_gemm.py checks that the routes
     measured are the ones the build and CPU have."""
@@ -77,15 +77,17 @@ def bf16_route(request):
     from srn_fast.ops import precision
 
     name = request.param
-    route = name.replace("-kernel", "")  # "amx-kernel": amx with its weight gradients on its own kernel too
+    route = name.replace("-mkl", "")  # "amx-mkl": amx with its weight gradients on MKL's bf16 GEMM
     if route != "auto" and route not in precision.tile_gemm_rates():
         pytest.skip(f"this torch build or CPU has no {route} bf16 GEMM")
+    if name == "amx-mkl" and "mkl" not in precision.tile_gemm_rates():
+        pytest.skip("this torch build has no MKL bf16 GEMM for amx's weight gradients")
     ext = srn_fast._ext.load()
     ext.set_cpu_bf16_route(route)
-    ext.set_cpu_amx_weight_grad_mkl(name == route)
+    ext.set_cpu_amx_weight_grad_mkl(name != route)
     yield name
     ext.set_cpu_bf16_route("auto")
-    ext.set_cpu_amx_weight_grad_mkl(True)
+    ext.set_cpu_amx_weight_grad_mkl(False)
 
 
 @pytest.fixture

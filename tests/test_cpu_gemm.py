@@ -37,7 +37,7 @@ def test_bad_arguments_are_named():
         ext.cpu_gemm(False, False, torch.zeros(2, 3), torch.zeros(4, 5), torch.zeros(2, 5), 0.0)
 
 
-@pytest.mark.parametrize("bf16_route", ["mkl", "widened", "onednn", "avx512bf16", "amx", "amx-kernel"],
+@pytest.mark.parametrize("bf16_route", ["mkl", "widened", "onednn", "avx512bf16", "amx", "amx-mkl"],
                          indirect=True)
 @pytest.mark.parametrize("M,N,K", [(128, 256, 256), (256, 256, 128), (37, 64, 48), (9, 70, 33), (300, 17, 301),
                                    (64, 32, 64), (33, 96, 512)])
@@ -45,11 +45,11 @@ def test_bad_arguments_are_named():
 def test_bf16_routes_compute_a_bf16_product(bf16_route, M, N, K, ta, tb):
     """Every route multiplies the bf16 operands exactly (products exact in float32) and sums in float32, in every
     layout the tile loops use (forward A B^T, input gradient A B, weight gradient A^T B), beta 0 and 1; oneDNN
-    rounds its result to bf16 (its only difference). "amx-kernel": the amx route with its weight gradients on
-    srn_fast's AMX kernel too (by default they go through MKL where torch has it)."""
+    rounds its result to bf16 (its only difference). "amx-mkl": the amx route with its weight gradients on MKL's
+    bf16 GEMM (by default they run on srn_fast's AMX kernel too)."""
     route = bf16_route
     ext = srn_fast._ext.load()
-    assert ext.cpu_bf16_route() == route.replace("-kernel", "")
+    assert ext.cpu_bf16_route() == route.replace("-mkl", "")
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randn((K, M) if ta else (M, K), generator=g).bfloat16()
     b = torch.randn((N, K) if tb else (K, N), generator=g).bfloat16()

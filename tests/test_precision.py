@@ -56,10 +56,10 @@ def _errors(fn_fused, fn_oracle, inputs64, v64, groups):
 
 
 # The CPU bf16 GEMM routes held to the budget (conftest's bf16_route fixture sets each): the measured choice, and
-# each route that computes in float32 ("mkl", "widened", "avx512bf16"; a route this torch build or CPU lacks is
-# skipped). "onednn" rounds every GEMM's result to bf16 and exceeds the budget on the march's LSTM gradients (2.3x
+# each route that computes in float32 ("mkl", "widened", "avx512bf16", "amx", and "amx-mkl": amx with its weight
+# gradients on MKL's GEMM; a route this torch build or CPU lacks is skipped). "onednn" rounds every GEMM's result to bf16 and exceeds the budget on the march's LSTM gradients (2.3x
 # autocast's error on a Zen 4): auto never picks it and it is never forced here.
-ROUTES = ["auto", "mkl", "widened", "avx512bf16", "amx"]
+ROUTES = ["auto", "mkl", "widened", "avx512bf16", "amx", "amx-mkl"]
 
 
 def _assert_budget(fused, auto, names):

@@ -107,8 +107,8 @@ void set_gemm_backend(const std::string& name);
 // each result to bf16, so it is used only when forced). "auto" (the default; SRN_FAST_BF16_GEMM=<route> forces one)
 // measures each available route once, as the tile loops call it (every thread on its own tile), and keeps the
 // fastest of those with a float32 result (amx unless another route measures 1.25x its rate: see chosen_route).
-// Under "amx" the weight-gradient GEMMs (op(A) = A^T) go through MKL's bf16 GEMM where torch exports it
-// (set_amx_weight_grad_mkl(false): through srn_fast's AMX kernel, for the tests).
+// Under "amx" every GEMM, the weight gradients (op(A) = A^T) included, runs on srn_fast's AMX kernel;
+// set_amx_weight_grad_mkl(true) sends the weight gradients to MKL's bf16 GEMM where torch exports it (for the tests).
 const char* bf16_route();
 void set_bf16_route(const std::string& name);
 void set_amx_weight_grad_mkl(bool on);

@@ -267,8 +267,8 @@ void register_mlp(pybind11::module& m) {
         "Select the CPU bf16 GEMM route: 'auto' (fastest measured with a float32 result), 'amx', 'avx512bf16', "
         "'mkl', 'widened' or 'onednn'");
   m.def("set_cpu_amx_weight_grad_mkl", [](bool on) { cpu::set_amx_weight_grad_mkl(on); },
-        "Under the 'amx' route, weight-gradient GEMMs through MKL's bf16 GEMM where torch has it (True, the "
-        "default) or through srn_fast's AMX kernel (False; for the tests)");
+        "Under the 'amx' route, weight-gradient GEMMs through srn_fast's AMX kernel (False, the default) or through "
+        "MKL's bf16 GEMM where torch has it (True; for the tests)");
   m.def("cpu_avx512_rows", [] { return cpu::avx512_rows(); },
         "Whether the CPU tile loops run their LayerNorm rows in AVX-512 (CPUs with AVX512-BF16)");
   m.def("set_cpu_avx512_rows", [](bool on) { cpu::set_avx512_rows(on); },
