@@ -5,6 +5,7 @@
 // a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added)
 // and a layer's output rebuilt from xhat as bf16. Used where the CPU has AVX512-BF16 (ln_row_avx512_available) for
 // rows of a multiple of 16; compiled for every x86-64 target through function attributes.
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 
 #include <c10/util/Exception.h>
@@ -12,7 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <vector>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -67,10 +68,21 @@ SRN_LN512_TARGET static inline void group_mean_rstd(const float* sum1, const flo
   _mm256_store_ps(rstd, _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps)))));
 }
 
+// xhat gamma + beta at columns k..k+15 (gamma null: no affine, xhat itself).
+SRN_LN512_TARGET __attribute__((always_inline)) static inline __m512 affine(__m512 xh, const float* gamma,
+                                                                           const float* beta, int64_t k) {
+  return gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
+}
+
+// Whether xhat rows (row stride ldx) can take non-temporal stores: 64-byte aligned rows (torch's allocations are; a
+// row of 16k floats keeps it).
+static bool streamable(const float* xhat, int64_t ldx) { return xhat && is_line_aligned(xhat) && ldx % 16 == 0; }
+
 // One vector of a row's normalise pass: xhat into xr (streamed or not; null: not kept), ReLU(xhat gamma + beta) into
 // yr as float and / or ymr as bf16 (either may be null).
-SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 xh, int64_t k, float* xr, bool stream, const float* gamma,
-                                         const float* beta, float* yr, c10::BFloat16* ymr) {
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 xh, int64_t k, float* xr, bool stream,
+                                                                        const float* gamma, const float* beta,
+                                                                        float* yr, c10::BFloat16* ymr) {
   if (xr) {
     if (stream) {
       _mm512_stream_ps(xr + k, xh);
@@ -78,8 +90,7 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 x
       _mm512_storeu_ps(xr + k, xh);
     }
   }
-  __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-  a = _mm512_max_ps(a, _mm512_setzero_ps());
+  const __m512 a = _mm512_max_ps(affine(xh, gamma, beta, k), _mm512_setzero_ps());
   if (yr) _mm512_storeu_ps(yr + k, a);
   if (ymr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(ymr + k), (__m256i)_mm512_cvtneps_pbh(a));
 }
@@ -90,8 +101,7 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
                                                  float* rstd_out, bool stream) {
   constexpr int G = 8;
   const __m512 zero = _mm512_setzero_ps();
-  // non-temporal xhat stores need 64-byte aligned rows (torch's allocations are; a row of 16k floats keeps it)
-  stream = stream && xhat && reinterpret_cast<uintptr_t>(xhat) % 64 == 0 && ldx % 16 == 0;
+  stream = stream && streamable(xhat, ldx);
   const float b0 = bias ? bias[0] : 0.f;
   for (int64_t r0 = 0; r0 < R; r0 += G) {
     const int g = int(std::min<int64_t>(G, R - r0));
@@ -214,25 +224,27 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
                                      int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out,
                                      bool stream) {
   TORCH_CHECK(cin >= 1 && cin <= 4, "srn_fast: layernorm_relu_rows_thin_avx512 takes 1 to 4 input columns");
-  stream = stream && xhat && reinterpret_cast<uintptr_t>(xhat) % 64 == 0 && ldx % 16 == 0;
-  thread_local std::vector<float> wt;
+  stream = stream && streamable(xhat, ldx);
+  thread_local aligned_vector<float> wt;  // W transposed, [cin][n]: read a vector of 16 columns at a time
   wt.resize(size_t(cin * n));
   for (int64_t k = 0; k < n; ++k)
     for (int64_t c = 0; c < cin; ++c) wt[c * n + k] = W[k * cin + c];
+  auto run = [&](auto C) {
+    thin_rows<decltype(C)::value>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy,
+                                  rstd_out, stream);
+  };
   switch (cin) {
-    case 1: return thin_rows<1>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
-    case 2: return thin_rows<2>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
-    case 3: return thin_rows<3>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
-    default: return thin_rows<4>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy, rstd_out, stream);
+    case 1: return run(std::integral_constant<int, 1>());
+    case 2: return run(std::integral_constant<int, 2>());
+    case 3: return run(std::integral_constant<int, 3>());
+    default: return run(std::integral_constant<int, 4>());
   }
 }
 
 // The ReLU mask of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
 SRN_LN512_TARGET static inline __mmask16 relu_mask(const float* xhat, const float* gamma, const float* beta,
                                                    int64_t k) {
-  const __m512 xh = _mm512_loadu_ps(xhat + k);
-  const __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-  return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_cmp_ps_mask(affine(_mm512_loadu_ps(xhat + k), gamma, beta, k), _mm512_setzero_ps(), _CMP_GT_OQ);
 }
 
 SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
@@ -266,11 +278,8 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const flo
 
 SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, int64_t n, const float* gamma, const float* beta,
                                            c10::BFloat16* out) {
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
-    const __m512 xh = _mm512_loadu_ps(xhat + k);
-    const __m512 a = gamma ? _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + k), _mm512_loadu_ps(beta + k)) : xh;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_max_ps(a, zero)));
+    emit(_mm512_loadu_ps(xhat + k), k, nullptr, false, gamma, beta, nullptr, out);
   }
 }
 #else
@@ -286,8 +295,8 @@ void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, c
   ln512_unavailable();
 }
 void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                                     const float*, const float*, float, float*, int64_t, float*, c10::BFloat16*, int64_t,
-                                     float*, bool) {
+                                     const float*, const float*, float, float*, int64_t, float*, c10::BFloat16*,
+                                     int64_t, float*, bool) {
   ln512_unavailable();
 }
 void relu_row_bf16_avx512(const float*, int64_t, const float*, const float*, c10::BFloat16*) { ln512_unavailable(); }

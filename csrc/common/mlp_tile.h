@@ -422,8 +422,9 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           detail::to_bf16(x, ldx, R, ci, a_mm);
         } else {  // the previous layer's output from its saved activation
           const Layer<T>& p = layers[l - 1];
+          const bool fast_prev = p.norm && fast_ln && ci % 16 == 0;
           for (int64_t r = 0; r < R; ++r) {
-            if (p.norm && fast_ln && ci % 16 == 0) {
+            if (fast_prev) {
               if constexpr (std::is_same_v<T, float>) {
                 cpu::relu_row_bf16_avx512(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
               }
