@@ -27,9 +27,10 @@ struct MLPWeights {
   std::vector<at::Tensor> W_mm;   // the same weights in the matmul dtype (e.g. bf16); same as W when none
   std::vector<at::Tensor> W_wide; // CPU bf16 layers on the "widened" route (cpu_gemm.h): W_mm widened to float32
                                   // once per op call, so the tile GEMMs widen only their activations; else undefined
-  std::vector<at::Tensor> W_pk;   // CPU bf16 layers on the "avx512bf16" route: int32 [S or 1, words] per scene, W_mm
-                                  // packed once per op call for the forward (op(B) = W^T) then for the input
-                                  // gradient (op(B) = W); else undefined
+  std::vector<at::Tensor> W_pk;   // CPU bf16 layers on the "avx512bf16" / "amx" routes: int32 [S or 1, words] per
+                                  // scene, W_mm packed once per op call for the forward (op(B) = W^T) then for the
+                                  // input gradient (op(B) = W), the directions the call reads (PackDirs); else
+                                  // undefined
   std::vector<at::Tensor> b;      // [S, C_out] or [C_out]
   std::vector<at::Tensor> gamma;  // [C_out] LayerNorm weight, or undefined (no affine / no norm)
   std::vector<at::Tensor> beta;   // [C_out] LayerNorm bias, or undefined
@@ -55,13 +56,18 @@ at::Tensor mlp_tile_forward(const MLPWeights& w, const at::Tensor& x, std::vecto
 at::Tensor mlp_tile_backward(const MLPWeights& w, const at::Tensor& x, const std::vector<at::Tensor>& zs,
                              const std::vector<at::Tensor>& ys, const at::Tensor& v_out, MLPGrads& g, bool need_vx);
 
+// Which packed copies of the bf16 weights (MLPWeights::W_pk) an op call reads: the forward's (tile::forward) and / or
+// the input gradient's (tile::backward). A direction not asked for is left unwritten.
+enum PackDirs : int { kPackFwd = 1, kPackBwd = 2, kPackBoth = 3 };
+
 // Builds MLPWeights from the op arguments, checking shapes, dtypes and devices (messages name the argument).
 // tiles: the CPU tile loops will run (not the batched path): only they read W_wide / W_pk, so only then are the
-// bf16 weights prepared for the route in use.
+// bf16 weights prepared for the route in use, with the packed directions in `pack` (PackDirs).
 MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
                             const std::vector<c10::optional<at::Tensor>>& gamma,
                             const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,
-                            const at::Tensor& x_like, int64_t B, int64_t C_in, int64_t mm_dtype, bool tiles);
+                            const at::Tensor& x_like, int64_t B, int64_t C_in, int64_t mm_dtype, bool tiles,
+                            int pack = kPackBoth);
 
 }  // namespace srn
 

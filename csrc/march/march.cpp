@@ -356,7 +356,7 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
   const at::Tensor x0 = x0_.contiguous(), dirs = dirs_.contiguous();
   const int64_t B = x0.size(0), N = x0.size(1);
   const bool batched = batched_path(x0, tile_rows);
-  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype, !batched);
+  const MLPWeights phi = make_mlp_weights(kOp, W, b, gamma, beta, norm, x0, B, 3, mm_dtype, !batched, kPackFwd);
   const int64_t F = phi.W.back().size(-2);
   const LSTMWeights lw = make_lstm(x0, w_ih, w_hh, bias, w_out, b_out, F);
   const int64_t H = lw.w_hh.size(1), T = steps;

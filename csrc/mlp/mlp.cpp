@@ -79,12 +79,18 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   const T* xp = x.data_ptr<T>();
   const T* vp = v_out.data_ptr<T>();
   T* vxp = v_x.defined() ? v_x.data_ptr<T>() : nullptr;
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
+  // the recomputed forward stops before a plain last layer: backward keeps nothing of it (its input gradient and
+  // weight gradient read the previous layer's saved activation), so its GEMM would be work for nothing
+  const int L_fwd = L - (w.norm[L - 1] ? 0 : 1);
+  // tiles handed out one at a time, as in forward_cpu; each thread adds into its own accumulators
+  std::atomic<int64_t> next{0};
+  const int64_t count = tiles.count();
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     const int64_t tid = at::get_thread_num();
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute);
     std::vector<const T*> ap(L), rp(L);
     std::vector<tile::LayerGrad<T>> grads(L);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
       const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
       const int64_t row = s * N + r0;
       const auto& ly = layers[s];
@@ -96,9 +102,10 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
         grads[l].ln_bias = tile::acc_ptr<T>(gbe[l], tid, s, co, false);
       }
       if (recompute) {
-        // rerun the forward on this tile, keeping the activations in the workspace; its output is not needed
-        // but must go somewhere: the third float buffer is free until backward() starts.
-        tile::forward<T>(ly.data(), L, n, xp + row * C0, C0, ws.buf(2), CL, ws.act(), ws.rstd(), ws);
+        // rerun the forward on this tile (its first L_fwd layers), keeping the activations in the workspace; its
+        // output is not needed but must go somewhere: the third float buffer is free until backward() starts.
+        tile::forward<T>(ly.data(), L_fwd, n, xp + row * C0, C0, ws.buf(2), ly[std::max(L_fwd, 1) - 1].cout,
+                         ws.act(), ws.rstd(), ws);
         for (int l = 0; l < L; ++l) {
           ap[l] = ws.act()[l];
           rp[l] = ws.rstd()[l];
@@ -125,7 +132,7 @@ void mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W, const s
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
   const bool batched = x.is_cuda() || tile_rows == 0;  // the whole batch as one tile (CUDA; CPU tile_rows 0)
-  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched);
+  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched, kPackFwd);
   const size_t L = w.size();
   check_out(kOp, "out", out, {B, N, w.W[L - 1].size(-2)}, x);
   TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
@@ -162,14 +169,16 @@ void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vec
   const at::Tensor x = x_.contiguous(), v_out = v_out_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
   const bool batched = x.is_cuda() || tile_rows == 0;  // the batched whole-batch path
-  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched);
-  const size_t L = w.size();
+  TORCH_CHECK(acts.size() == W.size() && rstd.size() == W.size(), kOp, ": acts and rstd must have one entry per layer");
+  const size_t L = W.size();
+  const bool saved = L > 0 && (!is_placeholder(acts[0]) || (L > 1 && !is_placeholder(acts[L - 2])));
+  // the input gradient's packed weights, and the forward's where it is recomputed
+  const MLPWeights w = make_mlp_weights(kOp, W, b, gamma, beta, norm, x, B, x.size(2), mm_dtype, !batched,
+                                        saved ? kPackBwd : kPackBoth);
   check_same(kOp, "grad_output", v_out, x, "x");
   check_shape(kOp, "grad_output", v_out, {B, N, w.W[L - 1].size(-2)}, "[B, N, C_out] (the output's shape)");
-  TORCH_CHECK(acts.size() == L && rstd.size() == L, kOp, ": acts and rstd must have one entry per layer");
   TORCH_CHECK(v_W.size() == L && v_b.size() == L && v_gamma.size() == L && v_beta.size() == L, kOp,
               ": the gradient lists must have one entry per layer");
-  const bool saved = !is_placeholder(acts[0]) || (L > 1 && !is_placeholder(acts[L - 2]));
   const bool need_x = !is_placeholder(v_x);
   if (need_x) check_out(kOp, "grad_x", v_x, x.sizes(), x);
   auto wanted = [&](const at::Tensor& out, const at::Tensor& like, const char* what, size_t l) {
