@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import get_backend
-from .ops.precision import (choose_march_mode, recompute_pays, resolve_matmul_dtype, store_budget,
+from .ops.precision import (choose_march_mode, resolve_matmul_dtype, store_budget,
                              store_bytes)
 from .layers import FCBlock, HyperFC, Raymarcher
 from .ops.march import initial_depth as draw_initial_depth
@@ -124,9 +124,8 @@ class SRNModel(nn.Module):
             step only x, h, c and the LSTM gates, and phi at the surface and the pixel generator keep nothing;
             backward recomputes the activations. ``"store"``: all of them keep their activations (~25% faster
             training step in float32, several hundred MB more at 2 x 4096 rays). ``"auto"`` (default): store when
-            what it keeps fits ``store_budget``, else recompute, and recompute with bf16 matmuls on a CPU that runs
-            them at several times its float32 rate (AMX: there recomputing is the faster one;
-            ``srn_fast.ops.precision.recompute_pays``); the choice is logged once (logger ``srn_fast``).
+            what it keeps fits ``store_budget`` (``srn_fast.ops.precision.store_bytes``; with bf16 matmuls the CPU
+            keeps xhat in bf16, half the bytes), else recompute; the choice is logged once (logger ``srn_fast``).
         matmul_dtype: ``torch.bfloat16`` for bf16 matmuls in the fused kernels (float32 accumulation; LayerNorm,
             LSTM and step update in float32), None / ``torch.float32`` for float32, ``"auto"``: bf16 only where this
             machine runs bf16 matmuls faster (measured once; :mod:`srn_fast.ops.precision`).
@@ -199,16 +198,15 @@ class SRNModel(nn.Module):
         if self.march_mode != "auto":
             return self.march_mode
         budget = self._auto_value(("store_budget", device.type), lambda: store_budget(device, self.store_budget))
-        need = store_bytes(B, N, self.tracing_steps, self._phi_widths, self._pix_widths,
-                           torch.finfo(dtype).bits // 8, tiles=device.type == "cpu")
         mm = self.resolved_matmul_dtype(device)
-        faster = self._auto_value(("recompute_pays", device.type, mm), lambda: recompute_pays(device, mm))
-        mode = choose_march_mode(need, budget, bool(faster))
+        tiles = device.type == "cpu"
+        need = store_bytes(B, N, self.tracing_steps, self._phi_widths, self._pix_widths,
+                           torch.finfo(dtype).bits // 8, tiles=tiles,
+                           xhat_size=2 if tiles and mm == torch.bfloat16 else None)
+        mode = choose_march_mode(need, budget)
         if not torch.compiler.is_compiling() and ("logged", mode) not in self._auto:
             self._auto[("logged", mode)] = True
             logger.info(f"srn_fast: march_mode='auto' -> '{mode}' for {B} x {N} rays on {device.type}: "
-                        + ("bf16 matmuls at several times the float32 rate make recomputing faster than storing; "
-                           if faster else "")
                         + f"store mode keeps {need / 2 ** 20:.0f} MB, budget "
                         + (f"{budget / 2 ** 20:.0f} MB" if budget is not None else "unknown"))
         return mode

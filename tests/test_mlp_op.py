@@ -252,6 +252,36 @@ def test_bf16_matmuls_within_tolerance(kind):
         assert rel(f, r) <= 2 * rel(a, r) + 0.01, (i, rel(f, r), rel(a, r))
 
 
+@pytest.mark.filterwarnings("ignore:.*without bf16 matmul instructions")
+def test_bf16_store_keeps_xhat_in_bf16():
+    """With bf16 matmuls the CPU tiles keep a LayerNorm layer's xhat in bf16 (half of what store mode writes and
+    reads back); the gradients then agree with recompute mode, which keeps float
+    xhat in the tile's workspace, to bf16 precision. A saved activation of another dtype is refused by name."""
+    from srn_fast.ops.mlp import mlp_backward_op, mlp_op
+    from srn_fast.ops._layers import layer_lists
+
+    torch.manual_seed(3)
+    layers = make_layers("phi", 2, [3, 64, 64, 32], requires_grad=True)
+    x = torch.randn(2, 90, 3, requires_grad=True)
+    ll = layer_lists(layers)
+    _, acts, rstd = mlp_op(x.detach(), *[[t.detach() for t in lst] for lst in ll[:4]], ll.norm, True, 32, 1)
+    assert ll.norm == [True] * 3  # every layer LayerNorm+ReLU: every xhat kept, in bf16
+    assert [a.dtype for a in acts] == [torch.bfloat16] * 3 and [a.shape[-1] for a in acts] == [64, 64, 32]
+    assert all(r.dtype == torch.float32 and r.shape == (2, 90) for r in rstd)
+    _, acts32, _ = mlp_op(x.detach(), *[[t.detach() for t in lst] for lst in ll[:4]], ll.norm, True, 32, 0)
+    assert all(a.dtype == torch.float32 for a in acts32)
+    v = torch.randn(2, 90, 32)
+    inputs = tensors_of(x, layers)
+    grads = {save: torch.autograd.grad(ops.mlp(x, layers, matmul_dtype=torch.bfloat16, tile_rows=32,
+                                               save_activations=save), inputs, v) for save in (True, False)}
+    for i, (a, b) in enumerate(zip(grads[True], grads[False])):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2, i
+    g = torch.zeros(2, 90, 32)
+    with pytest.raises(RuntimeError, match=r"acts\[0\] must be BFloat16 \(what the forward keeps\), got Float"):
+        mlp_backward_op(g, x.detach(), acts32, rstd, *[[t.detach() for t in lst] for lst in ll[:4]], ll.norm,
+                        True, [True] * 3, [True] * 3, [False] * 3, [False] * 3, 32, 1)
+
+
 def test_bad_input_errors():
     layers = make_layers("phi", 2, [3, 8, 4])
     x = torch.randn(2, 5, 3)

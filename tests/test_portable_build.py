@@ -55,8 +55,8 @@ int main() {
   }
   if (srn::cpu::ln_row_avx512_available()) {  // LayerNorm+ReLU of ref's rows (n = 64) against a plain loop
     std::vector<float> z = ref, y(M * N), rstd(M);
-    srn::cpu::layernorm_relu_rows_avx512(z.data(), M, N, N, nullptr, nullptr, nullptr, 1e-5f, nullptr, N, y.data(),
-                                         nullptr, N, rstd.data());
+    srn::cpu::layernorm_relu_rows_avx512(z.data(), M, N, N, nullptr, nullptr, nullptr, 1e-5f, nullptr, nullptr, N,
+                                         y.data(), nullptr, N, rstd.data());
     double err = 0;
     for (int64_t m = 0; m < M; ++m) {
       double mean = 0, var = 0;

@@ -48,13 +48,21 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
 inline bool is_placeholder(const at::Tensor& t) { return !t.defined() || (t.dim() == 1 && t.size(0) == 0); }
 
 // Checks an output slot: the expected shape, the dtype/device of `like`, contiguous.
+// dtype: the expected scalar type when it is not like's.
 inline void check_out(const char* op, const std::string& name, const at::Tensor& out, at::IntArrayRef sizes,
-                      const at::Tensor& like) {
+                      const at::Tensor& like, c10::optional<at::ScalarType> dtype = c10::nullopt) {
+  const at::ScalarType want = dtype.value_or(like.scalar_type());
   TORCH_CHECK(out.defined() && out.sizes() == sizes, op, ": output ", name, " must have shape ", sizes, ", got ",
               out.defined() ? shape_str(out) : std::string("undefined"));
-  TORCH_CHECK(out.scalar_type() == like.scalar_type() && out.device() == like.device(), op, ": output ", name,
-              " must be ", like.scalar_type(), " on ", like.device());
+  TORCH_CHECK(out.scalar_type() == want && out.device() == like.device(), op, ": output ", name, " must be ", want,
+              " on ", like.device());
   TORCH_CHECK(out.is_contiguous(), op, ": output ", name, " must be contiguous");
+}
+
+// The dtype of a saved activation: bf16 for a LayerNorm layer's xhat on the CPU tiles with bf16 matmuls (mm_dtype 1),
+// else x's (srn_fast/ops/shapes.py, xhat_dtype).
+inline at::ScalarType xhat_dtype(bool batched, int64_t mm_dtype, bool norm, const at::Tensor& x) {
+  return !batched && mm_dtype == 1 && norm ? at::kBFloat16 : x.scalar_type();
 }
 
 // Sums per-thread accumulators [threads, ...] into `out` (a placeholder or undefined acc: nothing to do).

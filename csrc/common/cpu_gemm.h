@@ -69,29 +69,32 @@ void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloa
 // The tile loops' LayerNorm(+affine)+ReLU rows for float rows of a multiple of 16 on CPUs with AVX512-BF16
 // (csrc/common/layernorm_avx512.cpp): srn_math.h's layernorm_relu_row<float, Y> over R rows, the output written as
 // float to y and / or as bf16 to y_mm (either may be null). z [R, n] (row stride ldz; read only, unless y is z), xhat
-// [R, n] (ldx) or null, y / y_mm [R, n] (ldy); the rows' rstd into rstd_out [R] (or null). stream_xhat: xhat is
-// written with non-temporal stores (where its rows are 64-byte aligned): for saved activations read much later.
+// [R, n] (ldx) kept as float in xhat or as bf16 in xhat_mm (a bf16 layer's store mode: half the bytes), or neither;
+// y / y_mm [R, n] (ldy); the rows' rstd into rstd_out [R] (or null). stream_xhat: xhat is written with
+// non-temporal stores (where its rows are 64-byte aligned): for saved activations read much later.
 bool ln_row_avx512_available();
 // Whether the tile loops use these rows: available and not turned off (set_avx512_rows(false), for the tests).
 bool avx512_rows();
 void set_avx512_rows(bool on);
 void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias, const float* gamma,
-                                const float* beta, float eps, float* xhat, int64_t ldx, float* y, c10::BFloat16* y_mm,
-                                int64_t ldy, float* rstd_out, bool stream_xhat = false);
+                                const float* beta, float eps, float* xhat, c10::BFloat16* xhat_mm, int64_t ldx,
+                                float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out, bool stream_xhat = false);
 // The same rows for a thin layer (cin <= 4, phi's 3-wide input layer): z = x W^T (+ bias) computed from x [R, cin]
 // (row stride ldxi) and W [n, cin] where the rows read it, never stored.
 void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, const float* W, int64_t R, int64_t n,
                                      const float* bias, const float* gamma, const float* beta, float eps, float* xhat,
-                                     int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out,
-                                     bool stream_xhat = false);
-// Its VJP (srn_math.h's layernorm_relu_row_vjp, or for a bf16 layer mlp_tile.h's detail::vjp_row_to_bf16): xhat,
-// v_y [n]; g [n]: the gradient of z as float when v_z is null, else scratch and v_z [n] gets it as bf16; v_gamma /
-// v_beta / v_bias [n] accumulated (or null).
-void layernorm_relu_row_vjp_avx512(const float* xhat, const float* v_y, int64_t n, float rstd, const float* gamma,
-                                   const float* beta, float* g, float* v_gamma, float* v_beta, c10::BFloat16* v_z,
-                                   float* v_bias);
-// ReLU(xhat * gamma + beta) (gamma null: no affine) as bf16 (mlp_tile.h's detail::act_row_to_bf16).
-void relu_row_bf16_avx512(const float* xhat, int64_t n, const float* gamma, const float* beta, c10::BFloat16* out);
+                                     c10::BFloat16* xhat_mm, int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
+                                     float* rstd_out, bool stream_xhat = false);
+// Its VJP (srn_math.h's layernorm_relu_row_vjp, or for a bf16 layer mlp_tile.h's detail::vjp_row_to_bf16): xhat [n]
+// (float, or bf16 in xhat_mm when that is given), v_y [n]; g [n]: the gradient of z as float when v_z is null, else
+// scratch and v_z [n] gets it as bf16; v_gamma / v_beta / v_bias [n] accumulated (or null).
+void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, const float* v_y, int64_t n,
+                                   float rstd, const float* gamma, const float* beta, float* g, float* v_gamma,
+                                   float* v_beta, c10::BFloat16* v_z, float* v_bias);
+// ReLU(xhat * gamma + beta) (gamma null: no affine) as bf16 (mlp_tile.h's detail::act_row_to_bf16); xhat float, or
+// bf16 in xhat_mm when that is given.
+void relu_row_bf16_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n, const float* gamma,
+                          const float* beta, c10::BFloat16* out);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();

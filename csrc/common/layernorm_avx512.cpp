@@ -76,11 +76,22 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline __m512 affine(__m5
 
 // Whether xhat rows (row stride ldx) can take non-temporal stores: 64-byte aligned rows (torch's allocations are; a
 // row of 16k floats keeps it).
-static bool streamable(const float* xhat, int64_t ldx) { return xhat && is_line_aligned(xhat) && ldx % 16 == 0; }
+static bool streamable(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx) {
+  return xhat ? is_line_aligned(xhat) && ldx % 16 == 0 : xhat_mm && is_line_aligned(xhat_mm) && ldx % 32 == 0;
+}
 
-// One vector of a row's normalise pass: xhat into xr (streamed or not; null: not kept), ReLU(xhat gamma + beta) into
-// yr as float and / or ymr as bf16 (either may be null).
-SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 xh, int64_t k, float* xr, bool stream,
+// 16 values of a saved xhat row: float rows, or bf16 rows (xh non-null; widened exactly).
+SRN_LN512_TARGET __attribute__((always_inline)) static inline __m512 load_xhat(const float* xf,
+                                                                              const c10::BFloat16* xh, int64_t k) {
+  if (!xh) return _mm512_loadu_ps(xf + k);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One vector of a row's normalise pass: xhat into xr as float or into xmr as bf16 (streamed or not; both null: not
+// kept), ReLU(xhat gamma + beta) into yr as float and / or ymr as bf16 (either may be null).
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 xh, int64_t k, float* xr,
+                                                                        c10::BFloat16* xmr, bool stream,
                                                                         const float* gamma, const float* beta,
                                                                         float* yr, c10::BFloat16* ymr) {
   if (xr) {
@@ -88,6 +99,13 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 x
       _mm512_stream_ps(xr + k, xh);
     } else {
       _mm512_storeu_ps(xr + k, xh);
+    }
+  } else if (xmr) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(xh);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(xmr + k), h);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xmr + k), h);
     }
   }
   const __m512 a = _mm512_max_ps(affine(xh, gamma, beta, k), _mm512_setzero_ps());
@@ -97,11 +115,11 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 x
 
 SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias,
                                                  const float* gamma, const float* beta, float eps, float* xhat,
-                                                 int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
-                                                 float* rstd_out, bool stream) {
+                                                 c10::BFloat16* xhat_mm, int64_t ldx, float* y, c10::BFloat16* y_mm,
+                                                 int64_t ldy, float* rstd_out, bool stream) {
   constexpr int G = 8;
   const __m512 zero = _mm512_setzero_ps();
-  stream = stream && streamable(xhat, ldx);
+  stream = stream && streamable(xhat, xhat_mm, ldx);
   const float b0 = bias ? bias[0] : 0.f;
   for (int64_t r0 = 0; r0 < R; r0 += G) {
     const int g = int(std::min<int64_t>(G, R - r0));
@@ -143,11 +161,12 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
       const int64_t r = r0 + i;
       const float* zr = z + r * ldz;
       float* xr = xhat ? xhat + r * ldx : nullptr;
+      c10::BFloat16* xmr = xhat_mm ? xhat_mm + r * ldx : nullptr;
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
       for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-        emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, stream, gamma, beta, yr, ymr);
+        emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
@@ -161,8 +180,8 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
 template <int C>
 SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float* wt, int64_t R, int64_t n,
                                        const float* bias, const float* gamma, const float* beta, float eps,
-                                       float* xhat, int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
-                                       float* rstd_out, bool stream) {
+                                       float* xhat, c10::BFloat16* xhat_mm, int64_t ldx, float* y,
+                                       c10::BFloat16* y_mm, int64_t ldy, float* rstd_out, bool stream) {
   constexpr int G = 8;
   const __m512 zero = _mm512_setzero_ps();
   auto zvec = [&](const __m512* xb, int64_t k) SRN_LN512_TARGET {
@@ -207,11 +226,12 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
       __m512 xb[C];
       for (int c = 0; c < C; ++c) xb[c] = _mm512_set1_ps(xr_in[c]);
       float* xr = xhat ? xhat + r * ldx : nullptr;
+      c10::BFloat16* xmr = xhat_mm ? xhat_mm + r * ldx : nullptr;
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
       for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-        emit(_mm512_fmadd_ps(zvec(xb, k), rs, nmr), k, xr, stream, gamma, beta, yr, ymr);
+        emit(_mm512_fmadd_ps(zvec(xb, k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
@@ -221,16 +241,16 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
 
 void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, const float* W, int64_t R, int64_t n,
                                      const float* bias, const float* gamma, const float* beta, float eps, float* xhat,
-                                     int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy, float* rstd_out,
-                                     bool stream) {
+                                     c10::BFloat16* xhat_mm, int64_t ldx, float* y, c10::BFloat16* y_mm, int64_t ldy,
+                                     float* rstd_out, bool stream) {
   TORCH_CHECK(cin >= 1 && cin <= 4, "srn_fast: layernorm_relu_rows_thin_avx512 takes 1 to 4 input columns");
-  stream = stream && streamable(xhat, ldx);
+  stream = stream && streamable(xhat, xhat_mm, ldx);
   thread_local aligned_vector<float> wt;  // W transposed, [cin][n]: read a vector of 16 columns at a time
   wt.resize(size_t(cin * n));
   for (int64_t k = 0; k < n; ++k)
     for (int64_t c = 0; c < cin; ++c) wt[c * n + k] = W[k * cin + c];
   auto run = [&](auto C) {
-    thin_rows<decltype(C)::value>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, ldx, y, y_mm, ldy,
+    thin_rows<decltype(C)::value>(x, ldxi, wt.data(), R, n, bias, gamma, beta, eps, xhat, xhat_mm, ldx, y, y_mm, ldy,
                                   rstd_out, stream);
   };
   switch (cin) {
@@ -241,20 +261,21 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
   }
 }
 
-// The ReLU mask of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
-SRN_LN512_TARGET static inline __mmask16 relu_mask(const float* xhat, const float* gamma, const float* beta,
-                                                   int64_t k) {
-  return _mm512_cmp_ps_mask(affine(_mm512_loadu_ps(xhat + k), gamma, beta, k), _mm512_setzero_ps(), _CMP_GT_OQ);
+// The ReLU mask of 16 values of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
+SRN_LN512_TARGET static inline __mmask16 relu_mask(__m512 xh, const float* gamma, const float* beta, int64_t k) {
+  return _mm512_cmp_ps_mask(affine(xh, gamma, beta, k), _mm512_setzero_ps(), _CMP_GT_OQ);
 }
 
-SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const float* v_y, int64_t n, float rstd,
-                                                    const float* gamma, const float* beta, float* g, float* v_gamma,
-                                                    float* v_beta, c10::BFloat16* v_z, float* v_bias) {
+SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm,
+                                                    const float* v_y, int64_t n, float rstd, const float* gamma,
+                                                    const float* beta, float* g, float* v_gamma, float* v_beta,
+                                                    c10::BFloat16* v_z, float* v_bias) {
   // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients
   __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = relu_mask(xhat, gamma, beta, k);
-    const __m512 xh = _mm512_loadu_ps(xhat + k), vy = _mm512_maskz_loadu_ps(m, v_y + k);
+    const __m512 xh = load_xhat(xhat, xhat_mm, k);
+    const __mmask16 m = relu_mask(xh, gamma, beta, k);
+    const __m512 vy = _mm512_maskz_loadu_ps(m, v_y + k);
     if (v_gamma) _mm512_storeu_ps(v_gamma + k, _mm512_fmadd_ps(vy, xh, _mm512_loadu_ps(v_gamma + k)));
     if (v_beta) _mm512_storeu_ps(v_beta + k, _mm512_add_ps(vy, _mm512_loadu_ps(v_beta + k)));
     const __m512 gk = gamma ? _mm512_mul_ps(vy, _mm512_loadu_ps(gamma + k)) : vy;
@@ -266,7 +287,7 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const flo
   const __m512 mgx = _mm512_set1_ps(_mm512_reduce_add_ps(sb) / float(n)), rs = _mm512_set1_ps(rstd);
   for (int64_t k = 0; k < n; k += 16) {
     const __m512 v = _mm512_mul_ps(
-        rs, _mm512_fnmadd_ps(_mm512_loadu_ps(xhat + k), mgx, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg)));
+        rs, _mm512_fnmadd_ps(load_xhat(xhat, xhat_mm, k), mgx, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg)));
     if (v_z) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), (__m256i)_mm512_cvtneps_pbh(v));
     } else {
@@ -276,10 +297,10 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const flo
   }
 }
 
-SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, int64_t n, const float* gamma, const float* beta,
-                                           c10::BFloat16* out) {
+SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n,
+                                           const float* gamma, const float* beta, c10::BFloat16* out) {
   for (int64_t k = 0; k < n; k += 16) {
-    emit(_mm512_loadu_ps(xhat + k), k, nullptr, false, gamma, beta, nullptr, out);
+    emit(load_xhat(xhat, xhat_mm, k), k, nullptr, nullptr, false, gamma, beta, nullptr, out);
   }
 }
 #else
@@ -287,19 +308,21 @@ SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, int64_t n, const f
   TORCH_CHECK(false, "srn_fast: the AVX-512 LayerNorm rows need an x86-64 build");
 }
 void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*, const float*, const float*, float,
-                                float*, int64_t, float*, c10::BFloat16*, int64_t, float*, bool) {
+                                float*, c10::BFloat16*, int64_t, float*, c10::BFloat16*, int64_t, float*, bool) {
   ln512_unavailable();
 }
-void layernorm_relu_row_vjp_avx512(const float*, const float*, int64_t, float, const float*, const float*, float*,
-                                   float*, float*, c10::BFloat16*, float*) {
+void layernorm_relu_row_vjp_avx512(const float*, const c10::BFloat16*, const float*, int64_t, float, const float*,
+                                   const float*, float*, float*, float*, c10::BFloat16*, float*) {
   ln512_unavailable();
 }
 void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
-                                     const float*, const float*, float, float*, int64_t, float*, c10::BFloat16*,
-                                     int64_t, float*, bool) {
+                                     const float*, const float*, float, float*, c10::BFloat16*, int64_t, float*,
+                                     c10::BFloat16*, int64_t, float*, bool) {
   ln512_unavailable();
 }
-void relu_row_bf16_avx512(const float*, int64_t, const float*, const float*, c10::BFloat16*) { ln512_unavailable(); }
+void relu_row_bf16_avx512(const float*, const c10::BFloat16*, int64_t, const float*, const float*, c10::BFloat16*) {
+  ln512_unavailable();
+}
 #endif
 
 }  // namespace cpu

@@ -81,7 +81,8 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
 //
 // Saved activations ("act"): per layer l < L - 1 (and for the last layer when it has a LayerNorm) a row-major
 // [R, cout_l] block: xhat_l (the normalised pre-activation) for norm layers, the output itself for plain linear
-// layers; plus rstd_l [R] for norm layers. forward() fills them when given; backward() needs them (from a stored
+// layers; plus rstd_l [R] for norm layers. A norm layer's xhat may be kept in bf16 instead (act_mm[l] non-null, act[l]
+// then unused): a bf16 phi's store mode, where those rows go to memory and back, keeps half the bytes. forward() fills them when given; backward() needs them (from a stored
 // forward, or recompute them into Workspace::act()/rstd() by calling forward() first: that is the march's
 // "recompute" mode).
 // =============================================================================================================
@@ -141,9 +142,9 @@ class Workspace {
     for (int l = 0; l < L; ++l) cmax = std::max({cmax, layers[l].cin, layers[l].cout});
     // every buffer (and, for widths of a multiple of 16, every row) on a cache line: aligned.h
     const int64_t n = line_multiple<c10::BFloat16>(std::max<int64_t>(R, 1) * cmax);
-    f_.assign(3 * n, T(0));
+    f_.assign(3 * n + line_multiple<c10::BFloat16>(cmax), T(0));
     h_.assign(2 * n, c10::BFloat16(0.f));
-    for (int k = 0; k < 3; ++k) fp_[k] = f_.data() + k * n;
+    for (int k = 0; k < 4; ++k) fp_[k] = f_.data() + k * n;
     hp_[0] = h_.data();
     hp_[1] = h_.data() + n;
     TORCH_INTERNAL_ASSERT(is_line_aligned(fp_[1]) && is_line_aligned(fp_[2]) && is_line_aligned(hp_[1]),
@@ -165,6 +166,7 @@ class Workspace {
   }
   int64_t rows() const { return R_; }
   T* buf(int k) { return fp_[k]; }                  // 3 float buffers of R * max channels
+  T* row() { return fp_[3]; }                        // a float row of max channels (bf16 saved rows widened)
   c10::BFloat16* buf_mm(int k) { return hp_[k]; }  // 2 bf16 buffers of R * max channels
   T* const* act() { return act_.empty() ? nullptr : act_.data(); }
   T* const* rstd() { return rstd_.empty() ? nullptr : rstd_.data(); }
@@ -173,7 +175,7 @@ class Workspace {
   int64_t R_;
   aligned_vector<T> f_, act_store_;
   aligned_vector<c10::BFloat16> h_;
-  T* fp_[3];
+  T* fp_[4];
   c10::BFloat16* hp_[2];
   std::vector<T*> act_, rstd_;
 };
@@ -267,9 +269,11 @@ void act_row_to_bf16(const T* xhat, int64_t n, const T* gamma, const T* beta, c1
 //   this tile is in cache: a norm layer's pre-activation then stays in the workspace (L2) and the AVX-512 rows
 //   write xhat to act with non-temporal stores (no read-for-ownership of the cold lines, nothing evicted for
 //   them). A bf16 phi's store-mode forward on the AMX Xeon went from 10.2 to 7.2 ms (B = 2, N = 8192).
+//   act_mm: null, or L pointers: a norm layer's xhat kept as bf16 where non-null (see "Saved activations").
 template <typename T>
 void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, T* out, int64_t ldo,
-             T* const* act, T* const* rstd, Workspace<T>& ws, bool stream_act = false) {
+             T* const* act, T* const* rstd, Workspace<T>& ws, bool stream_act = false,
+             c10::BFloat16* const* act_mm = nullptr) {
   if (R <= 0) return;
   const T eps = T(kLayerNormEps);
   const T* in = x;          // this layer's input (float) ...
@@ -283,6 +287,13 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     const bool last = l == L - 1;
     const int64_t ci = ly.cin, co = ly.cout;
     const bool next_mm = !last && layers[l + 1].weight_mm != nullptr;
+    c10::BFloat16* const xm = act_mm ? act_mm[l] : nullptr;  // this layer's xhat kept as bf16 ...
+    T* const xf = act && !xm ? act[l] : nullptr;              // ... or as T (or not kept)
+    // the generic rows' xhat row r: the saved row, or the scratch row (narrowed into xm by keep_row)
+    auto xhat_out = [&](int64_t r) { return xm ? ws.row() : (xf ? xf + r * co : nullptr); };
+    auto keep_row = [&](int64_t r) {
+      if (xm) detail::to_bf16(ws.row(), co, 1, co, xm + r * co);
+    };
     if (fast_ln && ly.norm && !ly.weight_mm && in && ci <= cpu::kThin && co % 16 == 0) {
       // a thin float layer (phi's input layer): the AVX-512 rows compute z = x W^T + b themselves, no GEMM
       if constexpr (std::is_same_v<T, float>) {
@@ -290,8 +301,7 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
         T* y = next_mm ? nullptr : (last ? out : ws.buf(spare));
         const int64_t ldy = last && !next_mm ? ldo : co;
         cpu::layernorm_relu_rows_thin_avx512(in, ld_in, ci, ly.weight, R, co, ly.bias, ly.ln_weight, ly.ln_bias, eps,
-                                             act ? act[l] : nullptr, co, y, y_mm, ldy, rstd ? rstd[l] : nullptr,
-                                             stream_act);
+                                             xf, xm, co, y, y_mm, ldy, rstd ? rstd[l] : nullptr, stream_act);
         in_mm = y_mm;
         in = y, ld_in = ldy;
         if (y == ws.buf(spare)) spare = 1 - spare;
@@ -333,9 +343,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
       c10::BFloat16* y = ws.buf_mm(1);
       if (fast_rows) {
         if constexpr (std::is_same_v<T, float>) {
-          cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps,
-                                          act ? act[l] : nullptr, co, nullptr, y, co, rstd ? rstd[l] : nullptr,
-                                          stream_act);
+          cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps, xf, xm, co, nullptr,
+                                          y, co, rstd ? rstd[l] : nullptr, stream_act);
         }
         in_mm = y;
         in = nullptr;
@@ -343,7 +352,8 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
       }
       for (int64_t r = 0; r < R; ++r) {
         const T rs = layernorm_relu_row<T, c10::BFloat16>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias,
-                                                          eps, act ? act[l] + r * co : nullptr, y + r * co);
+                                                          eps, xhat_out(r), y + r * co);
+        keep_row(r);
         if (rstd) rstd[l][r] = rs;
       }
       in_mm = y;
@@ -355,13 +365,14 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
     const int64_t ldy = last ? ldo : co;
     if (fast_rows) {
       if constexpr (std::is_same_v<T, float>) {
-        cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps, act ? act[l] : nullptr,
-                                        co, y, nullptr, ldy, rstd ? rstd[l] : nullptr, stream_act);
+        cpu::layernorm_relu_rows_avx512(z, R, ldz, co, ly.bias, ly.ln_weight, ly.ln_bias, eps, xf, xm, co, y, nullptr,
+                                        ldy, rstd ? rstd[l] : nullptr, stream_act);
       }
     } else {
       for (int64_t r = 0; r < R; ++r) {
         const T rs = layernorm_relu_row<T, T>(z + r * ldz, int(co), ly.bias, ly.ln_weight, ly.ln_bias, eps,
-                                              act ? act[l] + r * co : nullptr, y + r * ldy);
+                                              xhat_out(r), y + r * ldy);
+        keep_row(r);
         if (rstd) rstd[l][r] = rs;
       }
     }
@@ -375,11 +386,23 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
 //   v_out [R, cout_{L-1}] (ldv): gradient of the output.
 //   v_x [R, cin_0] (ldvx): gradient of x, written (or added when accumulate_vx); nullptr = not needed.
 //   grads: L accumulators (+=); entries may be null.
+//   act_mm: null, or L pointers: a norm layer's xhat kept as bf16 where non-null (as forward() was given it).
 template <typename T>
 void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, const T* const* act,
               const T* const* rstd, const T* v_out, int64_t ldv, T* v_x, int64_t ldvx, bool accumulate_vx,
-              const LayerGrad<T>* grads, Workspace<T>& ws) {
+              const LayerGrad<T>* grads, Workspace<T>& ws, const c10::BFloat16* const* act_mm = nullptr) {
   if (R <= 0) return;
+  auto xm_of = [&](int l) -> const c10::BFloat16* { return act_mm ? act_mm[l] : nullptr; };
+  // layer l's saved row r (c wide) as T: the saved row, or its bf16 copy widened into the scratch row
+  auto saved_row = [&](int l, int64_t r, int64_t c) -> const T* {
+    const c10::BFloat16* h = xm_of(l);
+    if (!h) return act[l] + r * c;
+    T* w = ws.row();
+    h += r * c;
+    SRN_SIMD
+    for (int64_t k = 0; k < c; ++k) w[k] = T(static_cast<float>(h[k]));
+    return w;
+  };
   int cur = 0;  // ws.buf(cur) holds v_z of the current layer; buf(1 - cur) receives the gradient of its input
   // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp): float only
   const bool fast_ln = std::is_same_v<T, float> && cpu::avx512_rows();
@@ -398,22 +421,23 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     const bool fast_vjp = ly.norm && fast_ln && co % 16 == 0;  // the AVX-512 row adds the bias gradient itself
     if (fast_vjp) {
       if constexpr (std::is_same_v<T, float>) {
+        const c10::BFloat16* xm = xm_of(l);
         for (int64_t r = 0; r < R; ++r) {
-          cpu::layernorm_relu_row_vjp_avx512(act[l] + r * co, v + r * ld_v, co, rstd[l][r], ly.ln_weight, ly.ln_bias,
-                                             vz + r * co, g.ln_weight, g.ln_bias, vz_in_mm ? vz_mm + r * co : nullptr,
-                                             g.bias);
+          cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,
+                                             co, rstd[l][r], ly.ln_weight, ly.ln_bias, vz + r * co, g.ln_weight,
+                                             g.ln_bias, vz_in_mm ? vz_mm + r * co : nullptr, g.bias);
         }
       }
     } else if (vz_in_mm) {
       for (int64_t r = 0; r < R; ++r) {
-        const T* xh = act[l] + r * co;
+        const T* xh = saved_row(l, r, co);
         const RowPair<T> m = layernorm_relu_row_vjp_means<T>(xh, v + r * ld_v, int(co), ly.ln_weight, ly.ln_bias,
                                                              vz + r * co, g.ln_weight, g.ln_bias);
         detail::vjp_row_to_bf16(vz + r * co, xh, co, rstd[l][r], m, vz_mm + r * co, g.bias);
       }
     } else if (ly.norm) {
       for (int64_t r = 0; r < R; ++r) {
-        layernorm_relu_row_vjp<T>(act[l] + r * co, v + r * ld_v, int(co), rstd[l][r], ly.ln_weight, ly.ln_bias,
+        layernorm_relu_row_vjp<T>(saved_row(l, r, co), v + r * ld_v, int(co), rstd[l][r], ly.ln_weight, ly.ln_bias,
                                   vz + r * co, g.ln_weight, g.ln_bias);
       }
     } else if (v != vz || ld_v != co) {
@@ -429,13 +453,15 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
         } else {  // the previous layer's output from its saved activation
           const Layer<T>& p = layers[l - 1];
           const bool fast_prev = p.norm && fast_ln && ci % 16 == 0;
+          const c10::BFloat16* pm = xm_of(l - 1);
           for (int64_t r = 0; r < R; ++r) {
             if (fast_prev) {
               if constexpr (std::is_same_v<T, float>) {
-                cpu::relu_row_bf16_avx512(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
+                cpu::relu_row_bf16_avx512(pm ? nullptr : act[l - 1] + r * ci, pm ? pm + r * ci : nullptr, ci,
+                                          p.ln_weight, p.ln_bias, a_mm + r * ci);
               }
             } else if (p.norm) {
-              detail::act_row_to_bf16(act[l - 1] + r * ci, ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
+              detail::act_row_to_bf16(saved_row(l - 1, r, ci), ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
             } else {
               detail::to_bf16(act[l - 1] + r * ci, ci, 1, ci, a_mm + r * ci);
             }
@@ -451,7 +477,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           lda = ci;
           if (p.norm) {
             for (int64_t r = 0; r < R; ++r) {
-              const T* xr = act[l - 1] + r * ci;
+              const T* xr = saved_row(l - 1, r, ci);
               T* ar = a_buf + r * ci;
               SRN_SIMD
               for (int64_t k = 0; k < ci; ++k) ar[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));

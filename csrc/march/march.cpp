@@ -161,7 +161,9 @@ struct Accumulators {
 template <typename T>
 march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN, size_t L, size_t L_run) {
   march_cpu::Saved<T> p;
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  auto ptr = [](const at::Tensor& t) {  // null: none, or not of type T
+    return t.defined() && t.scalar_type() == c10::CppTypeToScalarType<T>::value ? t.data_ptr<T>() : nullptr;
+  };
   p.xs = ptr(sv.xs);
   p.hs = ptr(sv.hs);
   p.cs = ptr(sv.cs);
@@ -170,6 +172,8 @@ march_cpu::Saved<T> saved_ptrs(const Saved& sv, int64_t BN, size_t L, size_t L_r
   for (size_t i = 0; i < sv.zs.size(); ++i) {
     if (i % L >= L_run) continue;
     p.act.push_back(ptr(sv.zs[i]));
+    const bool mm = sv.zs[i].defined() && sv.zs[i].scalar_type() == at::kBFloat16;  // shapes.xhat_dtype
+    p.act_mm.push_back(mm ? sv.zs[i].data_ptr<at::BFloat16>() : nullptr);
     p.rstd.push_back(ptr(sv.rstd[i]));
   }
   p.BN = BN;
@@ -382,7 +386,8 @@ void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::ve
     const std::string i = "[" + std::to_string(l) + "]";
     const bool keep_rstd = mode == kStore && !batched && phi.norm[l];
     if (mode == kStore && !(folded && l == L - 1)) {
-      check_out(kOp, "acts" + i, acts[l], {T, B, N, phi.W[l].size(-2)}, x0);
+      check_out(kOp, "acts" + i, acts[l], {T, B, N, phi.W[l].size(-2)}, x0,
+                xhat_dtype(batched, mm_dtype, phi.norm[l], x0));
     } else {
       TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
     }
@@ -449,6 +454,9 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
       if (folded && l == L - 1) continue;  // never kept (see LstmInput)
       a[l] = acts[l].contiguous();
       check_shape(kOp, "acts", a[l], {T, B, N, phi.W[l].size(-2)}, "[T, B, N, C_l]");
+      const at::ScalarType want = xhat_dtype(batched, mm_dtype, phi.norm[l], x0);
+      TORCH_CHECK(a[l].scalar_type() == want, kOp, ": acts[", l, "] must be ", want, " (what the forward keeps), got ",
+                  a[l].scalar_type());
       if (!batched && phi.norm[l]) {
         r[l] = rstd[l].contiguous();
         check_shape(kOp, "rstd", r[l], {T, B, N}, "[T, B, N]");

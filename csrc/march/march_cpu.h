@@ -59,6 +59,7 @@ struct Saved {
   T* cs = nullptr;
   T* gates = nullptr;
   std::vector<T*> act, rstd;  // store mode: T * L each, index t * L + l
+  std::vector<c10::BFloat16*> act_mm;  // store mode, likewise: a norm layer's xhat kept as bf16 (act then null)
   T* steps = nullptr;         // [T + 1, B, N, 3] per-step points, when requested
   int64_t BN = 0;             // B * N
 };
@@ -68,7 +69,8 @@ template <typename T>
 struct Scratch {
   aligned_vector<T> in, pre, h[2], c[2], x[2], v_in, v_h, v_c, v_x, v_dirs, zeros;  // in, v_in: [R, F + H]
   std::vector<T*> act, rstd;  // this step's phi activations (L pointers each), for tile::forward / backward
-  Scratch(int64_t R, int64_t H, int64_t F, int L) : act(L), rstd(L) {
+  std::vector<c10::BFloat16*> act_mm;  // ... and its bf16 xhat rows (null where act is used)
+  Scratch(int64_t R, int64_t H, int64_t F, int L) : act(L), rstd(L), act_mm(L, nullptr) {
     const int64_t r = std::max<int64_t>(R, 1);
     in.resize(r * (F + H));
     pre.resize(r * 4 * H);
@@ -85,6 +87,17 @@ struct Scratch {
     zeros.assign(r * H, T(0));  // c_0 = 0 (a plain pointer keeps the cell loops free of branches)
   }
 };
+
+// Step t's saved phi rows of the tile starting at `row` into sc.act / sc.rstd / sc.act_mm (store mode).
+template <typename T>
+void step_rows(const Saved<T>& sv, int64_t t, int L, int64_t row, const tile::Layer<T>* phi, Scratch<T>& sc) {
+  for (int l = 0; l < L; ++l) {
+    const int64_t i = t * L + l, off = row * phi[l].cout;
+    sc.act[l] = sv.act[i] ? sv.act[i] + off : nullptr;
+    sc.act_mm[l] = sv.act_mm[i] ? sv.act_mm[i] + off : nullptr;
+    sc.rstd[l] = sv.rstd[i] ? sv.rstd[i] + row : nullptr;
+  }
+}
 
 // sigmoid and tanh for the float LSTM cell, written so that GCC vectorises the cell loops (std::exp / std::tanh
 // are scalar library calls: they took ~10% of a float march; check with objdump that lstm_step_row<float, FastMathF>
@@ -191,14 +204,10 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
     }
     // phi into the first F columns (store mode with a plain last layer: into its saved block, then copied)
     const bool out_saved = store && !phi[L - 1].norm;
-    if (store) {
-      for (int l = 0; l < L; ++l) {
-        act[l] = sv.act[t * L + l] + row * phi[l].cout;
-        rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
-      }
-    }
+    if (store) step_rows(sv, t, L, row, phi, sc);
     tile::forward<T>(phi, L, R, x, 3, out_saved ? act[L - 1] : in, out_saved ? F : K,
-                     store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws, /*stream_act=*/store);
+                     store ? act.data() : nullptr, store ? rstd.data() : nullptr, ws, /*stream_act=*/store,
+                     store ? sc.act_mm.data() : nullptr);
     if (out_saved) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(in + r * K, act[L - 1] + r * F, sizeof(T) * F);
     }
@@ -252,13 +261,17 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     cell_backward<T>(lw, R, gates, c_prev, c_new, h_new, dirs, v_x, v_h, v_c, clamp_v, v_pre, vd, g);
     // phi's output at x_t: recomputed (keeping its activations in ws), or rebuilt from the stored ones
     if (store) {
-      for (int l = 0; l < L; ++l) {
-        act[l] = sv.act[t * L + l] + row * phi[l].cout;
-        rstd[l] = sv.rstd[t * L + l] ? sv.rstd[t * L + l] + row : nullptr;
-      }
+      step_rows(sv, t, L, row, phi, sc);
       const tile::Layer<T>& last = phi[L - 1];
+      const c10::BFloat16* am = sc.act_mm[L - 1];
       for (int64_t r = 0; r < R; ++r) {
-        const T* a = act[L - 1] + r * F;
+        const T* a = am ? nullptr : act[L - 1] + r * F;
+        if (am) {  // a bf16 xhat row, widened into the feature row first
+          T* f = in + r * K;
+          SRN_SIMD
+          for (int64_t k = 0; k < F; ++k) f[k] = T(static_cast<float>(am[r * F + k]));
+          a = f;
+        }
         T* f = in + r * K;
         if (last.norm) {
           SRN_SIMD
@@ -272,6 +285,7 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       for (int l = 0; l < L; ++l) {
         act[l] = ws.act()[l];
         rstd[l] = ws.rstd()[l];
+        sc.act_mm[l] = nullptr;
       }
     }
     set_h_columns(R, F, H, h_prev, in);
@@ -283,7 +297,8 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
     }
     // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
-    tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws);
+    tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws,
+                      sc.act_mm.data());
   }
   std::memcpy(v_x0, v_x, sizeof(T) * R * 3);
   std::memcpy(v_dirs, vd, sizeof(T) * R * 3);

@@ -27,10 +27,12 @@ void check_x(const at::Tensor& x, int64_t mm_dtype) {
               ": matmul_dtype=torch.bfloat16 needs float32 x, got ", x.scalar_type());
 }
 
-// Row `row` of a saved per-layer buffer [B, N, C] / [B, N]; nullptr for a [0] placeholder (never read then).
+// Row `row` of a saved per-layer buffer [B, N, C] / [B, N] of element type T; nullptr for a [0] placeholder or a
+// buffer of another dtype (a bf16 xhat is reached through saved_row<c10::BFloat16>, its T pointer stays null).
 template <typename T>
 T* saved_row(const at::Tensor& t, int64_t row) {
-  return is_placeholder(t) ? nullptr : t.data_ptr<T>() + row * (t.dim() == 3 ? t.size(2) : 1);
+  if (is_placeholder(t) || t.scalar_type() != c10::CppTypeToScalarType<T>::value) return nullptr;
+  return reinterpret_cast<T*>(t.data_ptr()) + row * (t.dim() == 3 ? t.size(2) : 1);
 }
 
 // act/rstd saved for backward on the CPU: per layer [B, N, C_l] / [B, N] (see tile::forward); empty = keep nothing.
@@ -51,17 +53,19 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, cons
   at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, false);
     std::vector<T*> ap(L), rp(L);
+    std::vector<c10::BFloat16*> hp(L);  // bf16 xhat rows (shapes.xhat_dtype)
     for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
       const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
       const int64_t row = s * N + r0;
       if (save) {
         for (int l = 0; l < L; ++l) {
           ap[l] = saved_row<T>(act[l], row);
+          hp[l] = saved_row<c10::BFloat16>(act[l], row);
           rp[l] = saved_row<T>(rstd[l], row);
         }
       }
       tile::forward<T>(layers[s].data(), L, n, xp + row * C0, C0, op + row * CL, CL, save ? ap.data() : nullptr,
-                       save ? rp.data() : nullptr, ws, /*stream_act=*/save);
+                       save ? rp.data() : nullptr, ws, /*stream_act=*/save, save ? hp.data() : nullptr);
     }
   });
 }
@@ -82,15 +86,16 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   // the recomputed forward stops before a plain last layer: backward keeps nothing of it (its input gradient and
   // weight gradient read the previous layer's saved activation), so its GEMM would be work for nothing
   const int L_fwd = L - (w.norm[L - 1] ? 0 : 1);
-  // tiles handed out one at a time, as in forward_cpu; each thread adds into its own accumulators
-  std::atomic<int64_t> next{0};
-  const int64_t count = tiles.count();
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  // a static split of the tiles, not forward_cpu's atomic counter: each thread adds into its own accumulators, and
+  // which tiles a thread gets must not depend on timing, or the summed gradients would change from run to run in
+  // their last bits (tests/test_buffer_cache.py compares runs exactly)
+  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute);
     std::vector<const T*> ap(L), rp(L);
+    std::vector<const c10::BFloat16*> hp(L, nullptr);  // bf16 xhat rows of a stored forward
     std::vector<tile::LayerGrad<T>> grads(L);
-    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
       const int64_t row = s * N + r0;
       const auto& ly = layers[s];
@@ -113,11 +118,12 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
       } else {
         for (int l = 0; l < L; ++l) {
           ap[l] = saved_row<T>(act[l], row);
+          hp[l] = saved_row<c10::BFloat16>(act[l], row);
           rp[l] = saved_row<T>(rstd[l], row);
         }
       }
       tile::backward<T>(ly.data(), L, n, xp + row * C0, C0, ap.data(), rp.data(), vp + row * CL, CL,
-                        vxp ? vxp + row * C0 : nullptr, C0, false, grads.data(), ws);
+                        vxp ? vxp + row * C0 : nullptr, C0, false, grads.data(), ws, hp.data());
     }
   });
 }
@@ -141,7 +147,7 @@ void mlp_forward(const at::Tensor& x_, const std::vector<at::Tensor>& W, const s
     const bool keep_act = save && (batched || l + 1 < L || w.norm[l]);
     const bool keep_rstd = save && !batched && w.norm[l];
     const std::string i = "[" + std::to_string(l) + "]";
-    if (keep_act) check_out(kOp, "acts" + i, acts[l], {B, N, C}, x);
+    if (keep_act) check_out(kOp, "acts" + i, acts[l], {B, N, C}, x, xhat_dtype(batched, mm_dtype, w.norm[l], x));
     else TORCH_CHECK(is_placeholder(acts[l]), kOp, ": acts", i, " must be a [0] placeholder");
     if (keep_rstd) check_out(kOp, "rstd" + i, rstd[l], {B, N}, x);
     else TORCH_CHECK(is_placeholder(rstd[l]), kOp, ": rstd", i, " must be a [0] placeholder");
@@ -217,6 +223,9 @@ void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vec
     std::vector<at::Tensor> act, rs;
     if (saved) {
       for (size_t l = 0; l < L; ++l) {
+        const at::ScalarType want = xhat_dtype(false, mm_dtype, w.norm[l], x);
+        TORCH_CHECK(is_placeholder(acts[l]) || acts[l].scalar_type() == want, kOp, ": acts[", l, "] must be ", want,
+                    " (what the forward keeps), got ", acts[l].scalar_type());
         act.push_back(acts[l].contiguous());
         rs.push_back(rstd[l].contiguous());
       }

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,24 +38,26 @@ def _free(storage: torch.UntypedStorage) -> bool:
     return torch._C._storage_Use_Count(storage._cdata) == 1  # only this cache refers to it
 
 
-def take(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (as ``like.new_empty(shape)``), on the
-    CPU from the cache when a large enough request can reuse an idle buffer."""
+def take(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``dtype`` (None: ``like``'s) on ``like``'s device (as
+    ``like.new_empty(shape, dtype=dtype)``), on the CPU from the cache when a large enough request can reuse an idle
+    buffer."""
     shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * like.element_size()
+    dtype = like.dtype if dtype is None else dtype
+    nbytes = math.prod(shape) * dtype.itemsize
     if (not _state["enabled"] or like.device.type != "cpu" or nbytes < MIN_BYTES or type(like) is not torch.Tensor
             or torch.compiler.is_compiling()):  # fake / functional tensors while tracing: no real storage
-        return like.new_empty(shape)
+        return like.new_empty(shape, dtype=dtype)
     with _lock:  # threads calling the ops at once must not both take one idle buffer
         _state["clock"] += 1
         now = _state["clock"]
-        for entry in _entries.get((like.dtype, nbytes), ()):
+        for entry in _entries.get((dtype, nbytes), ()):
             if _free(entry[0]):
                 entry[1] = now
-                return like.new_empty(0).set_(entry[0], 0, shape)
+                return like.new_empty(0, dtype=dtype).set_(entry[0], 0, shape)
         _drop_idle(now, MAX_IDLE)
-        out = like.new_empty(shape)
-        _entries.setdefault((like.dtype, nbytes), []).append([out.untyped_storage(), now])
+        out = like.new_empty(shape, dtype=dtype)
+        _entries.setdefault((dtype, nbytes), []).append([out.untyped_storage(), now])
         return out
 
 

@@ -24,8 +24,8 @@ def _march_op_impl(x0: Tensor, dirs: Tensor, weights: List[Tensor], biases: List
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
     """(xT, steps, xs, hs, cs, gates, acts, rstd): shapes from :func:`shapes.march_shapes`. grad_clamp (< 0: none)
     is the clamp of the gradient of h that the registered backward applies."""
-    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
-    outs = S.empties(sh[:6], x0) + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)]
+    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows, mm_dtype)
+    outs = S.empties(sh[:6], x0) + [S.empties(sh.acts, x0, sh.acts_dtype), S.empties(sh.rstd, x0)]
     _ext.require(OP).march_forward(x0, dirs, weights, biases, optional(ln_weights), optional(ln_biases), norm, w_ih,
                                    w_hh, bias, w_out, b_out, steps, mode, tile_rows, mm_dtype, *outs)
     return tuple(outs)
@@ -36,8 +36,8 @@ def _march_fake(x0, dirs, weights, biases, ln_weights, ln_biases, norm, w_ih, w_
     check_devices(OP, "x0", x0, LayerLists(weights, biases, ln_weights, ln_biases, norm), dirs=dirs,
                   **{"lstm.weight_ih": w_ih, "lstm.weight_hh": w_hh, "lstm bias": bias, "lstm.out_weight": w_out,
                      "lstm.out_bias": b_out})
-    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows)
-    return tuple(S.empties(sh[:6], x0) + [S.empties(sh.acts, x0), S.empties(sh.rstd, x0)])
+    sh = S.march_shapes(x0, weights, norm, w_hh, steps, mode, return_steps, tile_rows, mm_dtype)
+    return tuple(S.empties(sh[:6], x0) + [S.empties(sh.acts, x0, sh.acts_dtype), S.empties(sh.rstd, x0)])
 
 
 march_op = define_op("march", _march_op_impl, _march_fake)

@@ -31,8 +31,8 @@ def _mlp_op_impl(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weig
            mm_dtype: int) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """out [B, N, C_L]; acts, rstd: what backward needs when ``save`` (shapes: :func:`shapes.mlp_shapes`).
     ln_weights / ln_biases: [C_l] LayerNorm affine, or a [0] placeholder for none."""
-    sh = S.mlp_shapes(x, weights, norm, save, tile_rows)
-    out, acts, rstd = S.empty(sh.out, x), S.empties(sh.acts, x), S.empties(sh.rstd, x)
+    sh = S.mlp_shapes(x, weights, norm, save, tile_rows, mm_dtype)
+    out, acts, rstd = S.empty(sh.out, x), S.empties(sh.acts, x, sh.acts_dtype), S.empties(sh.rstd, x)
     _ext.require(OP).mlp_forward(x, weights, biases, optional(ln_weights), optional(ln_biases), norm, save,
                                  tile_rows, mm_dtype, out, acts, rstd)
     return out, acts, rstd
@@ -40,8 +40,8 @@ def _mlp_op_impl(x: Tensor, weights: List[Tensor], biases: List[Tensor], ln_weig
 
 def _mlp_fake(x, weights, biases, ln_weights, ln_biases, norm, save, tile_rows, mm_dtype):
     check_devices(OP, "x", x, LayerLists(weights, biases, ln_weights, ln_biases, norm))
-    sh = S.mlp_shapes(x, weights, norm, save, tile_rows)
-    return S.empty(sh.out, x), S.empties(sh.acts, x), S.empties(sh.rstd, x)
+    sh = S.mlp_shapes(x, weights, norm, save, tile_rows, mm_dtype)
+    return S.empty(sh.out, x), S.empties(sh.acts, x, sh.acts_dtype), S.empties(sh.rstd, x)
 
 
 mlp_op = define_op("mlp", _mlp_op_impl, _mlp_fake)

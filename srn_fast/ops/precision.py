@@ -11,8 +11,9 @@
 * March mode: ``"store"`` (keep phi's activations: ~25% faster float32 training steps) when what it keeps fits
   :data:`STORE_BUDGET_FRACTION` of the memory available on the device (or a budget in bytes given to the model),
   else ``"recompute"`` (keep ~50 numbers per ray and step; the mode that scales to large batches). With bf16
-  matmuls on a CPU whose bf16 GEMM runs :data:`RECOMPUTE_BF16_RATIO` times its float32 rate (AMX), recompute always:
-  there the recomputed GEMMs cost less than writing the stored activations out and reading them back.
+  matmuls the CPU tiles keep xhat in bf16 (:func:`store_bytes`' ``xhat_size``), and store stays the faster mode
+  even on AMX (a 2-core AMX Xeon's bf16 step: store 8-10% faster than recompute at 64x64, 11-13% at 128x128; with
+  float32 xhat the two were even and auto recomputed there).
 """
 from __future__ import annotations
 
@@ -32,12 +33,6 @@ BF16_MARGIN = 1.1
 #: march_mode="auto" stores activations while they take at most this fraction of the available memory
 #: (``SRN_FAST_STORE_BUDGET`` overrides it: a fraction below 1, or a number of bytes).
 STORE_BUDGET_FRACTION = 0.25
-
-#: march_mode="auto" recomputes (with bf16 matmuls, on the CPU) where the best bf16 tile GEMM runs at least this many
-#: times the float32 one: measured on a 2-core AMX Xeon (bf16 ~5x float32), the 64x64 bf16 training step took 275 ms
-#: in recompute mode against 296 ms in store mode, 128x128 1019-1075 against 1121-1151 ms (float32: store 571-594,
-#: recompute 672-753 ms at 64x64).
-RECOMPUTE_BF16_RATIO = 4.0
 
 MatmulSpec = Union[None, str, torch.dtype]
 _logged = set()
@@ -77,14 +72,6 @@ def _bf16_speedup() -> float:
     rates = tile_gemm_rates()
     best = max((r for k, r in rates.items() if k not in ("float32", "widened", "onednn")), default=0.0)
     return best / rates["float32"] if rates.get("float32") else 0.0
-
-
-def recompute_pays(device: Union[str, torch.device], matmul_dtype: Optional[torch.dtype]) -> bool:
-    """Whether march_mode="auto" recomputes even where store mode fits: bf16 matmuls on a CPU whose bf16 tile GEMM
-    runs :data:`RECOMPUTE_BF16_RATIO` times its float32 rate."""
-    if torch.device(device).type != "cpu" or matmul_dtype != torch.bfloat16:
-        return False
-    return _bf16_speedup() >= RECOMPUTE_BF16_RATIO
 
 
 def describe_rates() -> str:
@@ -135,17 +122,22 @@ def store_budget(device: Union[str, torch.device], budget: Union[None, int, floa
 
 
 def store_bytes(B: int, N: int, steps: int, phi_widths: Sequence[int], pix_widths: Sequence[int],
-                element_size: int = 4, tiles: bool = False) -> int:
+                element_size: int = 4, tiles: bool = False, xhat_size: Optional[int] = None) -> int:
     """What store mode keeps beyond recompute mode for a render of B x N rays: phi's activations at every step and
     at the surface point, plus the pixel generator's; every layer LayerNorm+ReLU but the last, which is plain (the
     SRN networks). tiles: the CPU tile loops, which keep xhat and an rstd per LayerNorm layer and nothing of the
     plain last layer (the march folds phi's into the LSTM's input GEMM; the MLP op's backward does not read it);
-    else the batched path (CUDA), which keeps every layer's pre-activation."""
-    def per_row(widths: Sequence[int]) -> int:
-        return sum(widths[:-1]) + len(widths) - 1 if tiles else sum(widths)
+    else the batched path (CUDA), which keeps every layer's pre-activation. xhat_size: bytes per xhat value on the
+    tiles (2 with bf16 matmuls: ops.shapes.xhat_dtype), default element_size."""
+    xs = element_size if xhat_size is None else xhat_size
 
-    return int(B * N * ((steps + 1) * per_row(phi_widths) + per_row(pix_widths)) * element_size)
+    def per_row(widths: Sequence[int]) -> int:  # bytes
+        if not tiles:
+            return sum(widths) * element_size
+        return sum(widths[:-1]) * xs + (len(widths) - 1) * element_size
+
+    return int(B * N * ((steps + 1) * per_row(phi_widths) + per_row(pix_widths)))
 
 
-def choose_march_mode(need: int, budget: Optional[int], recompute_faster: bool = False) -> str:
-    return "store" if not recompute_faster and budget is not None and need <= budget else "recompute"
+def choose_march_mode(need: int, budget: Optional[int]) -> str:
+    return "store" if budget is not None and need <= budget else "recompute"
