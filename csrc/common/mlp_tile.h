@@ -423,9 +423,11 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
       if constexpr (std::is_same_v<T, float>) {
         const c10::BFloat16* xm = xm_of(l);
         for (int64_t r = 0; r < R; ++r) {
+          // with v_z written as bf16 the float row is scratch: one row, not R rows of the tile's footprint in L2
           cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,
-                                             co, rstd[l][r], ly.ln_weight, ly.ln_bias, vz + r * co, g.ln_weight,
-                                             g.ln_bias, vz_in_mm ? vz_mm + r * co : nullptr, g.bias);
+                                             co, rstd[l][r], ly.ln_weight, ly.ln_bias,
+                                             vz_in_mm ? ws.row() : vz + r * co, g.ln_weight, g.ln_bias,
+                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias);
         }
       }
     } else if (vz_in_mm) {
