@@ -346,7 +346,8 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
 //   unless mode == inference: xs [T, B, N, 3], hs, cs [T + 1, B, N, H] (index 0 = zeros), gates [T, B, N, 4H];
 //   store mode, per phi layer l: acts[l] [T, B, N, C_l] (CPU: tile::forward's saved activation; batched path: the
 //   pre-norm z) and, on the CPU, rstd[l] [T, B, N] for norm layers; [0] otherwise, and for a last layer the CPU
-//   tiles fold into the LSTM (LstmInput).
+//   tiles fold into the LSTM (LstmInput). acts are x0's dtype, but bf16 for a norm layer's xhat on the CPU tiles
+//   with mm_dtype 1 (checks.h xhat_dtype).
 void march_forward(const at::Tensor& x0_, const at::Tensor& dirs_, const std::vector<at::Tensor>& W,
                    const std::vector<at::Tensor>& b, const std::vector<c10::optional<at::Tensor>>& gamma,
                    const std::vector<c10::optional<at::Tensor>>& beta, const std::vector<bool>& norm,

@@ -28,7 +28,8 @@ namespace srn {
 //   CPU tiles: acts[l] [B, N, C_l] = xhat_l for norm layers, the output for plain hidden layers ([0] for a plain
 //              last layer: backward does not need it); rstd[l] [B, N] for norm layers ([0] otherwise);
 //   batched path (CUDA, or tile_rows == 0): acts[l] = the pre-norm z_l [B, N, C_l]; rstd[l] [0].
-// Without save every acts/rstd entry is [0] (backward then recomputes the activations tile by tile).
+// Without save every acts/rstd entry is [0] (backward then recomputes the activations tile by tile). dtype: x's,
+// but bf16 for a norm layer's xhat on the CPU tiles with mm_dtype 1 (checks.h xhat_dtype, ops/shapes.py).
 void mlp_forward(const at::Tensor& x, const std::vector<at::Tensor>& W, const std::vector<at::Tensor>& b,
                  const std::vector<c10::optional<at::Tensor>>& gamma, const std::vector<c10::optional<at::Tensor>>& beta,
                  const std::vector<bool>& norm, bool save, int64_t tile_rows, int64_t mm_dtype, at::Tensor out,
