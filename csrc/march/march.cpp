@@ -478,10 +478,13 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
     return true;
   };
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
+  const bool folded = folds_last(phi.norm, batched);
   for (size_t l = 0; l < L; ++l) {
     const std::string i = "[" + std::to_string(l) + "]";
-    gW[l] = tile::thread_acc(NT, phi.W[l], wanted(v_W[l], phi.W[l], "grad_weights" + i));
-    gb[l] = tile::thread_acc(NT, phi.b[l], wanted(v_b[l], phi.b[l], "grad_biases" + i));
+    // a folded last layer never runs in the tiles: its gradients come from unpack_lstm_grads, into slot 0 only
+    const int64_t slots = folded && l == L - 1 ? 1 : NT;
+    gW[l] = tile::thread_acc(slots, phi.W[l], wanted(v_W[l], phi.W[l], "grad_weights" + i));
+    gb[l] = tile::thread_acc(slots, phi.b[l], wanted(v_b[l], phi.b[l], "grad_biases" + i));
     gg[l] = tile::thread_acc(NT, phi.gamma[l], wanted(v_gamma[l], phi.gamma[l], "grad_ln_weights" + i));
     gbe[l] = tile::thread_acc(NT, phi.beta[l], wanted(v_beta[l], phi.beta[l], "grad_ln_biases" + i));
   }
@@ -491,8 +494,10 @@ void march_backward(const at::Tensor& v_xT_, const at::Tensor& x0_, const at::Te
   wanted(v_bias, bias, "grad_bias");
   wanted(v_w_out, w_out, "grad_w_out");
   wanted(v_b_out, b_out, "grad_b_out");
-  at::Tensor g_wih = tile::thread_acc(NT, lw.w_ih, true), g_whh = tile::thread_acc(NT, lw.w_hh, true);
-  at::Tensor g_bias = tile::thread_acc(NT, lw.bias, true);
+  // w_ih, w_hh and the bias: one slot (the CPU tiles sum per thread and scene into G / u, which unpack_lstm_grads
+  // adds into slot 0; the batched path uses slot 0); w_out and b_out: one per thread
+  at::Tensor g_wih = tile::thread_acc(1, lw.w_ih, true), g_whh = tile::thread_acc(1, lw.w_hh, true);
+  at::Tensor g_bias = tile::thread_acc(1, lw.bias, true);
   at::Tensor g_wout = tile::thread_acc(NT, lw.w_out.view({1, -1}), true), g_bout = tile::thread_acc(NT, lw.b_out, true);
   at::Tensor vx0, vdirs;
   if (batched) {
