@@ -82,9 +82,9 @@ MLPWeights make_mlp_weights(const char* op, const std::vector<at::Tensor>& W, co
 // Saved activations ("act"): per layer l < L - 1 (and for the last layer when it has a LayerNorm) a row-major
 // [R, cout_l] block: xhat_l (the normalised pre-activation) for norm layers, the output itself for plain linear
 // layers; plus rstd_l [R] for norm layers. A norm layer's xhat may be kept in bf16 instead (act_mm[l] non-null, act[l]
-// then unused): a bf16 phi's store mode, where those rows go to memory and back, keeps half the bytes. forward() fills them when given; backward() needs them (from a stored
-// forward, or recompute them into Workspace::act()/rstd() by calling forward() first: that is the march's
-// "recompute" mode).
+// then unused): a bf16 phi's store mode, where those rows go to memory and back, keeps half the bytes. forward()
+// fills them when given; backward() needs them (from a stored forward, or recompute them into
+// Workspace::act()/rstd() by calling forward() first: that is the march's "recompute" mode).
 // =============================================================================================================
 namespace srn {
 
@@ -190,6 +190,13 @@ void to_bf16(const T* src, int64_t ld_src, int64_t R, int64_t C, c10::BFloat16* 
     SRN_SIMD
     for (int64_t k = 0; k < C; ++k) d[k] = to_storage<c10::BFloat16, T>(s[k]);
   }
+}
+
+// A bf16 row [n] widened to T (exactly): a saved bf16 xhat row for code that reads float rows.
+template <typename T>
+void from_bf16(const c10::BFloat16* src, int64_t n, T* dst) {
+  SRN_SIMD
+  for (int64_t k = 0; k < n; ++k) dst[k] = T(static_cast<float>(src[k]));
 }
 
 // bf16 GEMM of the tile loops. B prepared once per op call for the route in use, or nullptr: B_wide widened to
@@ -397,11 +404,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   auto saved_row = [&](int l, int64_t r, int64_t c) -> const T* {
     const c10::BFloat16* h = xm_of(l);
     if (!h) return act[l] + r * c;
-    T* w = ws.row();
-    h += r * c;
-    SRN_SIMD
-    for (int64_t k = 0; k < c; ++k) w[k] = T(static_cast<float>(h[k]));
-    return w;
+    detail::from_bf16(h + r * c, c, ws.row());
+    return ws.row();
   };
   int cur = 0;  // ws.buf(cur) holds v_z of the current layer; buf(1 - cur) receives the gradient of its input
   // the AVX-512 LayerNorm rows (csrc/common/layernorm_avx512.cpp): float only

@@ -265,14 +265,9 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       const tile::Layer<T>& last = phi[L - 1];
       const c10::BFloat16* am = sc.act_mm[L - 1];
       for (int64_t r = 0; r < R; ++r) {
-        const T* a = am ? nullptr : act[L - 1] + r * F;
-        if (am) {  // a bf16 xhat row, widened into the feature row first
-          T* f = in + r * K;
-          SRN_SIMD
-          for (int64_t k = 0; k < F; ++k) f[k] = T(static_cast<float>(am[r * F + k]));
-          a = f;
-        }
         T* f = in + r * K;
+        if (am) tile::detail::from_bf16(am + r * F, F, f);  // a bf16 xhat row: widened first, transformed in place
+        const T* a = am ? f : act[L - 1] + r * F;
         if (last.norm) {
           SRN_SIMD
           for (int64_t k = 0; k < F; ++k) f[k] = ln_affine_relu<T>(a[k], last.ln_weight, last.ln_bias, int(k));
