@@ -87,14 +87,11 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
                                      float* rstd_out, bool stream_xhat = false);
 // Its VJP (srn_math.h's layernorm_relu_row_vjp, or for a bf16 layer mlp_tile.h's detail::vjp_row_to_bf16): xhat [n]
 // (float, or bf16 in xhat_mm when that is given), v_y [n]; g [n]: the gradient of z as float when v_z is null, else
-// scratch and v_z [n] gets it as bf16; v_gamma / v_beta / v_bias [n] accumulated (or null).
+// scratch and v_z [n] gets it as bf16; v_gamma / v_beta / v_bias [n] accumulated (or null). y_mm [n] (or null): the
+// layer's output ReLU(xhat * gamma + beta) as bf16 (mlp_tile.h's detail::act_row_to_bf16), written on the way.
 void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, const float* v_y, int64_t n,
                                    float rstd, const float* gamma, const float* beta, float* g, float* v_gamma,
-                                   float* v_beta, c10::BFloat16* v_z, float* v_bias);
-// ReLU(xhat * gamma + beta) (gamma null: no affine) as bf16 (mlp_tile.h's detail::act_row_to_bf16); xhat float, or
-// bf16 in xhat_mm when that is given.
-void relu_row_bf16_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n, const float* gamma,
-                          const float* beta, c10::BFloat16* out);
+                                   float* v_beta, c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm = nullptr);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();

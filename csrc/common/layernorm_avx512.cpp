@@ -2,8 +2,8 @@
 // contract and the same one-pass shifted moments) written for AVX-512: 16 floats a vector and the bf16 output through
 // VCVTNEPS2BF16 (round to nearest even, like to_storage<c10::BFloat16>). The generic row, auto-vectorised by GCC 12 to
 // 8-wide vectors with a five-instruction integer rounding per bf16, took ~350 cycles per 256-wide row on the AMX Xeon:
-// a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added)
-// and a layer's output rebuilt from xhat as bf16. Used where the CPU has AVX512-BF16 (ln_row_avx512_available) for
+// a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added,
+// and the layer's output rebuilt from xhat as bf16 on the way). Used where the CPU has AVX512-BF16 (ln_row_avx512_available) for
 // rows of a multiple of 16; compiled for every x86-64 target through function attributes.
 #include "common/aligned.h"
 #include "common/cpu_gemm.h"
@@ -262,19 +262,21 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
 }
 
 // The ReLU mask of 16 values of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
-SRN_LN512_TARGET static inline __mmask16 relu_mask(__m512 xh, const float* gamma, const float* beta, int64_t k) {
-  return _mm512_cmp_ps_mask(affine(xh, gamma, beta, k), _mm512_setzero_ps(), _CMP_GT_OQ);
-}
-
 SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm,
                                                     const float* v_y, int64_t n, float rstd, const float* gamma,
                                                     const float* beta, float* g, float* v_gamma, float* v_beta,
-                                                    c10::BFloat16* v_z, float* v_bias) {
-  // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients
+                                                    c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm) {
+  // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients; the layer's output
+  // ReLU(xhat gamma + beta) as bf16 on the way when asked
   __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
     const __m512 xh = load_xhat(xhat, xhat_mm, k);
-    const __mmask16 m = relu_mask(xh, gamma, beta, k);
+    const __m512 a = affine(xh, gamma, beta, k);
+    const __mmask16 m = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+    if (y_mm) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, a)));
+    }
     const __m512 vy = _mm512_maskz_loadu_ps(m, v_y + k);
     if (v_gamma) _mm512_storeu_ps(v_gamma + k, _mm512_fmadd_ps(vy, xh, _mm512_loadu_ps(v_gamma + k)));
     if (v_beta) _mm512_storeu_ps(v_beta + k, _mm512_add_ps(vy, _mm512_loadu_ps(v_beta + k)));
@@ -297,12 +299,6 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10
   }
 }
 
-SRN_LN512_TARGET void relu_row_bf16_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n,
-                                           const float* gamma, const float* beta, c10::BFloat16* out) {
-  for (int64_t k = 0; k < n; k += 16) {
-    emit(load_xhat(xhat, xhat_mm, k), k, nullptr, nullptr, false, gamma, beta, nullptr, out);
-  }
-}
 #else
 [[noreturn]] static void ln512_unavailable() {
   TORCH_CHECK(false, "srn_fast: the AVX-512 LayerNorm rows need an x86-64 build");
@@ -312,15 +308,12 @@ void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*,
   ln512_unavailable();
 }
 void layernorm_relu_row_vjp_avx512(const float*, const c10::BFloat16*, const float*, int64_t, float, const float*,
-                                   const float*, float*, float*, float*, c10::BFloat16*, float*) {
+                                   const float*, float*, float*, float*, c10::BFloat16*, float*, c10::BFloat16*) {
   ln512_unavailable();
 }
 void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
                                      const float*, const float*, float, float*, c10::BFloat16*, int64_t, float*,
                                      c10::BFloat16*, int64_t, float*, bool) {
-  ln512_unavailable();
-}
-void relu_row_bf16_avx512(const float*, const c10::BFloat16*, int64_t, const float*, const float*, c10::BFloat16*) {
   ln512_unavailable();
 }
 #endif

@@ -143,10 +143,9 @@ class Workspace {
     // every buffer (and, for widths of a multiple of 16, every row) on a cache line: aligned.h
     const int64_t n = line_multiple<c10::BFloat16>(std::max<int64_t>(R, 1) * cmax);
     f_.assign(3 * n + line_multiple<c10::BFloat16>(cmax), T(0));
-    h_.assign(2 * n, c10::BFloat16(0.f));
+    h_.assign(3 * n, c10::BFloat16(0.f));
     for (int k = 0; k < 4; ++k) fp_[k] = f_.data() + k * n;
-    hp_[0] = h_.data();
-    hp_[1] = h_.data() + n;
+    for (int k = 0; k < 3; ++k) hp_[k] = h_.data() + k * n;
     TORCH_INTERNAL_ASSERT(is_line_aligned(fp_[1]) && is_line_aligned(fp_[2]) && is_line_aligned(hp_[1]),
                           "srn_fast: tile workspace buffers off cache lines");
     if (with_act) {
@@ -167,7 +166,7 @@ class Workspace {
   int64_t rows() const { return R_; }
   T* buf(int k) { return fp_[k]; }                  // 3 float buffers of R * max channels
   T* row() { return fp_[3]; }                        // a float row of max channels (bf16 saved rows widened)
-  c10::BFloat16* buf_mm(int k) { return hp_[k]; }  // 2 bf16 buffers of R * max channels
+  c10::BFloat16* buf_mm(int k) { return hp_[k]; }  // 3 bf16 buffers of R * max channels
   T* const* act() { return act_.empty() ? nullptr : act_.data(); }
   T* const* rstd() { return rstd_.empty() ? nullptr : rstd_.data(); }
 
@@ -176,7 +175,7 @@ class Workspace {
   aligned_vector<T> f_, act_store_;
   aligned_vector<c10::BFloat16> h_;
   T* fp_[4];
-  c10::BFloat16* hp_[2];
+  c10::BFloat16* hp_[3];
   std::vector<T*> act_, rstd_;
 };
 
@@ -413,16 +412,21 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   T* a_buf = ws.buf(2);
   const T* v = v_out;
   int64_t ld_v = ldv;
+  // the AVX-512 VJP of layer l (below) writes layer l's output as bf16 on the way when layer l + 1's weight gradient
+  // waits for it (`pending`): one pass over the saved xhat where a separate rebuild took two
+  auto fast_vjp_of = [&](int l) { return layers[l].norm && fast_ln && layers[l].cout % 16 == 0; };
+  int pending = -1;
   for (int l = L - 1; l >= 0; --l) {
     const Layer<T>& ly = layers[l];
     const LayerGrad<T>& g = grads[l];
     const int64_t ci = ly.cin, co = ly.cout;
     T* vz = ws.buf(cur);
-    c10::BFloat16* vz_mm = ws.buf_mm(1);
+    c10::BFloat16* vz_mm = ws.buf_mm(1 + (l & 1));  // alternating: a pending layer's v_z outlives the next VJP
+    c10::BFloat16* a_out = pending >= 0 ? ws.buf_mm(0) : nullptr;
     // a bf16 layer with LayerNorm: its VJP writes v_z as bf16 and the bias gradient directly (detail::vjp_row_to_bf16)
     const bool vz_in_mm = ly.norm && ly.weight_mm;
     // gradient of the (biased) pre-activation z_l
-    const bool fast_vjp = ly.norm && fast_ln && co % 16 == 0;  // the AVX-512 row adds the bias gradient itself
+    const bool fast_vjp = fast_vjp_of(l);  // the AVX-512 row adds the bias gradient itself
     if (fast_vjp) {
       if constexpr (std::is_same_v<T, float>) {
         const c10::BFloat16* xm = xm_of(l);
@@ -431,7 +435,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,
                                              co, rstd[l][r], ly.ln_weight, ly.ln_bias,
                                              vz_in_mm ? ws.row() : vz + r * co, g.ln_weight, g.ln_bias,
-                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias);
+                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias, a_out ? a_out + r * co : nullptr);
         }
       }
     } else if (vz_in_mm) {
@@ -449,24 +453,26 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     } else if (v != vz || ld_v != co) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(vz + r * co, v + r * ld_v, sizeof(T) * co);
     }
+    if (pending >= 0) {  // layer l + 1's weight gradient, its input now in a_out
+      const Layer<T>& p = layers[pending];
+      detail::gemm_mm(true, false, p.cout, p.cin, R, ws.buf_mm(1 + (pending & 1)), p.cout, a_out, p.cin, T(1),
+                      grads[pending].weight, p.cin);
+      pending = -1;
+    }
     if (g.bias && !vz_in_mm && !fast_vjp) detail::add_row_sums(vz, R, co, co, g.bias);
     const bool need_prev = l > 0 || v_x != nullptr;
     if (g.weight) {  // v_W += v_z^T a_{l-1}
-      if (ly.weight_mm) {
+      if (ly.weight_mm && l > 0 && fast_vjp_of(l - 1)) {  // after the VJP of layer l - 1, which writes a_{l-1}
+        if (!vz_in_mm) detail::to_bf16(vz, co, R, co, vz_mm);
+        pending = l;
+      } else if (ly.weight_mm) {
         c10::BFloat16* a_mm = ws.buf_mm(0);
         if (l == 0) {
           detail::to_bf16(x, ldx, R, ci, a_mm);
         } else {  // the previous layer's output from its saved activation
           const Layer<T>& p = layers[l - 1];
-          const bool fast_prev = p.norm && fast_ln && ci % 16 == 0;
-          const c10::BFloat16* pm = xm_of(l - 1);
           for (int64_t r = 0; r < R; ++r) {
-            if (fast_prev) {
-              if constexpr (std::is_same_v<T, float>) {
-                cpu::relu_row_bf16_avx512(pm ? nullptr : act[l - 1] + r * ci, pm ? pm + r * ci : nullptr, ci,
-                                          p.ln_weight, p.ln_bias, a_mm + r * ci);
-              }
-            } else if (p.norm) {
+            if (p.norm) {
               detail::act_row_to_bf16(saved_row(l - 1, r, ci), ci, p.ln_weight, p.ln_bias, a_mm + r * ci);
             } else {
               detail::to_bf16(act[l - 1] + r * ci, ci, 1, ci, a_mm + r * ci);
