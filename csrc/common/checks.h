@@ -65,11 +65,27 @@ inline at::ScalarType xhat_dtype(bool batched, int64_t mm_dtype, bool norm, cons
   return !batched && mm_dtype == 1 && norm ? at::kBFloat16 : x.scalar_type();
 }
 
-// Sums per-thread accumulators [threads, ...] into `out` (a placeholder or undefined acc: nothing to do).
+// Sums per-thread accumulators [threads, ...] into `out` (a placeholder or undefined acc: nothing to do). On the CPU
+// the slots are added in their order (the same bits every run) by every thread over its share of the elements; ATen's
+// sum over dim 0 ran on one thread while the others waited.
 inline void reduce_into(at::Tensor& out, const at::Tensor& acc) {
   if (is_placeholder(out) || !acc.defined()) return;
   if (acc.size(0) == 1) {
     out.copy_(acc[0]);
+  } else if (acc.device().is_cpu() && acc.is_contiguous() && out.is_contiguous() &&
+             acc.scalar_type() == out.scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "reduce_into", [&] {
+      const int64_t slots = acc.size(0), n = out.numel();
+      const scalar_t* a = acc.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) o[i] = a[i];
+        for (int64_t k = 1; k < slots; ++k) {
+          const scalar_t* ak = a + k * n;
+          for (int64_t i = i0; i < i1; ++i) o[i] += ak[i];
+        }
+      });
+    });
   } else {
     at::sum_out(out, acc, {0});
   }

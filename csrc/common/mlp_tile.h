@@ -568,6 +568,22 @@ inline at::Tensor thread_acc(int64_t threads, const at::Tensor& like, bool need)
   return at::zeros(shape, like.options());
 }
 
+// The same left uninitialised, for loops where each slot's user zeroes it first (zero_slot).
+inline at::Tensor slot_acc(int64_t slots, const at::Tensor& like, bool need) {
+  if (!need || !like.defined()) return at::Tensor();
+  std::vector<int64_t> shape{slots};
+  for (auto s : like.sizes()) shape.push_back(s);
+  return at::empty(shape, like.options());
+}
+
+// Zeroes slot k of slot_acc() (nothing when undefined).
+template <typename T>
+void zero_slot(const at::Tensor& acc, int64_t k) {
+  if (!acc.defined()) return;
+  const int64_t numel = acc.numel() / acc.size(0);
+  std::memset(acc.data_ptr<T>() + k * numel, 0, sizeof(T) * numel);
+}
+
 // Thread tid's accumulator of thread_acc(), at scene b when per_scene (per_scene_numel values per scene).
 template <typename T>
 T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_numel, bool per_scene) {

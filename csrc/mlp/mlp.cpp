@@ -86,11 +86,22 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   // the recomputed forward stops before a plain last layer: backward keeps nothing of it (its input gradient and
   // weight gradient read the previous layer's saved activation), so its GEMM would be work for nothing
   const int L_fwd = L - (w.norm[L - 1] ? 0 : 1);
-  // a static split of the tiles, not forward_cpu's atomic counter: each thread adds into its own accumulators, and
-  // which tiles a thread gets must not depend on timing, or the summed gradients would change from run to run in
-  // their last bits (tests/test_buffer_cache.py compares runs exactly)
-  at::parallel_for(0, tiles.count(), 1, [&](int64_t t0, int64_t t1) {
-    const int64_t tid = at::get_thread_num();
+  // a static split of the tiles into one chunk per accumulator slot, not forward_cpu's atomic counter: which tiles
+  // are added into which slot must not depend on timing, or the summed gradients would change from run to run in
+  // their last bits (tests/test_buffer_cache.py compares runs exactly). Each chunk zeroes its own slots first.
+  int64_t chunks = at::get_num_threads();
+  for (int l = 0; l < L; ++l) {
+    for (const at::Tensor* acc : {&gW[l], &gb[l], &gg[l], &gbe[l]}) {
+      if (acc->defined()) chunks = acc->size(0);
+    }
+  }
+  const int64_t per_chunk = (tiles.count() + chunks - 1) / chunks;
+  auto run_chunk = [&](int64_t slot) {
+    for (int l = 0; l < L; ++l) {
+      for (const at::Tensor* acc : {&gW[l], &gb[l], &gg[l], &gbe[l]}) tile::zero_slot<T>(*acc, slot);
+    }
+    const int64_t t0 = slot * per_chunk, t1 = std::min(tiles.count(), t0 + per_chunk);
+    if (t0 >= t1) return;
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute);
     std::vector<const T*> ap(L), rp(L);
     std::vector<const c10::BFloat16*> hp(L, nullptr);  // bf16 xhat rows of a stored forward
@@ -101,10 +112,10 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
       const auto& ly = layers[s];
       for (int l = 0; l < L; ++l) {
         const int64_t co = ly[l].cout;
-        grads[l].weight = tile::acc_ptr<T>(gW[l], tid, s, co * ly[l].cin, w.per_scene(l));
-        grads[l].bias = tile::acc_ptr<T>(gb[l], tid, s, co, w.b[l].dim() == 2);
-        grads[l].ln_weight = tile::acc_ptr<T>(gg[l], tid, s, co, false);
-        grads[l].ln_bias = tile::acc_ptr<T>(gbe[l], tid, s, co, false);
+        grads[l].weight = tile::acc_ptr<T>(gW[l], slot, s, co * ly[l].cin, w.per_scene(l));
+        grads[l].bias = tile::acc_ptr<T>(gb[l], slot, s, co, w.b[l].dim() == 2);
+        grads[l].ln_weight = tile::acc_ptr<T>(gg[l], slot, s, co, false);
+        grads[l].ln_bias = tile::acc_ptr<T>(gbe[l], slot, s, co, false);
       }
       if (recompute) {
         // rerun the forward on this tile (its first L_fwd layers), keeping the activations in the workspace; its
@@ -125,6 +136,9 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
       tile::backward<T>(ly.data(), L, n, xp + row * C0, C0, ap.data(), rp.data(), vp + row * CL, CL,
                         vxp ? vxp + row * C0 : nullptr, C0, false, grads.data(), ws, hp.data());
     }
+  };
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) run_chunk(k);
   });
 }
 
@@ -193,13 +207,15 @@ void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vec
     check_out(kOp, std::string(what) + "[" + std::to_string(l) + "]", out, like.sizes(), x);
     return true;
   };
+  // accumulator slots: one for the batched path (zeroed here), else one per chunk of tiles (zeroed by the chunk)
   const int64_t T = batched ? 1 : at::get_num_threads();
+  auto acc = batched ? tile::thread_acc : tile::slot_acc;
   std::vector<at::Tensor> gW(L), gb(L), gg(L), gbe(L);
   for (size_t l = 0; l < L; ++l) {
-    gW[l] = tile::thread_acc(T, w.W[l], wanted(v_W[l], w.W[l], "grad_weights", l));
-    gb[l] = tile::thread_acc(T, w.b[l], wanted(v_b[l], w.b[l], "grad_biases", l));
-    gg[l] = tile::thread_acc(T, w.gamma[l], wanted(v_gamma[l], w.gamma[l], "grad_ln_weights", l));
-    gbe[l] = tile::thread_acc(T, w.beta[l], wanted(v_beta[l], w.beta[l], "grad_ln_biases", l));
+    gW[l] = acc(T, w.W[l], wanted(v_W[l], w.W[l], "grad_weights", l));
+    gb[l] = acc(T, w.b[l], wanted(v_b[l], w.b[l], "grad_biases", l));
+    gg[l] = acc(T, w.gamma[l], wanted(v_gamma[l], w.gamma[l], "grad_ln_weights", l));
+    gbe[l] = acc(T, w.beta[l], wanted(v_beta[l], w.beta[l], "grad_ln_biases", l));
   }
   if (batched) {
     c10::DeviceGuard guard(x.device());
