@@ -164,6 +164,29 @@ def test_bf16_option_close():
     assert 0 < err < 0.05, err
 
 
+@pytest.mark.parametrize("bf16_route", ["amx"], indirect=True)
+@pytest.mark.parametrize("mode", ["recompute", "store"])
+def test_amx_weight_gradients_from_zipped_rows_same_bits(bf16_route, mode):
+    """The march's phi backward on the AMX route: weight gradients from the k-pair panels the VJP rows write have
+    the same bits as from plain bf16 rows packed per GEMM (odd N, a partial last tile, a 48-wide layer)."""
+    ext = srn_fast._ext.load()
+    x0, dirs, phi, lstm = setup(dtype=torch.float32, N=77, widths=(3, 64, 48, 64))
+    assert ext.cpu_weight_grad_zipped() and ext.cpu_avx512_rows()  # the path under test is the one in use
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    grads = {}
+    for zipped in (True, False):
+        ext.set_cpu_weight_grad_zipped(zipped)
+        try:
+            out = ops.march(x0, dirs, phi, lstm, 3, matmul_dtype=torch.bfloat16, mode=mode, tile_rows=32)
+            grads[zipped] = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+        finally:
+            ext.set_cpu_weight_grad_zipped(True)
+    for i, (a, b) in enumerate(zip(grads[True], grads[False])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert torch.isfinite(a).all() and torch.equal(a, b), i
+
+
 def test_bad_input_names_argument():
     x0, dirs, phi, lstm = setup(N=4)
     with pytest.raises(ValueError, match=r"x0 must be a tensor of shape \[B, N, 3\]"):

@@ -282,6 +282,34 @@ def test_bf16_store_keeps_xhat_in_bf16():
                         True, [True] * 3, [True] * 3, [False] * 3, [False] * 3, 32, 1)
 
 
+@pytest.mark.parametrize("bf16_route", ["amx"], indirect=True)
+@pytest.mark.parametrize("kind", ["phi", "pixgen", "mixed"])
+def test_amx_weight_gradients_from_zipped_rows_same_bits(bf16_route, kind):
+    """On the AMX route the VJP rows write a waiting layer's v_z and the output below it straight into k-pair panels
+    (cpu::RowZip), two rows a store; the weight-gradient GEMM only transposes one of them. Every gradient has the
+    same bits as with plain bf16 rows packed per GEMM: odd N, partial tiles (k-pairs past the tile zero-padded), a
+    48-wide layer (half a panel), store and recompute."""
+    torch.manual_seed(5)
+    widths = [3, 64, 48, 64, 32]
+    assert ext.cpu_weight_grad_zipped() and ext.cpu_avx512_rows()  # the path under test is the one in use
+    for N, tile_rows in ((77, 32), (41, 50), (9, 128)):
+        layers = make_layers(kind, 2, widths, requires_grad=True)
+        x = torch.randn(2, N, 3, requires_grad=True)
+        v = torch.randn(2, N, widths[-1])
+        inputs = tensors_of(x, layers)
+        for save in (True, False):
+            grads = {}
+            for zipped in (True, False):
+                ext.set_cpu_weight_grad_zipped(zipped)
+                try:
+                    y = ops.mlp(x, layers, matmul_dtype=torch.bfloat16, tile_rows=tile_rows, save_activations=save)
+                    grads[zipped] = torch.autograd.grad(y, inputs, v)
+                finally:
+                    ext.set_cpu_weight_grad_zipped(True)
+            for i, (a, b) in enumerate(zip(grads[True], grads[False])):
+                assert torch.isfinite(a).all() and torch.equal(a, b), (N, tile_rows, save, i)
+
+
 def test_bad_input_errors():
     layers = make_layers("phi", 2, [3, 8, 4])
     x = torch.randn(2, 5, 3)

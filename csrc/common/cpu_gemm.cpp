@@ -335,6 +335,20 @@ void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloa
 
 void set_amx_weight_grad_mkl(bool on) { amx_weight_grad_mkl() = on; }
 
+namespace {
+std::atomic<bool>& zipped_flag() {
+  static std::atomic<bool> on(true);
+  return on;
+}
+}  // namespace
+
+bool weight_grad_zipped() {
+  return zipped_flag().load(std::memory_order_relaxed) && route_in_use() == kRouteAmx &&
+         !(amx_weight_grad_mkl().load(std::memory_order_relaxed) && mkl_bf16_available());
+}
+
+void set_weight_grad_zipped(bool on) { zipped_flag() = on; }
+
 void set_bf16_route(const std::string& name) {
   if (name == "auto") {
     bf16_flag() = kRouteAuto;

@@ -51,12 +51,32 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
 // Call only where amx_available() (the CPU has AMX-BF16, Linux granted the tile state, x86-64 Linux build). op(B)
 // packed as the avx512bf16 route packs it, with the k-pairs padded to a multiple of 16 (amx_packed_words words).
 bool amx_available();
+int64_t amx_kp_stride(int64_t K);  // k-pairs of a packed K: ceil(K / 2) rounded up to the tiles' 16
 void gemm_amx(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
               const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc);
 int64_t amx_packed_words(int64_t K, int64_t N);
 void amx_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
 void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                      const uint32_t* P, float beta, float* C, int64_t ldc);
+
+// The weight gradient C[M, N] (+)= A^T B of the tile loops from operands the AVX-512 VJP rows wrote zipped: A [K, M]
+// and B [K, N] (K the tile's rows) each as k-pair panels, amx_pack_b's layout (word (kp, n) = (X[2kp][n], X[2kp+1][n])
+// in panel n / 32 at kp stride amx_kp_stride(K); k-pairs past K zeros): A's panels are only transposed, nothing is
+// zipped or packed per call. Only where weight_grad_zipped().
+void gemm_amx_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
+                        float* C, int64_t ldc);
+// Whether the tile loops' weight gradients take that path: the "amx" route, its weight gradients not sent to MKL, and
+// not turned off (set_weight_grad_zipped(false): the rows write plain bf16 rows, packed per GEMM; for the tests).
+bool weight_grad_zipped();
+void set_weight_grad_zipped(bool on);
+
+// A row's place in k-pair panels (gemm_amx_zipped_at's operands): row `row` of a [K, n] matrix is half row % 2 of the
+// words of k-pair row / 2; kp_stride = amx_kp_stride(K).
+struct RowZip {
+  uint32_t* v_z = nullptr;  // v_z's panels, or null
+  uint32_t* y = nullptr;    // the layer output's panels (in place of a row-major y_mm), or null
+  int64_t kp_stride = 0, row = 0;
+};
 
 // The routes that take a weight packed once per op call ("avx512bf16", "amx"): whether the route in use is one,
 // and its packing and packed GEMM (a weight packed under one route is read only under that route).
@@ -89,9 +109,18 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
 // (float, or bf16 in xhat_mm when that is given), v_y [n]; g [n]: the gradient of z as float when v_z is null, else
 // scratch and v_z [n] gets it as bf16; v_gamma / v_beta / v_bias [n] accumulated (or null). y_mm [n] (or null): the
 // layer's output ReLU(xhat * gamma + beta) as bf16 (mlp_tile.h's detail::act_row_to_bf16), written on the way.
+// zip (or null): v_z (when written as bf16) and / or that output also written into k-pair panels (RowZip).
 void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, const float* v_y, int64_t n,
                                    float rstd, const float* gamma, const float* beta, float* g, float* v_gamma,
-                                   float* v_beta, c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm = nullptr);
+                                   float* v_beta, c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm = nullptr,
+                                   const RowZip* zip = nullptr);
+// The same for two rows side by side (two independent reduction chains), v_z written as bf16: xhat / xhat_mm and v_y
+// two rows at strides ldx / ldv, rstd [2], g [2, n] scratch, v_z and y_mm [2, n]; zip->row even (the rows share their
+// k-pair words: one full store for both).
+void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx, const float* v_y,
+                                     int64_t ldv, int64_t n, const float* rstd, const float* gamma, const float* beta,
+                                     float* g, float* v_gamma, float* v_beta, c10::BFloat16* v_z, float* v_bias,
+                                     c10::BFloat16* y_mm, const RowZip* zip);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();

@@ -156,17 +156,15 @@ SRN_AMX_TARGET inline void transpose16(__m512i r[16]) {
   }
 }
 
-// A^T (A stored [K, M], row stride lda) -> Q [Mp][kps] k-pair words (row m: op(A)'s row m), Mp = M rounded up to
-// 32, kps = amx_kp_stride(K); rows past M hold whatever the padding columns of the zip held (they only reach rows
-// of C that are not stored).
-SRN_AMX_TARGET void pack_a_transposed(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda,
-                                      aligned_vector<uint32_t>& zipped, aligned_vector<uint32_t>& Q) {
-  const int64_t kps = amx_kp_stride(K), Mp = (M + kBlock - 1) / kBlock * kBlock;
-  zipped.resize(size_t(dpbf16_packed_words(K, M, kps)));
-  dpbf16_pack_b(false, K, M, A, lda, zipped.data(), kps);  // [M/32][kps][32]: word (kp, m) = (A[2kp][m], A[2kp+1][m])
+// The zipped panels of A [K, M] (dpbf16_pack_b's layout with kp stride kps: word (kp, m) = (A[2kp][m], A[2kp+1][m])
+// in panel m / 32) -> Q [Mp][kps] k-pair words (row m: op(A) = A^T's row m), Mp = M rounded up to 32, transposed
+// 16 x 16 words at a time; rows past M hold whatever the panels' columns past M held (they only reach rows of C that
+// are not stored).
+SRN_AMX_TARGET void transpose_zipped(int64_t M, int64_t kps, const uint32_t* zipped, aligned_vector<uint32_t>& Q) {
+  const int64_t Mp = (M + kBlock - 1) / kBlock * kBlock;
   Q.resize(size_t(Mp * kps));
   for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
-    const uint32_t* panel = zipped.data() + (m0 / 32) * kps * 32 + (m0 % 32);
+    const uint32_t* panel = zipped + (m0 / 32) * kps * 32 + (m0 % 32);
     for (int64_t kp0 = 0; kp0 < kps; kp0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(panel + (kp0 + i) * 32);
@@ -176,6 +174,15 @@ SRN_AMX_TARGET void pack_a_transposed(int64_t M, int64_t K, const c10::BFloat16*
   }
 }
 
+// A^T (A stored [K, M], row stride lda) -> Q [Mp][kps] k-pair words: zipped, then transposed.
+SRN_AMX_TARGET void pack_a_transposed(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda,
+                                      aligned_vector<uint32_t>& zipped, aligned_vector<uint32_t>& Q) {
+  const int64_t kps = amx_kp_stride(K);
+  zipped.resize(size_t(dpbf16_packed_words(K, M, kps)));
+  dpbf16_pack_b(false, K, M, A, lda, zipped.data(), kps);
+  transpose_zipped(M, kps, zipped.data(), Q);
+}
+
 // Row-major op(A) [M, K] -> Q [Mp][kps] words: rows padded with zeros to 2 kps bf16, rows past M zeros.
 void pack_a_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, int64_t Mp, aligned_vector<uint32_t>& Q) {
   const int64_t kps = amx_kp_stride(K);
@@ -183,26 +190,11 @@ void pack_a_rows(int64_t M, int64_t K, const c10::BFloat16* A, int64_t lda, int6
   for (int64_t m = 0; m < M; ++m) std::memcpy(Q.data() + m * kps, A + m * lda, size_t(K) * 2);
 }
 
-}  // namespace
-
-void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                     const uint32_t* Bp, float beta, float* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  thread_local aligned_vector<uint32_t> zipped, qa, tail;
-  const int64_t kps = amx_kp_stride(K), Mfull = M / kBlock * kBlock;
-  const char* a = reinterpret_cast<const char*>(A);
-  int64_t a_row = lda * 2;
-  const char* a_tail = nullptr;  // rows Mfull.. of op(A), zero-padded to a block (in-place reads only)
-  if (ta) {
-    pack_a_transposed(M, K, A, lda, zipped, qa);
-    a = reinterpret_cast<const char*>(qa.data()), a_row = kps * 4;
-  } else if (K != 2 * kps) {
-    pack_a_rows(M, K, A, lda, (M + kBlock - 1) / kBlock * kBlock, qa);
-    a = reinterpret_cast<const char*>(qa.data()), a_row = kps * 4;
-  } else if (Mfull < M) {
-    pack_a_rows(M - Mfull, K, A + Mfull * lda, lda, kBlock, tail);
-    a_tail = reinterpret_cast<const char*>(tail.data());
-  }
+// The blocks of C (accumulated onto when beta != 0) += op(A) B: op(A) rows a_row bytes apart (rows Mfull.. from
+// a_tail when given: a zero-padded block), B packed (Bp), K padded to kps k-pairs.
+void run_blocks(const char* a, int64_t a_row, const char* a_tail, int64_t M, int64_t N, int64_t kps, const uint32_t* Bp,
+                float beta, float* C, int64_t ldc) {
+  const int64_t Mfull = M / kBlock * kBlock;
   configure();
   alignas(64) float scratch[kBlock * kBlock];
   const bool accumulate = beta != 0.f;
@@ -235,6 +227,38 @@ void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat
   release();
 }
 
+}  // namespace
+
+void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                     const uint32_t* Bp, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  thread_local aligned_vector<uint32_t> zipped, qa, tail;
+  const int64_t kps = amx_kp_stride(K), Mfull = M / kBlock * kBlock;
+  const char* a = reinterpret_cast<const char*>(A);
+  int64_t a_row = lda * 2;
+  const char* a_tail = nullptr;  // rows Mfull.. of op(A), zero-padded to a block (in-place reads only)
+  if (ta) {
+    pack_a_transposed(M, K, A, lda, zipped, qa);
+    a = reinterpret_cast<const char*>(qa.data()), a_row = kps * 4;
+  } else if (K != 2 * kps) {
+    pack_a_rows(M, K, A, lda, (M + kBlock - 1) / kBlock * kBlock, qa);
+    a = reinterpret_cast<const char*>(qa.data()), a_row = kps * 4;
+  } else if (Mfull < M) {
+    pack_a_rows(M - Mfull, K, A + Mfull * lda, lda, kBlock, tail);
+    a_tail = reinterpret_cast<const char*>(tail.data());
+  }
+  run_blocks(a, a_row, a_tail, M, N, kps, Bp, beta, C, ldc);
+}
+
+void gemm_amx_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
+                        float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  thread_local aligned_vector<uint32_t> qa;
+  const int64_t kps = amx_kp_stride(K);
+  transpose_zipped(M, kps, A_zip, qa);
+  run_blocks(reinterpret_cast<const char*>(qa.data()), kps * 4, nullptr, M, N, kps, B_zip, beta, C, ldc);
+}
+
 void gemm_amx(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
               const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   thread_local aligned_vector<uint32_t> bp;
@@ -252,6 +276,9 @@ void gemm_amx_packed(bool, int64_t, int64_t, int64_t, const c10::BFloat16*, int6
 }
 void gemm_amx(bool, bool, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t,
               float, float*, int64_t) {
+  amx_unavailable();
+}
+void gemm_amx_zipped_at(int64_t, int64_t, int64_t, const uint32_t*, const uint32_t*, float, float*, int64_t) {
   amx_unavailable();
 }
 #endif

@@ -262,10 +262,23 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
 }
 
 // The ReLU mask of 16 values of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
+// 16 bf16 values (columns k..k+15 of row `row`) into their half-words of k-pair panels (RowZip): one masked store of
+// the 16 words, the other row of the pair left as it is.
+SRN_LN512_TARGET static inline void store_zipped(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m256i h) {
+  uint32_t* dst = panels + (k / 32) * kps * 32 + (row / 2) * 32 + (k % 32);
+  const bool odd = row & 1;
+  __m512i w = _mm512_cvtepu16_epi32(h);
+  if (odd) w = _mm512_slli_epi32(w, 16);
+  _mm512_mask_storeu_epi16(dst, odd ? __mmask32(0xAAAAAAAAu) : __mmask32(0x55555555u), w);
+}
+
 SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm,
                                                     const float* v_y, int64_t n, float rstd, const float* gamma,
                                                     const float* beta, float* g, float* v_gamma, float* v_beta,
-                                                    c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm) {
+                                                    c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm,
+                                                    const RowZip* zip) {
+  uint32_t* const vz_zip = zip && v_z ? zip->v_z : nullptr;
+  uint32_t* const y_zip = zip ? zip->y : nullptr;
   // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients; the layer's output
   // ReLU(xhat gamma + beta) as bf16 on the way when asked
   __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
@@ -273,9 +286,10 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10
     const __m512 xh = load_xhat(xhat, xhat_mm, k);
     const __m512 a = affine(xh, gamma, beta, k);
     const __mmask16 m = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
-    if (y_mm) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, a)));
+    if (y_mm || y_zip) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, a));
+      if (y_mm) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), h);
+      if (y_zip) store_zipped(y_zip, zip->kp_stride, zip->row, k, h);
     }
     const __m512 vy = _mm512_maskz_loadu_ps(m, v_y + k);
     if (v_gamma) _mm512_storeu_ps(v_gamma + k, _mm512_fmadd_ps(vy, xh, _mm512_loadu_ps(v_gamma + k)));
@@ -291,11 +305,82 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10
     const __m512 v = _mm512_mul_ps(
         rs, _mm512_fnmadd_ps(load_xhat(xhat, xhat_mm, k), mgx, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg)));
     if (v_z) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), (__m256i)_mm512_cvtneps_pbh(v));
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), h);
+      if (vz_zip) store_zipped(vz_zip, zip->kp_stride, zip->row, k, h);
     } else {
       _mm512_storeu_ps(g + k, v);
     }
     if (v_bias) _mm512_storeu_ps(v_bias + k, _mm512_add_ps(v, _mm512_loadu_ps(v_bias + k)));
+  }
+}
+
+// Columns k..k+15 of an even row and the row after it into their k-pair panel words (RowZip): one full store.
+SRN_LN512_TARGET static inline void store_zipped2(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m256i h0,
+                                                  __m256i h1) {
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+  _mm512_storeu_si512(panels + (k / 32) * kps * 32 + (row / 2) * 32 + (k % 32), _mm512_permutexvar_epi16(pairs, both));
+}
+
+SRN_LN512_TARGET void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx,
+                                                     const float* v_y, int64_t ldv, int64_t n, const float* rstd,
+                                                     const float* gamma, const float* beta, float* g, float* v_gamma,
+                                                     float* v_beta, c10::BFloat16* v_z, float* v_bias,
+                                                     c10::BFloat16* y_mm, const RowZip* zip) {
+  const float* xf1 = xhat ? xhat + ldx : nullptr;
+  const c10::BFloat16* xh1p = xhat_mm ? xhat_mm + ldx : nullptr;
+  const float* vy1p = v_y + ldv;
+  float* g1 = g + n;
+  uint32_t* const vz_zip = zip ? zip->v_z : nullptr;
+  uint32_t* const y_zip = zip ? zip->y : nullptr;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 sa0 = zero, sb0 = zero, sa1 = zero, sb1 = zero;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 xh0 = load_xhat(xhat, xhat_mm, k), xh1 = load_xhat(xf1, xh1p, k);
+    const __m512 a0 = affine(xh0, gamma, beta, k), a1 = affine(xh1, gamma, beta, k);
+    const __mmask16 m0 = _mm512_cmp_ps_mask(a0, zero, _CMP_GT_OQ), m1 = _mm512_cmp_ps_mask(a1, zero, _CMP_GT_OQ);
+    if (y_mm || y_zip) {
+      const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m0, a0));
+      const __m256i h1 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m1, a1));
+      if (y_mm) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), h0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + n + k), h1);
+      }
+      if (y_zip) store_zipped2(y_zip, zip->kp_stride, zip->row, k, h0, h1);
+    }
+    const __m512 vy0 = _mm512_maskz_loadu_ps(m0, v_y + k), vy1 = _mm512_maskz_loadu_ps(m1, vy1p + k);
+    if (v_gamma) {
+      const __m512 t = _mm512_fmadd_ps(vy0, xh0, _mm512_loadu_ps(v_gamma + k));
+      _mm512_storeu_ps(v_gamma + k, _mm512_fmadd_ps(vy1, xh1, t));
+    }
+    if (v_beta) _mm512_storeu_ps(v_beta + k, _mm512_add_ps(vy1, _mm512_add_ps(vy0, _mm512_loadu_ps(v_beta + k))));
+    const __m512 gk0 = gamma ? _mm512_mul_ps(vy0, _mm512_loadu_ps(gamma + k)) : vy0;
+    const __m512 gk1 = gamma ? _mm512_mul_ps(vy1, _mm512_loadu_ps(gamma + k)) : vy1;
+    _mm512_storeu_ps(g + k, gk0);
+    _mm512_storeu_ps(g1 + k, gk1);
+    sa0 = _mm512_add_ps(sa0, gk0);
+    sb0 = _mm512_fmadd_ps(gk0, xh0, sb0);
+    sa1 = _mm512_add_ps(sa1, gk1);
+    sb1 = _mm512_fmadd_ps(gk1, xh1, sb1);
+  }
+  // as the one-row function: the same bits
+  const __m512 mg0 = _mm512_set1_ps(_mm512_reduce_add_ps(sa0) / float(n));
+  const __m512 mgx0 = _mm512_set1_ps(_mm512_reduce_add_ps(sb0) / float(n));
+  const __m512 mg1 = _mm512_set1_ps(_mm512_reduce_add_ps(sa1) / float(n));
+  const __m512 mgx1 = _mm512_set1_ps(_mm512_reduce_add_ps(sb1) / float(n));
+  const __m512 rs0 = _mm512_set1_ps(rstd[0]), rs1 = _mm512_set1_ps(rstd[1]);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v0 = _mm512_mul_ps(
+        rs0, _mm512_fnmadd_ps(load_xhat(xhat, xhat_mm, k), mgx0, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg0)));
+    const __m512 v1 = _mm512_mul_ps(
+        rs1, _mm512_fnmadd_ps(load_xhat(xf1, xh1p, k), mgx1, _mm512_sub_ps(_mm512_loadu_ps(g1 + k), mg1)));
+    const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), h0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + n + k), h1);
+    if (vz_zip) store_zipped2(vz_zip, zip->kp_stride, zip->row, k, h0, h1);
+    if (v_bias) _mm512_storeu_ps(v_bias + k, _mm512_add_ps(v1, _mm512_add_ps(v0, _mm512_loadu_ps(v_bias + k))));
   }
 }
 
@@ -308,7 +393,13 @@ void layernorm_relu_rows_avx512(float*, int64_t, int64_t, int64_t, const float*,
   ln512_unavailable();
 }
 void layernorm_relu_row_vjp_avx512(const float*, const c10::BFloat16*, const float*, int64_t, float, const float*,
-                                   const float*, float*, float*, float*, c10::BFloat16*, float*, c10::BFloat16*) {
+                                   const float*, float*, float*, float*, c10::BFloat16*, float*, c10::BFloat16*,
+                                   const RowZip*) {
+  ln512_unavailable();
+}
+void layernorm_relu_rows2_vjp_avx512(const float*, const c10::BFloat16*, int64_t, const float*, int64_t, int64_t,
+                                     const float*, const float*, const float*, float*, float*, float*, c10::BFloat16*,
+                                     float*, c10::BFloat16*, const RowZip*) {
   ln512_unavailable();
 }
 void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,

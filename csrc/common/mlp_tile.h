@@ -137,17 +137,22 @@ struct LayerGrad {
 template <typename T>
 class Workspace {
  public:
-  Workspace(const Layer<T>* layers, int L, int64_t R, bool with_act) : R_(R) {
+  Workspace(const Layer<T>* layers, int L, int64_t R, bool with_act, bool with_zip = false) : R_(R) {
     int64_t cmax = 1;
     for (int l = 0; l < L; ++l) cmax = std::max({cmax, layers[l].cin, layers[l].cout});
     // every buffer (and, for widths of a multiple of 16, every row) on a cache line: aligned.h
     const int64_t n = line_multiple<c10::BFloat16>(std::max<int64_t>(R, 1) * cmax);
-    f_.assign(3 * n + line_multiple<c10::BFloat16>(cmax), T(0));
+    f_.assign(3 * n + 2 * line_multiple<c10::BFloat16>(cmax), T(0));
     h_.assign(3 * n, c10::BFloat16(0.f));
     for (int k = 0; k < 4; ++k) fp_[k] = f_.data() + k * n;
     for (int k = 0; k < 3; ++k) hp_[k] = h_.data() + k * n;
     TORCH_INTERNAL_ASSERT(is_line_aligned(fp_[1]) && is_line_aligned(fp_[2]) && is_line_aligned(hp_[1]),
                           "srn_fast: tile workspace buffers off cache lines");
+    if (with_zip) {  // 3 k-pair panel buffers of R rows x max channels (cpu::RowZip)
+      const int64_t words = line_multiple<uint32_t>(cpu::amx_kp_stride(R) * ((cmax + 31) / 32 * 32));
+      zip_.assign(3 * words, 0u);
+      for (int k = 0; k < 3; ++k) zp_[k] = zip_.data() + k * words;
+    }
     if (with_act) {
       int64_t total = 0;
       for (int l = 0; l < L; ++l) total += line_multiple<T>(R * layers[l].cout) + line_multiple<T>(R);
@@ -165,8 +170,9 @@ class Workspace {
   }
   int64_t rows() const { return R_; }
   T* buf(int k) { return fp_[k]; }                  // 3 float buffers of R * max channels
-  T* row() { return fp_[3]; }                        // a float row of max channels (bf16 saved rows widened)
+  T* row() { return fp_[3]; }                        // two float rows of max channels (bf16 saved rows widened)
   c10::BFloat16* buf_mm(int k) { return hp_[k]; }  // 3 bf16 buffers of R * max channels
+  uint32_t* zip(int k) { return zp_[k]; }             // 3 k-pair panel buffers (with_zip), else null
   T* const* act() { return act_.empty() ? nullptr : act_.data(); }
   T* const* rstd() { return rstd_.empty() ? nullptr : rstd_.data(); }
 
@@ -174,8 +180,10 @@ class Workspace {
   int64_t R_;
   aligned_vector<T> f_, act_store_;
   aligned_vector<c10::BFloat16> h_;
+  aligned_vector<uint32_t> zip_;
   T* fp_[4];
   c10::BFloat16* hp_[3];
+  uint32_t* zp_[3] = {nullptr, nullptr, nullptr};
   std::vector<T*> act_, rstd_;
 };
 
@@ -415,14 +423,24 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   // the AVX-512 VJP of layer l (below) writes layer l's output as bf16 on the way when layer l + 1's weight gradient
   // waits for it (`pending`): one pass over the saved xhat where a separate rebuild took two
   auto fast_vjp_of = [&](int l) { return layers[l].norm && fast_ln && layers[l].cout % 16 == 0; };
+  auto defers = [&](int l) { return grads[l].weight && layers[l].weight_mm && l > 0 && fast_vjp_of(l - 1); };
+  // and with a workspace that has k-pair panels (the AMX route), the VJP rows write a waiting layer's v_z and the
+  // output below it straight into them too: the weight gradient only transposes one of them (gemm_amx_zipped_at)
+  const bool zip = std::is_same_v<T, float> && ws.zip(0) != nullptr;
+  const int64_t kps = zip ? cpu::amx_kp_stride(R) : 0;
+  auto zero_pad = [&](uint32_t* panels, int64_t cols) {  // the k-pairs past R (and the missing row of an odd R)
+    if (R == 2 * kps) return;
+    for (int64_t p = 0; p < (cols + 31) / 32; ++p) std::fill(panels + (p * kps + R / 2) * 32, panels + (p + 1) * kps * 32, 0u);
+  };
   int pending = -1;
+  bool pending_zip = false;  // the pending layer's v_z is in its panels (and the output below goes to ws.zip(0))
   for (int l = L - 1; l >= 0; --l) {
     const Layer<T>& ly = layers[l];
     const LayerGrad<T>& g = grads[l];
     const int64_t ci = ly.cin, co = ly.cout;
     T* vz = ws.buf(cur);
     c10::BFloat16* vz_mm = ws.buf_mm(1 + (l & 1));  // alternating: a pending layer's v_z outlives the next VJP
-    c10::BFloat16* a_out = pending >= 0 ? ws.buf_mm(0) : nullptr;
+    c10::BFloat16* a_out = pending >= 0 && !pending_zip ? ws.buf_mm(0) : nullptr;
     // a bf16 layer with LayerNorm: its VJP writes v_z as bf16 and the bias gradient directly (detail::vjp_row_to_bf16)
     const bool vz_in_mm = ly.norm && ly.weight_mm;
     // gradient of the (biased) pre-activation z_l
@@ -430,12 +448,35 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     if (fast_vjp) {
       if constexpr (std::is_same_v<T, float>) {
         const c10::BFloat16* xm = xm_of(l);
-        for (int64_t r = 0; r < R; ++r) {
+        cpu::RowZip rz;
+        rz.kp_stride = kps;
+        if (zip && vz_in_mm && defers(l)) {
+          rz.v_z = ws.zip(1 + (l & 1));
+          zero_pad(rz.v_z, co);
+        }
+        if (pending_zip) {
+          rz.y = ws.zip(0);
+          zero_pad(rz.y, co);
+        }
+        const cpu::RowZip* rzp = rz.v_z || rz.y ? &rz : nullptr;
+        int64_t r = 0;
+        if (vz_in_mm) {  // two rows at a time (the tail row below)
+          for (; r + 2 <= R; r += 2) {
+            rz.row = r;
+            cpu::layernorm_relu_rows2_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, co,
+                                                 v + r * ld_v, ld_v, co, rstd[l] + r, ly.ln_weight, ly.ln_bias, ws.row(),
+                                                 g.ln_weight, g.ln_bias, vz_mm + r * co, g.bias,
+                                                 a_out ? a_out + r * co : nullptr, rzp);
+          }
+        }
+        for (; r < R; ++r) {
+          rz.row = r;
           // with v_z written as bf16 the float row is scratch: one row, not R rows of the tile's footprint in L2
           cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,
                                              co, rstd[l][r], ly.ln_weight, ly.ln_bias,
                                              vz_in_mm ? ws.row() : vz + r * co, g.ln_weight, g.ln_bias,
-                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias, a_out ? a_out + r * co : nullptr);
+                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias, a_out ? a_out + r * co : nullptr,
+                                             rzp);
         }
       }
     } else if (vz_in_mm) {
@@ -453,18 +494,27 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     } else if (v != vz || ld_v != co) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(vz + r * co, v + r * ld_v, sizeof(T) * co);
     }
-    if (pending >= 0) {  // layer l + 1's weight gradient, its input now in a_out
+    if (pending >= 0) {  // layer l + 1's weight gradient, its input now in a_out (or in ws.zip(0))
       const Layer<T>& p = layers[pending];
-      detail::gemm_mm(true, false, p.cout, p.cin, R, ws.buf_mm(1 + (pending & 1)), p.cout, a_out, p.cin, T(1),
-                      grads[pending].weight, p.cin);
+      if (pending_zip) {
+        if constexpr (std::is_same_v<T, float>) {
+          cpu::gemm_amx_zipped_at(p.cout, p.cin, R, ws.zip(1 + (pending & 1)), ws.zip(0), 1.f, grads[pending].weight,
+                                  p.cin);
+        }
+      } else {
+        detail::gemm_mm(true, false, p.cout, p.cin, R, ws.buf_mm(1 + (pending & 1)), p.cout, a_out, p.cin, T(1),
+                        grads[pending].weight, p.cin);
+      }
       pending = -1;
+      pending_zip = false;
     }
     if (g.bias && !vz_in_mm && !fast_vjp) detail::add_row_sums(vz, R, co, co, g.bias);
     const bool need_prev = l > 0 || v_x != nullptr;
     if (g.weight) {  // v_W += v_z^T a_{l-1}
-      if (ly.weight_mm && l > 0 && fast_vjp_of(l - 1)) {  // after the VJP of layer l - 1, which writes a_{l-1}
+      if (defers(l)) {  // after the VJP of layer l - 1, which writes a_{l-1}
         if (!vz_in_mm) detail::to_bf16(vz, co, R, co, vz_mm);
         pending = l;
+        pending_zip = zip && fast_vjp && vz_in_mm;  // as the VJP above wrote the panels
       } else if (ly.weight_mm) {
         c10::BFloat16* a_mm = ws.buf_mm(0);
         if (l == 0) {
@@ -519,93 +569,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   }
 }
 
-// The tile layers of scene b of w (per-scene weights sliced, shared ones as they are). With bf16, layers at least
-// min_bf16_width wide on both sides get their bf16 weight copy (w.W_mm) for reduced-precision matmuls; narrower
-// ones (phi's 3-wide input layer, the 3-wide rgb layer) stay in T: they cost nothing and rounding point
-// coordinates to bf16 would shift them by ~0.4%.
+// Layers at least this wide on both sides get bf16 matmuls (scene_layers in tile_loops.h); narrower ones stay in T.
 constexpr int64_t kMinBf16Width = 16;
-template <typename T>
-std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
-  std::vector<Layer<T>> out(w.size());
-  for (size_t l = 0; l < w.size(); ++l) {
-    Layer<T>& t = out[l];
-    const bool ps = w.per_scene(l);
-    t.cout = w.W[l].size(-2);
-    t.cin = w.W[l].size(-1);
-    t.weight = w.W[l].data_ptr<T>() + (ps ? b * t.cout * t.cin : 0);
-    t.bias = w.b[l].data_ptr<T>() + (w.b[l].dim() == 2 ? b * t.cout : 0);
-    t.ln_weight = w.gamma[l].defined() ? w.gamma[l].data_ptr<T>() : nullptr;
-    t.ln_bias = w.beta[l].defined() ? w.beta[l].data_ptr<T>() : nullptr;
-    t.norm = w.norm[l];
-    if (bf16 && std::min(t.cin, t.cout) >= kMinBf16Width) {
-      t.weight_mm = w.W_mm[l].data_ptr<at::BFloat16>() + (ps ? b * t.cout * t.cin : 0);
-      if (l < w.W_wide.size() && w.W_wide[l].defined()) {
-        t.weight_wide = w.W_wide[l].data_ptr<float>() + (ps ? b * t.cout * t.cin : 0);
-      }
-      if (l < w.W_pk.size() && w.W_pk[l].defined()) {
-        const at::Tensor& pk = w.W_pk[l];
-        t.weight_pk_fwd = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>()) + (ps ? b * pk.size(1) : 0);
-        t.weight_pk_bwd = t.weight_pk_fwd + cpu::bf16_packed_words(t.cin, t.cout);
-      }
-    }
-  }
-  return out;
-}
-
-// scene_layers() of every scene b < B.
-template <typename T>
-std::vector<std::vector<Layer<T>>> all_scene_layers(const MLPWeights& w, int64_t B, bool bf16) {
-  std::vector<std::vector<Layer<T>>> out;
-  for (int64_t b = 0; b < B; ++b) out.push_back(scene_layers<T>(w, b, bf16));
-  return out;
-}
-
-// Per-thread gradient accumulators: [threads, ...like], zeroed; undefined when not needed.
-inline at::Tensor thread_acc(int64_t threads, const at::Tensor& like, bool need) {
-  if (!need || !like.defined()) return at::Tensor();
-  std::vector<int64_t> shape{threads};
-  for (auto s : like.sizes()) shape.push_back(s);
-  return at::zeros(shape, like.options());
-}
-
-// The same left uninitialised, for loops where each slot's user zeroes it first (zero_slot).
-inline at::Tensor slot_acc(int64_t slots, const at::Tensor& like, bool need) {
-  if (!need || !like.defined()) return at::Tensor();
-  std::vector<int64_t> shape{slots};
-  for (auto s : like.sizes()) shape.push_back(s);
-  return at::empty(shape, like.options());
-}
-
-// Zeroes slot k of slot_acc() (nothing when undefined).
-template <typename T>
-void zero_slot(const at::Tensor& acc, int64_t k) {
-  if (!acc.defined()) return;
-  const int64_t numel = acc.numel() / acc.size(0);
-  std::memset(acc.data_ptr<T>() + k * numel, 0, sizeof(T) * numel);
-}
-
-// Thread tid's accumulator of thread_acc(), at scene b when per_scene (per_scene_numel values per scene).
-template <typename T>
-T* acc_ptr(const at::Tensor& acc, int64_t tid, int64_t b, int64_t per_scene_numel, bool per_scene) {
-  if (!acc.defined()) return nullptr;
-  const int64_t numel = acc.numel() / acc.size(0);
-  return acc.data_ptr<T>() + tid * numel + (per_scene ? b * per_scene_numel : 0);
-}
-
-// The CPU tiles of a [B, N] batch of rays: per scene ceil(N / R) tiles of R rows (the last one shorter); tile i
-// covers scene scene(i), rows [row0(i), row0(i) + rows(i)). Tiles never straddle scenes (per-scene weights).
-struct Grid {
-  int64_t B, N, R, per_scene;
-  int64_t count() const { return B * per_scene; }
-  int64_t scene(int64_t i) const { return i / per_scene; }
-  int64_t row0(int64_t i) const { return (i % per_scene) * R; }
-  int64_t rows(int64_t i) const { return std::min(R, N - row0(i)); }
-};
-
-inline Grid make_grid(int64_t B, int64_t N, int64_t R) {
-  R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
-  return Grid{B, N, R, (N + R - 1) / R};
-}
 
 }  // namespace tile
 }  // namespace srn

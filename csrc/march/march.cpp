@@ -15,6 +15,7 @@
 #include "common/checks.h"
 #include "common/elementwise.h"
 #include "common/mlp_tile.h"
+#include "common/tile_loops.h"
 #include "march/march_cpu.h"
 
 namespace srn {
@@ -313,7 +314,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
   const bool recompute = sv.zs.empty();
   at::parallel_for(0, grid.count(), 1, [&](int64_t i0, int64_t i1) {
     const int64_t tid = at::get_thread_num();
-    tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, recompute);
+    tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, recompute, bf16 && cpu::weight_grad_zipped());
     march_cpu::Scratch<T> sc(grid.R, l0.H, l0.F, ct.L_run);
     auto lstm_acc = [tid](const at::Tensor& a) { return tile::acc_ptr<T>(a, tid, 0, 0, false); };
     march_cpu::LstmGrad<T> gl{nullptr, nullptr, lstm_acc(acc.w_out), lstm_acc(acc.b_out)};

@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/cpu_gemm.h"
 #include "common/mlp_tile.h"
+#include "common/tile_loops.h"
 
 namespace srn {
 
@@ -102,7 +103,7 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
     }
     const int64_t t0 = slot * per_chunk, t1 = std::min(tiles.count(), t0 + per_chunk);
     if (t0 >= t1) return;
-    tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute);
+    tile::Workspace<T> ws(layers[0].data(), L, tiles.R, recompute, bf16 && cpu::weight_grad_zipped());
     std::vector<const T*> ap(L), rp(L);
     std::vector<const c10::BFloat16*> hp(L, nullptr);  // bf16 xhat rows of a stored forward
     std::vector<tile::LayerGrad<T>> grads(L);
@@ -303,6 +304,11 @@ void register_mlp(pybind11::module& m) {
   m.def("set_cpu_amx_weight_grad_mkl", [](bool on) { cpu::set_amx_weight_grad_mkl(on); },
         "Under the 'amx' route, weight-gradient GEMMs through srn_fast's AMX kernel (False, the default) or through "
         "MKL's bf16 GEMM where torch has it (True; for the tests)");
+  m.def("cpu_weight_grad_zipped", [] { return cpu::weight_grad_zipped(); },
+        "Whether the tile loops' weight gradients take their operands from k-pair panels (the 'amx' route)");
+  m.def("set_cpu_weight_grad_zipped", [](bool on) { cpu::set_weight_grad_zipped(on); },
+        "Under the 'amx' route, the tile loops' weight gradients from k-pair panels the VJP rows write (True, the "
+        "default) or from plain bf16 rows packed per GEMM (False; for the tests: the same bits)");
   m.def("cpu_avx512_rows", [] { return cpu::avx512_rows(); },
         "Whether the CPU tile loops run their LayerNorm rows in AVX-512 (CPUs with AVX512-BF16)");
   m.def("set_cpu_avx512_rows", [](bool on) { cpu::set_avx512_rows(on); },
