@@ -3,8 +3,9 @@
 // VCVTNEPS2BF16 (round to nearest even, like to_storage<c10::BFloat16>). The generic row, auto-vectorised by GCC 12 to
 // 8-wide vectors with a five-instruction integer rounding per bf16, took ~350 cycles per 256-wide row on the AMX Xeon:
 // a third of a bf16 march's forward. Likewise the VJP of a row (v_z out as float or as bf16, the bias gradient added,
-// and the layer's output rebuilt from xhat as bf16 on the way). Used where the CPU has AVX512-BF16 (ln_row_avx512_available) for
-// rows of a multiple of 16; compiled for every x86-64 target through function attributes.
+// and the layer's output rebuilt from xhat as bf16 on the way), one row or two side by side. Used where the CPU has
+// AVX512-BF16 (ln_row_avx512_available) for rows of a multiple of 16; compiled for every x86-64 target through
+// function attributes.
 #include "common/aligned.h"
 #include "common/cpu_gemm.h"
 

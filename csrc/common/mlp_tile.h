@@ -430,7 +430,9 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   const int64_t kps = zip ? cpu::amx_kp_stride(R) : 0;
   auto zero_pad = [&](uint32_t* panels, int64_t cols) {  // the k-pairs past R (and the missing row of an odd R)
     if (R == 2 * kps) return;
-    for (int64_t p = 0; p < (cols + 31) / 32; ++p) std::fill(panels + (p * kps + R / 2) * 32, panels + (p + 1) * kps * 32, 0u);
+    for (int64_t p = 0; p < (cols + 31) / 32; ++p) {
+      std::fill(panels + (p * kps + R / 2) * 32, panels + (p + 1) * kps * 32, 0u);
+    }
   };
   int pending = -1;
   bool pending_zip = false;  // the pending layer's v_z is in its panels (and the output below goes to ws.zip(0))
@@ -464,8 +466,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           for (; r + 2 <= R; r += 2) {
             rz.row = r;
             cpu::layernorm_relu_rows2_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, co,
-                                                 v + r * ld_v, ld_v, co, rstd[l] + r, ly.ln_weight, ly.ln_bias, ws.row(),
-                                                 g.ln_weight, g.ln_bias, vz_mm + r * co, g.bias,
+                                                 v + r * ld_v, ld_v, co, rstd[l] + r, ly.ln_weight, ly.ln_bias,
+                                                 ws.row(), g.ln_weight, g.ln_bias, vz_mm + r * co, g.bias,
                                                  a_out ? a_out + r * co : nullptr, rzp);
           }
         }
@@ -475,8 +477,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,
                                              co, rstd[l][r], ly.ln_weight, ly.ln_bias,
                                              vz_in_mm ? ws.row() : vz + r * co, g.ln_weight, g.ln_bias,
-                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias, a_out ? a_out + r * co : nullptr,
-                                             rzp);
+                                             vz_in_mm ? vz_mm + r * co : nullptr, g.bias,
+                                             a_out ? a_out + r * co : nullptr, rzp);
         }
       }
     } else if (vz_in_mm) {

@@ -15,8 +15,8 @@ namespace srn {
 namespace tile {
 
 // The tile layers of scene b of w (per-scene weights sliced, shared ones as they are). With bf16, layers at least
-// kMinBf16Width (mlp_tile.h) wide on both sides get their bf16 weight copy (w.W_mm) for reduced-precision matmuls; narrower
-// ones (phi's 3-wide input layer, the 3-wide rgb layer) stay in T: they cost nothing and rounding point
+// kMinBf16Width (mlp_tile.h) wide on both sides get their bf16 weight copy (w.W_mm) for reduced-precision matmuls;
+// narrower ones (phi's 3-wide input layer, the 3-wide rgb layer) stay in T: they cost nothing and rounding point
 // coordinates to bf16 would shift them by ~0.4%.
 template <typename T>
 std::vector<Layer<T>> scene_layers(const MLPWeights& w, int64_t b, bool bf16) {
