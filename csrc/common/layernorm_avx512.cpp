@@ -262,7 +262,6 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
   }
 }
 
-// The ReLU mask of 16 values of a row: xhat * gamma + beta > 0 (no affine: xhat > 0).
 // 16 bf16 values (columns k..k+15 of row `row`) into their half-words of k-pair panels (RowZip): one masked store of
 // the 16 words, the other row of the pair left as it is.
 SRN_LN512_TARGET static inline void store_zipped(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m256i h) {

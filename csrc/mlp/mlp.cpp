@@ -75,7 +75,7 @@ template <typename T>
 void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_out, const std::vector<at::Tensor>& act,
                   const std::vector<at::Tensor>& rstd, at::Tensor& v_x, std::vector<at::Tensor>& gW,
                   std::vector<at::Tensor>& gb, std::vector<at::Tensor>& gg, std::vector<at::Tensor>& gbe,
-                  int64_t tile_rows, bool bf16) {
+                  int64_t tile_rows, bool bf16, int64_t chunks) {
   const int64_t B = x.size(0), N = x.size(1), C0 = x.size(2), CL = v_out.size(2);
   const int L = static_cast<int>(w.size());
   const tile::Grid tiles = tile::make_grid(B, N, tile_rows);
@@ -89,13 +89,8 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
   const int L_fwd = L - (w.norm[L - 1] ? 0 : 1);
   // a static split of the tiles into one chunk per accumulator slot, not forward_cpu's atomic counter: which tiles
   // are added into which slot must not depend on timing, or the summed gradients would change from run to run in
-  // their last bits (tests/test_buffer_cache.py compares runs exactly). Each chunk zeroes its own slots first.
-  int64_t chunks = at::get_num_threads();
-  for (int l = 0; l < L; ++l) {
-    for (const at::Tensor* acc : {&gW[l], &gb[l], &gg[l], &gbe[l]}) {
-      if (acc->defined()) chunks = acc->size(0);
-    }
-  }
+  // their last bits (tests/test_buffer_cache.py compares runs exactly). Each chunk zeroes its own slots first;
+  // `chunks` is the accumulators' slot count.
   const int64_t per_chunk = (tiles.count() + chunks - 1) / chunks;
   auto run_chunk = [&](int64_t slot) {
     for (int l = 0; l < L; ++l) {
@@ -249,7 +244,7 @@ void mlp_backward(const at::Tensor& v_out_, const at::Tensor& x_, const std::vec
     }
     at::Tensor vx = need_x ? v_x : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_backward", [&] {
-      backward_cpu<scalar_t>(w, x, v_out, act, rs, vx, gW, gb, gg, gbe, tile_rows, mm_dtype == 1);
+      backward_cpu<scalar_t>(w, x, v_out, act, rs, vx, gW, gb, gg, gbe, tile_rows, mm_dtype == 1, T);
     });
   }
   for (size_t l = 0; l < L; ++l) {
