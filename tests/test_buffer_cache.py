@@ -10,7 +10,7 @@ from srn_fast.ops import buffer_cache as bc
 
 from op_utils import layer_tensors, make_layers, make_lstm, require_extension
 
-require_extension()
+ext = require_extension()
 
 BIG = (64, 1024)  # 256 KB of float32: over the lowered MIN_BYTES below
 
@@ -100,6 +100,7 @@ def test_march_and_mlp_results_do_not_depend_on_the_cache():
         for a, b in zip(torch.autograd.grad(ops.mlp(x0, phi).square().sum(), layer_tensors(phi)), mlp_ref):
             assert torch.equal(a, b)
     assert bc.cached_bytes() > 0  # the march and the MLP did use it
+    assert ext.scratch_pool_bytes() > 0  # and their backward passes the extension's pool (64 KB slots here)
     # two forwards before their backwards: the second cannot take the first one's buffers
     o1 = ops.march(x0, dirs, phi, lstm, 3, mode="store")
     o2 = ops.march(x0 * 1.5, dirs, phi, lstm, 3, mode="store")
@@ -156,3 +157,59 @@ def test_mlp_output_and_input_gradient_come_from_the_cache_but_never_overwrite_a
     assert gx2.data_ptr() != gx1.data_ptr() and torch.equal(gx1, gx1_before)
     bc.set_enabled(False)
     torch.testing.assert_close(gx2, torch.autograd.grad(ops.mlp(x, phi).square().sum(), x)[0], rtol=0, atol=0)
+
+
+def _mlp_grads(layers, x, seed):
+    out = ops.mlp(x, layers, matmul_dtype=torch.bfloat16)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, [x] + layer_tensors(layers), v)
+
+
+def test_backward_scratch_is_reused_released_and_switched_off_with_the_cache():
+    """The ops' backward accumulators (csrc/common/scratch_pool.h): reused between calls rather than allocated anew,
+    freed by release(), not kept while the cache is off, and never a reason for results to differ."""
+    gen = torch.Generator().manual_seed(2)
+    layers = make_layers(2, [3, 128, 128], per_scene=True, dtype=torch.float32, gen=gen)  # 128 KB+ slots
+    x = (torch.randn(2, 333, 3, generator=gen) * 0.3).requires_grad_()
+    assert ext.scratch_pool_enabled() and ext.scratch_pool_bytes() == 0  # the fixture released everything
+    first = _mlp_grads(layers, x, 0)
+    held = ext.scratch_pool_bytes()
+    assert held > 0
+    other = _mlp_grads(layers, x * 2, 1)  # the same blocks again, holding the first call's sums: zeroed first
+    assert ext.scratch_pool_bytes() == held
+    assert bc.release() >= held and ext.scratch_pool_bytes() == 0
+    bc.set_enabled(False)
+    assert not ext.scratch_pool_enabled()
+    for a, b in zip(_mlp_grads(layers, x, 0) + _mlp_grads(layers, x * 2, 1), first + other):
+        assert torch.equal(a, b)
+    assert ext.scratch_pool_bytes() == 0  # off: nothing kept
+    bc.set_enabled(True)
+    assert ext.scratch_pool_enabled()
+
+
+def test_backward_scratch_from_threads_at_once():
+    """Two threads running the op's backward at the same time each get blocks of their own: the same gradients as
+    one after the other."""
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    layers = make_layers(2, [3, 128, 128], per_scene=True, dtype=torch.float32, gen=gen)
+    xs = [(torch.randn(2, 200 + 50 * k, 3, generator=gen) * 0.3).requires_grad_() for k in range(2)]
+    want = [_mlp_grads(layers, x, k) for k, x in enumerate(xs)]
+    got, errors = [None, None], []
+
+    def run(k):
+        try:
+            for _ in range(4):
+                got[k] = _mlp_grads(layers, xs[k], k)
+                assert all(torch.equal(a, b) for a, b in zip(got[k], want[k]))
+        except Exception as e:  # reported below: an assertion in a thread would not fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(g is not None for g in got)

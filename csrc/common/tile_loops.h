@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/mlp_tile.h"
+#include "common/scratch_pool.h"
 
 namespace srn {
 namespace tile {
@@ -54,12 +55,13 @@ std::vector<std::vector<Layer<T>>> all_scene_layers(const MLPWeights& w, int64_t
   return out;
 }
 
-// Per-thread gradient accumulators: [threads, ...like], zeroed; undefined when not needed.
+// Per-thread gradient accumulators: [threads, ...like], zeroed, reused between calls (scratch_pool.h); undefined
+// when not needed.
 inline at::Tensor thread_acc(int64_t threads, const at::Tensor& like, bool need) {
   if (!need || !like.defined()) return at::Tensor();
   std::vector<int64_t> shape{threads};
   for (auto s : like.sizes()) shape.push_back(s);
-  return at::zeros(shape, like.options());
+  return pooled_zeros(shape, like.options());
 }
 
 // The same left uninitialised, for loops where each slot's user zeroes it first (zero_slot).
@@ -67,7 +69,7 @@ inline at::Tensor slot_acc(int64_t slots, const at::Tensor& like, bool need) {
   if (!need || !like.defined()) return at::Tensor();
   std::vector<int64_t> shape{slots};
   for (auto s : like.sizes()) shape.push_back(s);
-  return at::empty(shape, like.options());
+  return pooled_empty(shape, like.options());
 }
 
 // Zeroes slot k of slot_acc() (nothing when undefined).

@@ -15,6 +15,7 @@
 #include "common/checks.h"
 #include "common/elementwise.h"
 #include "common/mlp_tile.h"
+#include "common/scratch_pool.h"
 #include "common/tile_loops.h"
 #include "march/march_cpu.h"
 
@@ -306,7 +307,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
   const march_cpu::Lstm<T>& l0 = ct.l0;
   // the LSTM's input-weight and bias gradients accumulate per scene (G_s, u_s; see LstmInput)
   const int64_t NT = at::get_num_threads(), H4 = 4 * l0.H;
-  const at::Tensor G = at::zeros({NT, B, H4, l0.K()}, x0.options()), u = at::zeros({NT, B, H4}, x0.options());
+  const at::Tensor G = pooled_zeros({NT, B, H4, l0.K()}, x0.options()), u = pooled_zeros({NT, B, H4}, x0.options());
   const T* dp = dirs.data_ptr<T>();
   const T* vp = v_xT.data_ptr<T>();
   T* vx0 = v_x0.data_ptr<T>();

@@ -13,6 +13,7 @@
 #include "common/checks.h"
 #include "common/cpu_gemm.h"
 #include "common/mlp_tile.h"
+#include "common/scratch_pool.h"
 #include "common/tile_loops.h"
 
 namespace srn {
@@ -304,6 +305,13 @@ void register_mlp(pybind11::module& m) {
   m.def("set_cpu_weight_grad_zipped", [](bool on) { cpu::set_weight_grad_zipped(on); },
         "Under the 'amx' route, the tile loops' weight gradients from k-pair panels the VJP rows write (True, the "
         "default) or from plain bf16 rows packed per GEMM (False; for the tests: the same bits)");
+  m.def("release_scratch_pool", [] { return release_scratch_pool(); },
+        "Free the idle reused CPU scratch blocks of the ops' backward passes (csrc/common/scratch_pool.h); returns the "
+        "bytes freed");
+  m.def("scratch_pool_bytes", [] { return scratch_pool_bytes(); }, "Bytes the CPU scratch pool holds, in use or idle");
+  m.def("set_scratch_pool_enabled", [](bool on) { set_scratch_pool_enabled(on); },
+        "Turn the CPU scratch pool on (default) or off (off also frees its idle blocks)");
+  m.def("scratch_pool_enabled", [] { return scratch_pool_enabled(); }, "Whether the CPU scratch pool is on");
   m.def("cpu_avx512_rows", [] { return cpu::avx512_rows(); },
         "Whether the CPU tile loops run their LayerNorm rows in AVX-512 (CPUs with AVX512-BF16)");
   m.def("set_cpu_avx512_rows", [](bool on) { cpu::set_avx512_rows(on); },

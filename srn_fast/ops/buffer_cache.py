@@ -17,6 +17,10 @@ the run stopped using, e.g. a smaller last batch); :func:`release` frees every i
 :func:`set_enabled` turns the cache off (the commands' ``--release-memory`` does). CUDA tensors never come here
 (PyTorch's caching allocator already does this on the GPU). Unlike :func:`srn_fast.cpu_memory.keep_freed_memory`
 it changes nothing for the rest of the process.
+
+The compiled ops do the same inside their CPU backward passes for their weight-gradient accumulators (one slot per
+thread, ~3 MB for phi at width 256; ``csrc/common/scratch_pool.h``). :func:`release` and :func:`set_enabled` act on
+that pool too.
 """
 from __future__ import annotations
 
@@ -74,10 +78,22 @@ def _drop_idle(now: int, max_idle: int) -> int:
     return freed
 
 
+def _scratch_pool(name: str, *args):
+    """Calls the compiled extension's scratch-pool function ``name`` (csrc/common/scratch_pool.h: the ops' internal
+    backward accumulators, reused the same way); None when the extension is not built."""
+    from srn_fast import _ext
+
+    ext = _ext.load()
+    fn = getattr(ext, name, None) if ext is not None else None
+    return fn(*args) if fn is not None else None
+
+
 def release() -> int:
-    """Frees every cached buffer that nothing uses now; returns the bytes freed."""
+    """Frees every cached buffer that nothing uses now, and the extension's idle scratch blocks; returns the bytes
+    freed."""
     with _lock:
-        return _drop_idle(_state["clock"], -1)
+        freed = _drop_idle(_state["clock"], -1)
+    return freed + (_scratch_pool("release_scratch_pool") or 0)
 
 
 def cached_bytes() -> int:
@@ -86,7 +102,9 @@ def cached_bytes() -> int:
 
 
 def set_enabled(enabled: bool) -> None:
-    """Turns the cache on (the default) or off; off also frees every idle buffer."""
+    """Turns the cache (and the extension's scratch pool) on (the default) or off; off also frees every idle
+    buffer."""
     _state["enabled"] = bool(enabled)
+    _scratch_pool("set_scratch_pool_enabled", bool(enabled))
     if not enabled:
         release()
