@@ -53,13 +53,14 @@ int64_t drop_idle(Pool& p, int64_t max_idle) {
 at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (int64_t s : shape) numel *= s;
-  const int64_t nbytes = numel * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
+  const int64_t nbytes = numel * int64_t(c10::elementSize(dtype));
   if (!g_enabled.load() || !options.device().is_cpu() || nbytes < kMinPoolBytes) return at::empty(shape, options);
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mu);  // two threads calling the ops at once must not take one idle block
   ++p.clock;
   for (Entry& e : p.entries) {
-    if (e.block.numel() == numel && e.block.scalar_type() == c10::typeMetaToScalarType(options.dtype()) && idle(e)) {
+    if (e.block.numel() == numel && e.block.scalar_type() == dtype && idle(e)) {
       e.last_use = p.clock;
       return e.block.view(shape);
     }
