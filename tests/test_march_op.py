@@ -164,11 +164,12 @@ def test_bf16_option_close():
     assert 0 < err < 0.05, err
 
 
-@pytest.mark.parametrize("bf16_route", ["amx"], indirect=True)
+@pytest.mark.parametrize("bf16_route", ["amx", "avx512bf16"], indirect=True)
 @pytest.mark.parametrize("mode", ["recompute", "store"])
-def test_amx_weight_gradients_from_zipped_rows_same_bits(bf16_route, mode):
-    """The march's phi backward on the AMX route: weight gradients from the k-pair panels the VJP rows write have
-    the same bits as from plain bf16 rows packed per GEMM (odd N, a partial last tile, a 48-wide layer)."""
+def test_weight_gradients_from_zipped_rows_same_bits(bf16_route, mode):
+    """The march's phi backward on the AMX and AVX512-BF16 routes: weight gradients from the k-pair panels the VJP
+    rows write have the same bits as from plain bf16 rows packed per GEMM (odd N, a partial last tile, a 48-wide
+    layer)."""
     ext = srn_fast._ext.load()
     x0, dirs, phi, lstm = setup(dtype=torch.float32, N=77, widths=(3, 64, 48, 64))
     assert ext.cpu_weight_grad_zipped() and ext.cpu_avx512_rows()  # the path under test is the one in use

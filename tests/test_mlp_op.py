@@ -282,13 +282,13 @@ def test_bf16_store_keeps_xhat_in_bf16():
                         True, [True] * 3, [True] * 3, [False] * 3, [False] * 3, 32, 1)
 
 
-@pytest.mark.parametrize("bf16_route", ["amx"], indirect=True)
+@pytest.mark.parametrize("bf16_route", ["amx", "avx512bf16"], indirect=True)
 @pytest.mark.parametrize("kind", ["phi", "pixgen", "mixed"])
-def test_amx_weight_gradients_from_zipped_rows_same_bits(bf16_route, kind):
-    """On the AMX route the VJP rows write a waiting layer's v_z and the output below it straight into k-pair panels
-    (cpu::RowZip), two rows a store; the weight-gradient GEMM only transposes one of them. Every gradient has the
-    same bits as with plain bf16 rows packed per GEMM: odd N, partial tiles (k-pairs past the tile zero-padded), a
-    48-wide layer (half a panel), store and recompute."""
+def test_weight_gradients_from_zipped_rows_same_bits(bf16_route, kind):
+    """On the AMX and AVX512-BF16 routes the VJP rows write a waiting layer's v_z and the output below it straight
+    into k-pair panels (cpu::RowZip), two rows a store; the weight-gradient GEMM reads them as they lie (AMX
+    transposes one of them). Every gradient has the same bits as with plain bf16 rows packed per GEMM: odd N, partial
+    tiles (k-pairs past the tile zero-padded), a 48-wide layer (half a panel), store and recompute."""
     torch.manual_seed(5)
     widths = [3, 64, 48, 64, 32]
     assert ext.cpu_weight_grad_zipped() and ext.cpu_avx512_rows()  # the path under test is the one in use

@@ -343,8 +343,16 @@ std::atomic<bool>& zipped_flag() {
 }  // namespace
 
 bool weight_grad_zipped() {
-  return zipped_flag().load(std::memory_order_relaxed) && route_in_use() == kRouteAmx &&
-         !(amx_weight_grad_mkl().load(std::memory_order_relaxed) && mkl_bf16_available());
+  if (!zipped_flag().load(std::memory_order_relaxed)) return false;
+  const int r = route_in_use();
+  return r == kRouteDpbf16 ||
+         (r == kRouteAmx && !(amx_weight_grad_mkl().load(std::memory_order_relaxed) && mkl_bf16_available()));
+}
+
+void gemm_bf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
+                         float* C, int64_t ldc) {
+  if (route_in_use() == kRouteAmx) return gemm_amx_zipped_at(M, N, K, A_zip, B_zip, beta, C, ldc);
+  gemm_dpbf16_zipped_at(M, N, K, A_zip, B_zip, amx_kp_stride(K), beta, C, ldc);
 }
 
 void set_weight_grad_zipped(bool on) { zipped_flag() = on; }

@@ -243,6 +243,24 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
     }
   }
 }
+void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, int64_t kps,
+                           float beta, float* C, int64_t ldc) {
+  // word (kp, m) of A's panels is op(A) = A^T's row m, k-pair kp: rows 4 bytes apart, k-pairs a panel row (128 bytes)
+  const int64_t KP = k_pairs(K);
+  for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
+    const int64_t kc = std::min(kKC, KP - k0);
+    const bool accumulate = k0 > 0 || beta != 0.f;
+    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+      const uint32_t* panel = B_zip + (n0 / kNR * kps + k0) * kNR;
+      const int nn = int(std::min<int64_t>(kNR, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+        const int mr = int(std::min<int64_t>(kMR, M - m0));
+        const uint32_t* a = A_zip + (m0 / kNR * kps + k0) * kNR + m0 % kNR;
+        kMicro[mr](reinterpret_cast<const char*>(a), 4, kNR * 4, panel, kc, C + m0 * ldc + n0, ldc, nn, accumulate);
+      }
+    }
+  }
+}
 #else
 [[noreturn]] static void unavailable() {
   TORCH_CHECK(false, "srn_fast: the 'avx512bf16' bf16 route needs an x86-64 build (GCC or Clang)");
@@ -255,6 +273,10 @@ void gemm_dpbf16(bool, bool, int64_t, int64_t, int64_t, const c10::BFloat16*, in
 }
 void gemm_dpbf16_packed(bool, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const uint32_t*, float,
                         float*, int64_t) {
+  unavailable();
+}
+void gemm_dpbf16_zipped_at(int64_t, int64_t, int64_t, const uint32_t*, const uint32_t*, int64_t, float, float*,
+                           int64_t) {
   unavailable();
 }
 #endif

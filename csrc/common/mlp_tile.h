@@ -424,8 +424,9 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
   // waits for it (`pending`): one pass over the saved xhat where a separate rebuild took two
   auto fast_vjp_of = [&](int l) { return layers[l].norm && fast_ln && layers[l].cout % 16 == 0; };
   auto defers = [&](int l) { return grads[l].weight && layers[l].weight_mm && l > 0 && fast_vjp_of(l - 1); };
-  // and with a workspace that has k-pair panels (the AMX route), the VJP rows write a waiting layer's v_z and the
-  // output below it straight into them too: the weight gradient only transposes one of them (gemm_amx_zipped_at)
+  // and with a workspace that has k-pair panels (the AMX and AVX512-BF16 routes), the VJP rows write a waiting
+  // layer's v_z and the output below it straight into them too: the weight gradient packs nothing
+  // (cpu::gemm_bf16_zipped_at; on AMX it transposes one of them)
   const bool zip = std::is_same_v<T, float> && ws.zip(0) != nullptr;
   const int64_t kps = zip ? cpu::amx_kp_stride(R) : 0;
   auto zero_pad = [&](uint32_t* panels, int64_t cols) {  // the k-pairs past R (and the missing row of an odd R)
@@ -500,8 +501,8 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
       const Layer<T>& p = layers[pending];
       if (pending_zip) {
         if constexpr (std::is_same_v<T, float>) {
-          cpu::gemm_amx_zipped_at(p.cout, p.cin, R, ws.zip(1 + (pending & 1)), ws.zip(0), 1.f, grads[pending].weight,
-                                  p.cin);
+          cpu::gemm_bf16_zipped_at(p.cout, p.cin, R, ws.zip(1 + (pending & 1)), ws.zip(0), 1.f, grads[pending].weight,
+                                   p.cin);
         }
       } else {
         detail::gemm_mm(true, false, p.cout, p.cin, R, ws.buf_mm(1 + (pending & 1)), p.cout, a_out, p.cin, T(1),
