@@ -5,6 +5,7 @@ namespace srn {
 void register_rays(pybind11::module& m);
 void register_mlp(pybind11::module& m);
 void register_march(pybind11::module& m);
+void register_wide_linear(pybind11::module& m);
 }  // namespace srn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   srn::register_rays(m);
   srn::register_mlp(m);
   srn::register_march(m);
+  srn::register_wide_linear(m);
 }

@@ -1,6 +1,7 @@
 """srn_fast.ops.wide_linear (the hypernetwork's last layers) against F.linear: values, gradients under a random
-cotangent, float64 gradcheck and gradgradcheck, opcheck, the chunked CPU gradient's remainder, errors, the fused
-model's hypernetwork against the torch backend's, and CPU vs CUDA."""
+cotangent, float64 gradcheck and gradgradcheck, opcheck, the chunked CPU gradient's remainder, the extension's
+one-pass CPU backward against the products, errors, the fused model's hypernetwork against the torch backend's, and
+CPU vs CUDA."""
 import importlib
 
 import pytest
@@ -77,6 +78,55 @@ def test_gradcheck_gradgradcheck_and_opcheck():
                           test_utils=OPCHECK_TESTS)
     torch.library.opcheck(torch.ops.srn_fast.wide_linear.default, tuple(a.detach().float() for a in args),
                           test_utils=OPCHECK_TESTS)
+
+
+# K = 256 / 16 / 8 (float32 / float64) rows fill 64-byte lines: grad_weight is streamed; K = 5, 7 take plain stores
+@pytest.mark.parametrize("M,K,O", [(2, 256, 4160), (3, 16, 1027), (1, 8, 300), (4, 5, 77), (2, 7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_cpu_backward_matches_products(M, K, O, dtype):
+    """The extension's one-pass CPU backward (grad_x and grad_weight from one read of the weight, grad_weight
+    streamed) against the plain products, for both gradients, each alone, and a grad_weight slot off a cache line."""
+    ext = require_extension()
+    wl = importlib.import_module("srn_fast.ops.wide_linear")
+    gen = torch.Generator().manual_seed(3)
+    g, x, w = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((M, O), (M, K), (O, K)))
+    assert wl._fused_backward(g) is ext  # the path under test is the one the op takes
+    eps = torch.finfo(dtype).eps
+    d = [t.double() for t in (g, x, w)]
+    rx, rw = d[0] @ d[2], d[0].t() @ d[1]  # float64 products; a sum of n terms is off by <= n eps sum |terms|
+    bx, bw = 2 * O * eps * (d[0].abs() @ d[2].abs()), 2 * M * eps * (d[0].t().abs() @ d[1].abs())
+
+    def check(a, ref, bound, name):
+        assert a.dtype == dtype and a.shape == ref.shape, name
+        err = (a.double() - ref).abs()
+        assert (err <= bound + 1e-300).all(), f"{name}: max err {err.max().item():.3e}"
+
+    gx, gw = torch.ops.srn_fast.wide_linear_grads(g, x, w, True, True)
+    check(gx, rx, bx, "grad_x")
+    check(gw, rw, bw, "grad_weight")
+    gx1, gw1 = torch.ops.srn_fast.wide_linear_grads(g, x, w, True, False)
+    assert gw1.shape == (0,) and torch.equal(gx1, gx)
+    gx1, gw1 = torch.ops.srn_fast.wide_linear_grads(g, x, w, False, True)
+    assert gx1.shape == (0,) and torch.equal(gw1, gw)
+    off = torch.full((O * K + 1,), float("nan"), dtype=dtype)[1:].view(O, K)  # 4 or 8 bytes past a line
+    ext.wide_linear_backward(g, x, w, torch.empty(0, dtype=dtype), off)
+    assert torch.equal(off, gw), "grad_weight off a line"
+
+
+def test_fused_cpu_backward_opcheck_and_errors():
+    ext = require_extension()
+    g, x, w = torch.randn(2, 300, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(300, 16)
+    w = w.double()
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.srn_fast.wide_linear_grads.default, (g, x, w, *need),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    empty = torch.empty(0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[O, K\] with grad's O and x's K, got \[300, 15\]"):
+        ext.wide_linear_backward(g, x, w[:, :15], empty, empty)
+    with pytest.raises(RuntimeError, match=r"output grad_weight must have shape \[300, 16\], got \[300, 17\]"):
+        ext.wide_linear_backward(g, x, w, empty, torch.empty(300, 17, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"x has dtype Float but grad has dtype Double; they must match"):
+        ext.wide_linear_backward(g, x.float(), w, empty, empty)
 
 
 def test_only_the_needed_gradients():
