@@ -164,6 +164,35 @@ def test_bf16_option_close():
     assert 0 < err < 0.05, err
 
 
+@pytest.mark.parametrize("H,widths,last_linear", [(16, (3, 32, 32), False), (5, (3, 24, 40), True)])
+def test_lstm_products_in_avx512_match_mkl_and_oracle(H, widths, last_linear):
+    """The march's float32 LSTM products on srn_fast's AVX-512 loops (csrc/common/gemm_f32_avx512.cpp) against the
+    same march on MKL's sgemm and against the oracle: 4H = 64 (full vectors) and 4H = 20 (a masked tail), the gate
+    input F + H = 48 or 45 (phi's last layer folded into it), a partial last tile, forward and every gradient."""
+    ext = srn_fast._ext.load()
+    if not ext.cpu_lstm_gemm_avx512():
+        pytest.skip("this CPU has no AVX-512F: the LSTM products run on MKL's sgemm only")
+    x0, dirs, phi, lstm = setup(dtype=torch.float32, N=77, widths=widths, H=H, last_linear=last_linear)
+    inputs = all_inputs(x0, dirs, phi, lstm)
+    runs = {}
+    for on in (True, False):
+        ext.set_cpu_lstm_gemm_avx512(on)
+        try:
+            out = ops.march(x0, dirs, phi, lstm, 3, mode="store", tile_rows=32)
+            runs[on] = (out, torch.autograd.grad((out * out).sum(), inputs, allow_unused=True))
+        finally:
+            ext.set_cpu_lstm_gemm_avx512(True)
+    ref = torch_impl.march(x0, dirs, phi, lstm, 3)
+    ref_g = torch.autograd.grad((ref * ref).sum(), inputs, allow_unused=True)
+    assert_close(runs[True][0], runs[False][0], 1e-5, 1e-5, "x_T vs MKL")
+    assert_close(runs[True][0], ref, 2e-3, 2e-3, "x_T vs oracle")
+    for i, (a, b, r) in enumerate(zip(runs[True][1], runs[False][1], ref_g)):
+        assert (a is None) == (b is None) == (r is None), i
+        if a is not None:
+            assert_close(a, b, 1e-4, 1e-4 * b.abs().max().item(), f"grad {i} vs MKL")
+            assert_close(a, r, 2e-3, 2e-3 * max(r.abs().max().item(), 1.0), f"grad {i} vs oracle")
+
+
 @pytest.mark.parametrize("bf16_route", ["amx", "avx512bf16"], indirect=True)
 @pytest.mark.parametrize("mode", ["recompute", "store"])
 def test_weight_gradients_from_zipped_rows_same_bits(bf16_route, mode):

@@ -1,4 +1,4 @@
-"""The CPU kernels that use instruction-set extensions (AVX512-BF16, AMX) reach them through function attributes,
+"""The CPU kernels that use instruction-set extensions (AVX-512F, AVX512-BF16, AMX) reach them through function attributes,
 so that `SRN_FAST_NO_NATIVE=1` builds (`-march` left at the compiler's default, for wheels meant for other machines)
 compile and run. The sources with such attributes are compiled here for plain x86-64 and linked with a small driver
 that runs each kernel this CPU has against a plain reference: an intrinsic called from a function without the
@@ -53,6 +53,17 @@ int main() {
     srn::cpu::gemm_amx_packed(false, M, N, K, A.data(), K, P.data(), 0.f, c.data(), N);
     good &= check("amx", c);
   }
+  if (srn::cpu::f32_avx512_available()) {  // the float32 loops (the march's LSTM products): 59 columns, a masked tail
+    const int64_t n = N - 5;
+    std::vector<float> a(M * K), wt(K * N), c(M * N, 0.f);
+    for (int64_t i = 0; i < M * K; ++i) a[i] = bf(A[i]);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) wt[k * N + j] = bf(W[j * K + k]);
+    srn::cpu::gemm_f32_avx512(M, n, K, a.data(), K, 1, wt.data(), N, false, c.data(), N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = n; j < N; ++j) c[m * N + j] = ref[m * N + j];  // columns past n: not written
+    good &= check("f32avx512", c);
+  }
   if (srn::cpu::ln_row_avx512_available()) {  // LayerNorm+ReLU of ref's rows (n = 64) against a plain loop
     std::vector<float> z = ref, y(M * N), rstd(M);
     srn::cpu::layernorm_relu_rows_avx512(z.data(), M, N, N, nullptr, nullptr, nullptr, 1e-5f, nullptr, nullptr, N,
@@ -96,7 +107,7 @@ def test_target_attribute_sources_build_and_run_for_plain_x86_64(tmp_path):
 
     sources = _target_attribute_sources()
     assert {os.path.basename(s) for s in sources} == {"cpu_gemm_amx.cpp", "cpu_gemm_dpbf16.cpp",
-                                                     "layernorm_avx512.cpp"}
+                                                     "gemm_f32_avx512.cpp", "layernorm_avx512.cpp"}
     driver = tmp_path / "driver.cpp"
     driver.write_text(DRIVER)
     lib = library_paths()[0]
@@ -111,6 +122,8 @@ def test_target_attribute_sources_build_and_run_for_plain_x86_64(tmp_path):
     if flags:  # the kernels the CPU has ran (not skipped by a failed availability check)
         ran = {line.split()[0] for line in run.stdout.splitlines()}
         want = {"avx512bf16", "layernorm"} if "avx512_bf16" in flags else set()
+        if "avx512f" in flags:
+            want.add("f32avx512")
         if {"amx_bf16", "avx512_bf16"} <= flags:
             want.add("amx")
         assert ran == want, (run.stdout, sorted(flags & {"avx512_bf16", "amx_bf16"}))

@@ -132,6 +132,16 @@ void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xha
                                      float* g, float* v_gamma, float* v_beta, c10::BFloat16* v_z, float* v_bias,
                                      c10::BFloat16* y_mm, const RowZip* zip);
 
+// The march's float32 LSTM products in AVX-512 (csrc/common/gemm_f32_avx512.cpp), where the CPU has AVX-512F:
+//   C[M, N] = (accumulate ? C : 0) + sum_k A(m, k) B(k, n),  A(m, k) = A[m * a_row + k * a_k],  B(k, n) = B[k * ldb + n]
+// (op(A) = A or A^T in place; B row-major, any N). lstm_gemm_avx512(): available and not turned off
+// (set_lstm_gemm_avx512(false): MKL's sgemm, for the tests).
+bool f32_avx512_available();
+bool lstm_gemm_avx512();
+void set_lstm_gemm_avx512(bool on);
+void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_k, const float* B,
+                     int64_t ldb, bool accumulate, float* C, int64_t ldc);
+
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();
 // Selects "blas" (error if unavailable), "aten", or "auto" (blas when available).

@@ -5,8 +5,9 @@
 // (3 + 2H + 4H numbers) and the backward recomputes phi's activations; "store" mode keeps phi's activations
 // as well; "inference" keeps nothing.
 //   CPU (march_cpu.h): tiles of ~128 rays of one scene go through all steps while they are in cache, in parallel
-//        over tiles, on raw pointers (phi via srn::tile + MKL sgemm, LSTM via cpu::gemm, cell loops vectorised);
-//        a plain linear last layer of phi is folded into the LSTM's input GEMM (LstmInput below).
+//        over tiles, on raw pointers (phi via srn::tile, the LSTM's products via AVX-512 loops or cpu::gemm, cell
+//        loops vectorised); a plain linear last layer of phi (not the reference's: LayerNorm in every layer) is
+//        folded into the LSTM's input GEMM (LstmInput below).
 //   CUDA (march_tile_forward / march_tile_backward below): the whole batch is one tile: batched GEMMs through
 //        ATen (cuBLAS) with the torch-free element-wise kernels of common/elementwise_kernels.cu between them.
 #include <ATen/Parallel.h>
@@ -198,6 +199,7 @@ struct LstmInput {
   bool fold = false;
   at::Tensor W_L, b_L;  // folded: phi's last layer per scene [B, F, C], [B, F] (shared ones expanded)
   at::Tensor w_in;      // [B, 4H, F' + H]: [W_ih (folded: M_s) | W_hh] per scene; F' = C folded, else F
+  at::Tensor w_in_t;    // [B, F' + H, 4H]: w_in transposed (the AVX-512 forward's operand)
   at::Tensor bias;      // [B, 4H]: b_ih + b_hh (folded: + W_ih b_L,s)
 };
 
@@ -220,6 +222,7 @@ LstmInput make_lstm_input(const MLPWeights& phi, const LSTMWeights& lw, int64_t 
     bias = bias + at::matmul(in.b_L, lw.w_ih.t());
   }
   in.w_in = at::cat({w_ih, lw.w_hh.unsqueeze(0).expand({B, H4, lw.w_hh.size(1)})}, 2).contiguous();
+  in.w_in_t = in.w_in.transpose(1, 2).contiguous();
   in.bias = bias.expand({B, H4}).contiguous();
   return in;
 }
@@ -228,8 +231,8 @@ LstmInput make_lstm_input(const MLPWeights& phi, const LSTMWeights& lw, int64_t 
 template <typename T>
 march_cpu::Lstm<T> scene_lstm(const LSTMWeights& lw, const LstmInput& in, int64_t s) {
   const int64_t H4 = in.w_in.size(1), K = in.w_in.size(2), H = lw.w_hh.size(1);
-  return march_cpu::Lstm<T>{in.w_in.data_ptr<T>() + s * H4 * K, in.bias.data_ptr<T>() + s * H4,
-                            lw.w_out.data_ptr<T>(), lw.b_out.data_ptr<T>(), H, K - H};
+  return march_cpu::Lstm<T>{in.w_in.data_ptr<T>() + s * H4 * K, in.w_in_t.data_ptr<T>() + s * H4 * K,
+                            in.bias.data_ptr<T>() + s * H4, lw.w_out.data_ptr<T>(), lw.b_out.data_ptr<T>(), H, K - H};
 }
 
 // After the tiles: the per-scene accumulators G [threads, B, 4H, F' + H] and u [threads, B, 4H] into the LSTM's

@@ -1,7 +1,8 @@
 // CPU path of the fused march (csrc/march/march.cpp): a tile of R rays of one scene goes through all T steps
 // (phi -> LSTM cell -> step) while its activations stay in cache; at::parallel_for runs tiles side by side.
 // Everything here works on raw pointers: phi through srn::tile (common/mlp_tile.h), the LSTM matmuls through
-// cpu::gemm (MKL), the cell and its VJP through the per-element functions of common/srn_math.h.
+// srn_fast's AVX-512 loops for float where the CPU has AVX-512F (common/gemm_f32_avx512.cpp), else cpu::gemm (MKL),
+// the cell and its VJP through the per-element functions of common/srn_math.h.
 //
 // The LSTM's two input products are one GEMM: the tile keeps its LSTM input as [R, F + H] rows [phi's output | h]
 // against the concatenated weight [W_ih | W_hh] (one call with K = F + H instead of a second one with K = H, which
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_gemm.h"
@@ -36,6 +38,7 @@ namespace march_cpu {
 template <typename T>
 struct Lstm {
   const T* w_in;   // [4H, F + H]: [W_ih | W_hh]
+  const T* w_in_t; // [F + H, 4H]: w_in transposed (the forward's B operand on the AVX-512 path)
   const T* bias;   // [4H] (b_ih + b_hh)
   const T* w_out;  // [H]
   const T* b_out;  // [1]
@@ -132,6 +135,34 @@ struct CpuMath<float> {
   using type = FastMathF;
 };
 
+// The LSTM's three products of a tile (the gate pre-activations forward; backward the weight gradient and the input
+// gradient): AVX-512 loops for float where the CPU has them (common/gemm_f32_avx512.cpp), else cpu::gemm (MKL).
+// in [R, K], pre / v_pre [R, 4H], v_in [R, K], g_w_in [4H, K] (+=).
+template <typename T>
+void lstm_gates_gemm(const Lstm<T>& lw, int64_t R, const T* in, T* pre) {
+  const int64_t H4 = 4 * lw.H, K = lw.K();
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(R, H4, K, in, K, 1, lw.w_in_t, H4, false, pre, H4);
+  }
+  cpu::gemm(false, true, R, H4, K, in, K, lw.w_in, K, T(0), pre, H4);
+}
+template <typename T>
+void lstm_weight_grad_gemm(const Lstm<T>& lw, int64_t R, const T* v_pre, const T* in, T* g_w_in) {
+  const int64_t H4 = 4 * lw.H, K = lw.K();
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(H4, K, R, v_pre, 1, H4, in, K, true, g_w_in, K);
+  }
+  cpu::gemm(true, false, H4, K, R, v_pre, H4, in, K, T(1), g_w_in, K);
+}
+template <typename T>
+void lstm_input_grad_gemm(const Lstm<T>& lw, int64_t R, const T* v_pre, T* v_in) {
+  const int64_t H4 = 4 * lw.H, K = lw.K();
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(R, K, H4, v_pre, H4, 1, lw.w_in, K, false, v_in, K);
+  }
+  cpu::gemm(false, false, R, K, H4, v_pre, H4, lw.w_in, K, T(0), v_in, K);
+}
+
 // One LSTM cell + step for R rays (srn_math.h's lstm_step_row per ray). pre [R, 4H]: gate pre-activations without
 // the bias, turned into the activated gates (into `gates`, which may be pre). Writes c, h [R, H] and x_new [R, 3].
 template <typename T>
@@ -214,7 +245,7 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
     set_h_columns(R, F, H, h_prev, in);
     // LSTM gates: [feat | h] [W_ih | W_hh]^T (+ bias in the cell)
     T* pre = sc.pre.data();
-    cpu::gemm(false, true, R, 4 * H, K, in, K, lw.w_in, K, T(0), pre, 4 * H);
+    lstm_gates_gemm(lw, R, in, pre);
     T* gates = keep ? sv.gates + o * 4 * H : pre;
     T* c = keep ? sv.cs + o1 * H : sc.c[t & 1].data();
     T* h = keep ? sv.hs + o1 * H : sc.h[t & 1].data();
@@ -285,9 +316,9 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     }
     set_h_columns(R, F, H, h_prev, in);
     // gradients of the gate matmul: [W_ih | W_hh] and the bias; of its input: [feat | h_prev]
-    cpu::gemm(true, false, 4 * H, K, R, v_pre, 4 * H, in, K, T(1), g.w_in, K);
+    lstm_weight_grad_gemm(lw, R, v_pre, in, g.w_in);
     tile::detail::add_row_sums(v_pre, R, 4 * H, 4 * H, g.bias);
-    cpu::gemm(false, false, R, K, 4 * H, v_pre, 4 * H, lw.w_in, K, T(0), v_in, K);
+    lstm_input_grad_gemm(lw, R, v_pre, v_in);
     if (t > 0) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
     }

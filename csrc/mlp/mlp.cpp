@@ -316,6 +316,10 @@ void register_mlp(pybind11::module& m) {
         "Whether the CPU tile loops run their LayerNorm rows in AVX-512 (CPUs with AVX512-BF16)");
   m.def("set_cpu_avx512_rows", [](bool on) { cpu::set_avx512_rows(on); },
         "Turn the AVX-512 LayerNorm rows off (False: the generic rows; for the tests) or back on");
+  m.def("cpu_lstm_gemm_avx512", [] { return cpu::lstm_gemm_avx512(); },
+        "Whether the march's float32 LSTM products run on srn_fast's AVX-512 loops (else MKL's sgemm)");
+  m.def("set_cpu_lstm_gemm_avx512", [](bool on) { cpu::set_lstm_gemm_avx512(on); },
+        "Turn the AVX-512 LSTM products off (False: MKL's sgemm; for the tests and A/B timing) or back on");
   m.def("cpu_tile_gemm_rates", [] { return cpu::tile_gemm_rates(); },
         "GFLOP/s (every thread on its own tile) at a tile's shape of the float32 GEMM and of each bf16 route "
         "(measured once)");
