@@ -135,32 +135,21 @@ struct CpuMath<float> {
   using type = FastMathF;
 };
 
-// The LSTM's three products of a tile (the gate pre-activations forward; backward the weight gradient and the input
-// gradient): AVX-512 loops for float where the CPU has them (common/gemm_f32_avx512.cpp), else cpu::gemm (MKL).
-// in [R, K], pre / v_pre [R, 4H], v_in [R, K], g_w_in [4H, K] (+=).
+// The LSTM's three products of a tile, C[M, N] (+)= op(A) B with op(A) = A [M, K] or (ta) A^T (A stored [K, M]), row
+// stride lda, and B [K, N] row-major (ldb): AVX-512 loops for float where the CPU has them
+// (common/gemm_f32_avx512.cpp), else cpu::gemm (MKL), which takes B^T [N, K] instead where B_t is given (B is then a
+// transposed copy of it: the forward's weight).
 template <typename T>
-void lstm_gates_gemm(const Lstm<T>& lw, int64_t R, const T* in, T* pre) {
-  const int64_t H4 = 4 * lw.H, K = lw.K();
+void lstm_gemm(bool ta, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               const T* B_t, bool accumulate, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(R, H4, K, in, K, 1, lw.w_in_t, H4, false, pre, H4);
+    if (cpu::lstm_gemm_avx512()) {
+      return cpu::gemm_f32_avx512(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, accumulate, C, ldc);
+    }
   }
-  cpu::gemm(false, true, R, H4, K, in, K, lw.w_in, K, T(0), pre, H4);
-}
-template <typename T>
-void lstm_weight_grad_gemm(const Lstm<T>& lw, int64_t R, const T* v_pre, const T* in, T* g_w_in) {
-  const int64_t H4 = 4 * lw.H, K = lw.K();
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(H4, K, R, v_pre, 1, H4, in, K, true, g_w_in, K);
-  }
-  cpu::gemm(true, false, H4, K, R, v_pre, H4, in, K, T(1), g_w_in, K);
-}
-template <typename T>
-void lstm_input_grad_gemm(const Lstm<T>& lw, int64_t R, const T* v_pre, T* v_in) {
-  const int64_t H4 = 4 * lw.H, K = lw.K();
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu::lstm_gemm_avx512()) return cpu::gemm_f32_avx512(R, K, H4, v_pre, H4, 1, lw.w_in, K, false, v_in, K);
-  }
-  cpu::gemm(false, false, R, K, H4, v_pre, H4, lw.w_in, K, T(0), v_in, K);
+  const T beta = accumulate ? T(1) : T(0);
+  if (B_t) return cpu::gemm(ta, true, M, N, K, A, lda, B_t, K, beta, C, ldc);
+  cpu::gemm(ta, false, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 // One LSTM cell + step for R rays (srn_math.h's lstm_step_row per ray). pre [R, 4H]: gate pre-activations without
@@ -245,7 +234,7 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
     set_h_columns(R, F, H, h_prev, in);
     // LSTM gates: [feat | h] [W_ih | W_hh]^T (+ bias in the cell)
     T* pre = sc.pre.data();
-    lstm_gates_gemm(lw, R, in, pre);
+    lstm_gemm<T>(false, R, 4 * H, K, in, K, lw.w_in_t, 4 * H, lw.w_in, false, pre, 4 * H);
     T* gates = keep ? sv.gates + o * 4 * H : pre;
     T* c = keep ? sv.cs + o1 * H : sc.c[t & 1].data();
     T* h = keep ? sv.hs + o1 * H : sc.h[t & 1].data();
@@ -316,9 +305,9 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     }
     set_h_columns(R, F, H, h_prev, in);
     // gradients of the gate matmul: [W_ih | W_hh] and the bias; of its input: [feat | h_prev]
-    lstm_weight_grad_gemm(lw, R, v_pre, in, g.w_in);
+    lstm_gemm<T>(true, 4 * H, K, R, v_pre, 4 * H, in, K, nullptr, true, g.w_in, K);
     tile::detail::add_row_sums(v_pre, R, 4 * H, 4 * H, g.bias);
-    lstm_input_grad_gemm(lw, R, v_pre, v_in);
+    lstm_gemm<T>(false, R, K, 4 * H, v_pre, 4 * H, lw.w_in, K, nullptr, false, v_in, K);
     if (t > 0) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
     }
