@@ -2,8 +2,8 @@
 # The ordinary CUDA build, proven on a machine without a GPU: a fresh virtual environment with the CUDA build of
 # torch 2.13.0 (+cu130, with its nvidia-* wheels, about 3.5 GB, from the package registry rather than this machine's
 # local CPU wheel), then .ci/install_and_test.sh: plain `pip install --no-build-isolation .` with nvcc on PATH and
-# no CUDA_HOME, srn_fast._C.with_cuda must be True, the whole suite against the installed package (only the
-# GPU-only tests may skip). pip's cache (~/.cache/pip) is kept, so a second run downloads nothing.
+# no CUDA_HOME, srn_fast._C.with_cuda must be True, the whole suite against the installed package (only tests for
+# hardware the machine lacks may skip: a GPU, or the CPU instructions of srn_fast's own kernels). pip's cache (~/.cache/pip) is kept, so a second run downloads nothing.
 #
 #   bash .ci/cuda_build_check.sh [LOG_DIR]        (default: a temporary folder)
 set -euo pipefail

@@ -66,12 +66,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+#: the bf16 routes that need CPU instructions (srn_fast's own kernels), and what they need
+CPU_ROUTES = {"avx512bf16": "AVX512-BF16", "amx": "AMX-BF16 (and Linux's permission for the tile data)"}
+
+
 @pytest.fixture
 def bf16_route(request):
     """The CPU bf16 GEMM route named by the test's indirect parameter ("auto", "mkl", "onednn", "widened",
     "avx512bf16", "amx", or "amx-mkl": amx with its weight gradients on MKL's bf16 GEMM), set for the test and
     the measured choice restored after it. A route this torch build or CPU lacks ("mkl" without MKL's bf16 GEMM,
-    "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16) skips the test; test_cpu_gemm.py checks that the routes
+    "avx512bf16" without AVX512-BF16, "amx" without AMX-BF16: "needs a CPU with ...") skips the test; test_cpu_gemm.py checks that the routes
     measured are the ones the build and CPU have."""
     import srn_fast
     from srn_fast.ops import precision
@@ -79,7 +83,9 @@ def bf16_route(request):
     name = request.param
     route = name.replace("-mkl", "")  # "amx-mkl": amx with its weight gradients on MKL's bf16 GEMM
     if route != "auto" and route not in precision.tile_gemm_rates():
-        pytest.skip(f"this torch build or CPU has no {route} bf16 GEMM")
+        if route in CPU_ROUTES:  # hardware this machine lacks, like a GPU (.ci/install_and_test.sh accepts the words)
+            pytest.skip(f"needs a CPU with {CPU_ROUTES[route]}: this one has no {route} bf16 GEMM")
+        pytest.skip(f"this torch build has no {route} bf16 GEMM")
     if name == "amx-mkl" and "mkl" not in precision.tile_gemm_rates():
         pytest.skip("this torch build has no MKL bf16 GEMM for amx's weight gradients")
     ext = srn_fast._ext.load()

@@ -171,7 +171,7 @@ def test_lstm_products_in_avx512_match_mkl_and_oracle(H, widths, last_linear):
     input F + H = 48 or 45 (phi's last layer folded into it), a partial last tile, forward and every gradient."""
     ext = srn_fast._ext.load()
     if not ext.cpu_lstm_gemm_avx512():
-        pytest.skip("this CPU has no AVX-512F: the LSTM products run on MKL's sgemm only")
+        pytest.skip("needs a CPU with AVX-512F: on this one the LSTM products run on MKL's sgemm only")
     x0, dirs, phi, lstm = setup(dtype=torch.float32, N=77, widths=widths, H=H, last_linear=last_linear)
     inputs = all_inputs(x0, dirs, phi, lstm)
     runs = {}

@@ -215,7 +215,7 @@ def test_avx512_rows_match_the_generic_rows(matmul_dtype):
     if cpu_flags() and platform.machine() in ("x86_64", "AMD64"):
         assert ext.cpu_avx512_rows() == ("avx512_bf16" in cpu_flags())
     if not ext.cpu_avx512_rows():
-        pytest.skip("this CPU has no AVX512-BF16: the tile loops have only the generic rows")
+        pytest.skip("needs a CPU with AVX512-BF16: on this one the tile loops have only the generic rows")
     gen = torch.Generator().manual_seed(5)
     mlp_layers = make_layers(2, [3, 64, 48, 32], per_scene=True, affine=True, dtype=torch.float32, gen=gen)
     phi = make_layers(2, [3, 64, 64, 32], per_scene=True, dtype=torch.float32, gen=gen, last_linear=True)
