@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/aligned.h"
 #include "common/checks.h"
 #include "common/srn_math.h"
 #include "wide_linear/wide_linear.h"
@@ -25,9 +26,9 @@ namespace srn {
 namespace {
 
 constexpr const char* kOp = "srn_fast.ops.wide_linear";
-constexpr int64_t kVecBytes = 64;
+constexpr int64_t kVecBytes = int64_t(kCacheLine);  // one non-temporal store: a whole cache line
 
-// 64 bytes from src to the 64-byte aligned dst with non-temporal stores where the target has them.
+// A cache line from src to the line-aligned dst with non-temporal stores where the target has them.
 inline void stream_line(void* dst, const void* src) {
 #if defined(__AVX512F__)
   _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_loadu_si512(src));
@@ -83,8 +84,7 @@ void backward_cpu(const T* g, const T* x, const T* W, int64_t M, int64_t O, int6
   const int64_t threads = at::get_num_threads();
   // per-thread partial sums of grad_x; a thread's rows come in one or more chunks, all added into its own slot
   std::vector<T> part(grad_x ? size_t(threads * M * K) : 0, T(0));
-  const bool stream = grad_W && K % (kVecBytes / int64_t(sizeof(T))) == 0 &&
-                      reinterpret_cast<uintptr_t>(grad_W) % kVecBytes == 0;
+  const bool stream = grad_W && K % (kVecBytes / int64_t(sizeof(T))) == 0 && is_line_aligned(grad_W);
   at::parallel_for(0, O, 2048, [&](int64_t o0, int64_t o1) {
     T* acc = grad_x ? part.data() + at::get_thread_num() * M * K : nullptr;
     for (int64_t o = o0; o < o1; ++o) {
