@@ -168,6 +168,24 @@ SRN_DPBF16_TARGET void micro(const char* a, int64_t a_row, int64_t a_kp, const u
   }
 }
 
+// Ask for the C rows [mr, nn] (row stride ldc) that a micro-kernel call will add into, before it runs: an accumulated
+// C (a weight gradient's per-thread sums) is often out of L1 and L2, and the micro-kernel loads it only after its
+// k-loop, where the loads' latency is not hidden behind anything.
+SRN_DPBF16_TARGET inline void prefetch_c(const float* C, int64_t ldc, int64_t mr, int nn) {
+  for (int64_t i = 0; i < mr; ++i) {
+    const char* c = reinterpret_cast<const char*>(C + i * ldc);
+    _mm_prefetch(c, _MM_HINT_T0);
+    _mm_prefetch(c + 4 * nn - 4, _MM_HINT_T0);
+    if (nn > 16) _mm_prefetch(c + 64, _MM_HINT_T0);
+  }
+}
+
+// The C rows of the micro-kernel call after the one at (m0, n0) in the loops below (rows first, then panels).
+SRN_DPBF16_TARGET inline void prefetch_next_c(float* C, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0) {
+  const int64_t m1 = m0 + kMR < M ? m0 + kMR : 0, n1 = m0 + kMR < M ? n0 : n0 + kNR;
+  if (n1 < N) prefetch_c(C + m1 * ldc + n1, ldc, std::min<int64_t>(kMR, M - m1), int(std::min<int64_t>(kNR, N - n1)));
+}
+
 using MicroFn = void (*)(const char*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t, int, bool);
 constexpr MicroFn kMicro[kMR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>, micro<4>,
                                      micro<5>, micro<6>, micro<7>, micro<8>};
@@ -229,6 +247,7 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
     al = pack_a(ta, M, K, A, lda, ap);
     a = reinterpret_cast<const char*>(ap.data());
   }
+  if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
   for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
     const int64_t kc = std::min(kKC, KP - k0);
     const bool accumulate = k0 > 0 || beta != 0.f;
@@ -237,6 +256,7 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
       const int nn = int(std::min<int64_t>(kNR, N - n0));
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, M - m0));
+        if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
         kMicro[mr](a + (m0 / kMR) * al.panel + k0 * al.kp, al.row, al.kp, panel, kc, C + m0 * ldc + n0, ldc, nn,
                    accumulate);
       }
@@ -247,6 +267,7 @@ void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zi
                            float beta, float* C, int64_t ldc) {
   // word (kp, m) of A's panels is op(A) = A^T's row m, k-pair kp: rows 4 bytes apart, k-pairs a panel row (128 bytes)
   const int64_t KP = k_pairs(K);
+  if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
   for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
     const int64_t kc = std::min(kKC, KP - k0);
     const bool accumulate = k0 > 0 || beta != 0.f;
@@ -256,6 +277,7 @@ void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zi
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, M - m0));
         const uint32_t* a = A_zip + (m0 / kNR * kps + k0) * kNR + m0 % kNR;
+        if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
         kMicro[mr](reinterpret_cast<const char*>(a), 4, kNR * 4, panel, kc, C + m0 * ldc + n0, ldc, nn, accumulate);
       }
     }

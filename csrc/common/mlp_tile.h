@@ -463,8 +463,13 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
         }
         const cpu::RowZip* rzp = rz.v_z || rz.y ? &rz : nullptr;
         int64_t r = 0;
+        // the saved xhat rows come from memory: asked for kAhead rows before they are read (prefetch_span)
+        constexpr int64_t kAhead = 6;
+        const char* saved = xm ? reinterpret_cast<const char*>(xm) : reinterpret_cast<const char*>(act[l]);
+        const int64_t row_bytes = co * int64_t(xm ? sizeof(c10::BFloat16) : sizeof(T));
         if (vz_in_mm) {  // two rows at a time (the tail row below)
           for (; r + 2 <= R; r += 2) {
+            if (r + kAhead + 2 <= R) prefetch_span(saved + (r + kAhead) * row_bytes, 2 * row_bytes);
             rz.row = r;
             cpu::layernorm_relu_rows2_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, co,
                                                  v + r * ld_v, ld_v, co, rstd[l] + r, ly.ln_weight, ly.ln_bias,
@@ -473,6 +478,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           }
         }
         for (; r < R; ++r) {
+          if (r + kAhead < R) prefetch_span(saved + (r + kAhead) * row_bytes, row_bytes);
           rz.row = r;
           // with v_z written as bf16 the float row is scratch: one row, not R rows of the tile's footprint in L2
           cpu::layernorm_relu_row_vjp_avx512(xm ? nullptr : act[l] + r * co, xm ? xm + r * co : nullptr, v + r * ld_v,

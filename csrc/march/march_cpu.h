@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aligned.h"
 #include "common/cpu_gemm.h"
 #include "common/mlp_tile.h"
 #include "common/srn_math.h"
@@ -177,7 +178,13 @@ void cell_backward(const Lstm<T>& lw, int64_t R, const T* gates, const T* c_prev
   const T lo = clamp_v >= T(0) ? -clamp_v : -std::numeric_limits<T>::infinity();
   const T hi = clamp_v >= T(0) ? clamp_v : std::numeric_limits<T>::infinity();
   T v_bout = T(0);
+  constexpr int64_t kAhead = 4;  // the saved rows come from memory: asked for ahead (prefetch_span)
   for (int64_t r = 0; r < R; ++r) {
+    if (r + kAhead < R) {
+      const int64_t q = r + kAhead;
+      prefetch_span(gates + q * 4 * H, int64_t(sizeof(T)) * 4 * H);
+      for (const T* s : {c_prev, c, h}) prefetch_span(s + q * H, int64_t(sizeof(T)) * H);
+    }
     v_bout += lstm_step_row_vjp<T, M>(int(H), gates + r * 4 * H, c_prev + r * H, c + r * H, h + r * H, lw.w_out,
                                       lw.b_out[0], dirs + r * 3, v_x + r * 3, v_h + r * H, v_c + r * H, lo, hi,
                                       v_pre + r * 4 * H, v_dirs + r * 3, g.w_out);
@@ -285,6 +292,8 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       const tile::Layer<T>& last = phi[L - 1];
       const c10::BFloat16* am = sc.act_mm[L - 1];
       for (int64_t r = 0; r < R; ++r) {
+        constexpr int64_t kAhead = 6;  // the saved rows come from memory (prefetch_span)
+        if (am && r + kAhead < R) prefetch_span(am + (r + kAhead) * F, int64_t(sizeof(c10::BFloat16)) * F);
         T* f = in + r * K;
         if (am) tile::detail::from_bf16(am + r * F, F, f);  // a bf16 xhat row: widened first, transformed in place
         const T* a = am ? f : act[L - 1] + r * F;
