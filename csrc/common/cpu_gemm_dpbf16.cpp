@@ -143,10 +143,12 @@ template <int MR>
 SRN_DPBF16_TARGET void micro(const char* a, int64_t a_row, int64_t a_kp, const uint32_t* b, int64_t kp_count,
                              float* C, int64_t ldc, int nn, bool accumulate) {
   __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc0[i] = _mm512_setzero_ps(), acc1[i] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kp_count; ++kp) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * kNR);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * kNR + 16);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t w;
       std::memcpy(&w, a + i * a_row + kp * a_kp, 4);
@@ -157,6 +159,7 @@ SRN_DPBF16_TARGET void micro(const char* a, int64_t a_row, int64_t a_kp, const u
   }
   const __mmask16 m0 = nn >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nn) - 1);
   const __mmask16 m1 = nn >= 32 ? __mmask16(0xFFFF) : nn <= 16 ? __mmask16(0) : __mmask16((1u << (nn - 16)) - 1);
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     float* c = C + i * ldc;
     if (accumulate) {
