@@ -132,6 +132,12 @@ void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xha
                                      float* g, float* v_gamma, float* v_beta, c10::BFloat16* v_z, float* v_bias,
                                      c10::BFloat16* y_mm, const RowZip* zip);
 
+// A norm layer's output rebuilt from its saved xhat for a float product: y [n] = ReLU(xhat gamma + beta) (gamma
+// null: ReLU(xhat)), xhat a float row (xhat) or a bf16 row (xhat_mm); n a multiple of 16. One pass, where widening
+// the bf16 row and then the generic affine loop took two.
+void layernorm_relu_act_row_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n, const float* gamma,
+                                   const float* beta, float* y);
+
 // The march's float32 LSTM products in AVX-512 (csrc/common/gemm_f32_avx512.cpp), where the CPU has AVX-512F:
 //   C[M, N] = (accumulate ? C : 0) + sum_k A(m, k) B(k, n),  A(m, k) = A[m * a_row + k * a_k],  B(k, n) = B[k * ldb + n]
 // (op(A) = A or A^T in place; B row-major, any N). lstm_gemm_avx512(): available and not turned off

@@ -315,6 +315,13 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10
   }
 }
 
+SRN_LN512_TARGET void layernorm_relu_act_row_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n,
+                                                    const float* gamma, const float* beta, float* y) {
+  for (int64_t k = 0; k < n; k += 16) {
+    _mm512_storeu_ps(y + k, _mm512_max_ps(affine(load_xhat(xhat, xhat_mm, k), gamma, beta, k), _mm512_setzero_ps()));
+  }
+}
+
 // Columns k..k+15 of an even row and the row after it into their k-pair panel words (RowZip): one full store.
 SRN_LN512_TARGET static inline void store_zipped2(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m256i h0,
                                                   __m256i h1) {
@@ -405,6 +412,9 @@ void layernorm_relu_rows2_vjp_avx512(const float*, const c10::BFloat16*, int64_t
 void layernorm_relu_rows_thin_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
                                      const float*, const float*, float, float*, c10::BFloat16*, int64_t, float*,
                                      c10::BFloat16*, int64_t, float*, bool) {
+  ln512_unavailable();
+}
+void layernorm_relu_act_row_avx512(const float*, const c10::BFloat16*, int64_t, const float*, const float*, float*) {
   ln512_unavailable();
 }
 #endif

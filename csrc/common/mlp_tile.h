@@ -548,8 +548,16 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           lda = ci;
           if (p.norm) {
             for (int64_t r = 0; r < R; ++r) {
-              const T* xr = saved_row(l - 1, r, ci);
               T* ar = a_buf + r * ci;
+              if constexpr (std::is_same_v<T, float>) {
+                if (fast_ln && ci % 16 == 0) {  // one pass from the saved row (bf16 or float)
+                  const c10::BFloat16* h = xm_of(l - 1);
+                  cpu::layernorm_relu_act_row_avx512(h ? nullptr : act[l - 1] + r * ci, h ? h + r * ci : nullptr, ci,
+                                                     p.ln_weight, p.ln_bias, ar);
+                  continue;
+                }
+              }
+              const T* xr = saved_row(l - 1, r, ci);
               SRN_SIMD
               for (int64_t k = 0; k < ci; ++k) ar[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));
             }

@@ -291,10 +291,18 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
       step_rows(sv, t, L, row, phi, sc);
       const tile::Layer<T>& last = phi[L - 1];
       const c10::BFloat16* am = sc.act_mm[L - 1];
+      const bool fast_act = std::is_same_v<T, float> && cpu::avx512_rows() && F % 16 == 0;
       for (int64_t r = 0; r < R; ++r) {
         constexpr int64_t kAhead = 6;  // the saved rows come from memory (prefetch_span)
         if (am && r + kAhead < R) prefetch_span(am + (r + kAhead) * F, int64_t(sizeof(c10::BFloat16)) * F);
         T* f = in + r * K;
+        if constexpr (std::is_same_v<T, float>) {
+          if (last.norm && fast_act) {
+            cpu::layernorm_relu_act_row_avx512(am ? nullptr : act[L - 1] + r * F, am ? am + r * F : nullptr, F,
+                                               last.ln_weight, last.ln_bias, f);
+            continue;
+          }
+        }
         if (am) tile::detail::from_bf16(am + r * F, F, f);  // a bf16 xhat row: widened first, transformed in place
         const T* a = am ? f : act[L - 1] + r * F;
         if (last.norm) {
