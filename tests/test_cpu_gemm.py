@@ -1,5 +1,7 @@
 """The tile loops' cpu::gemm against torch.mm, in every layout and for beta 0 and 1, at the thin shapes (one side
-<= 4: phi's 3-wide first layer, the 3-wide rgb layer) that it runs with its own loops instead of the BLAS."""
+<= 4: phi's 3-wide first layer, the 3-wide rgb layer) that it runs with its own loops instead of the BLAS (on a CPU
+with AVX-512 the float N <= 4 shapes with K or M a multiple of 16 take thin_f32_avx512, with their row and column
+tails: 130 rows, 80 = 64 + 16 columns; the others the generic loops)."""
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ require_extension()
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("M,N,K", [(128, 256, 3), (128, 3, 256), (256, 3, 128), (3, 256, 128), (4, 5, 6),
-                                   (7, 1, 9), (5, 6, 4), (16, 24, 32)])
+                                   (7, 1, 9), (5, 6, 4), (16, 24, 32), (130, 3, 32), (80, 4, 5), (48, 1, 16)])
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
 def test_every_layout_matches_mm(dtype, M, N, K, ta, tb):

@@ -90,7 +90,10 @@ bool trivial(int64_t M, int64_t N, int64_t K, T beta, T* C, int64_t ldc) {
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
           int64_t ldb, float beta, float* C, int64_t ldc) {
   if (trivial(M, N, K, beta, C, ldc)) return;
-  if (is_thin(M, N, K)) return thin_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (is_thin(M, N, K)) {
+    if (thin_f32_avx512(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc)) return;
+    return thin_gemm<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
   if (use_blas()) {
     const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
     const float one = 1.f;

@@ -147,6 +147,11 @@ bool lstm_gemm_avx512();
 void set_lstm_gemm_avx512(bool on);
 void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_k, const float* B,
                      int64_t ldb, bool accumulate, float* C, int64_t ldc);
+// cpu::gemm's float products with N <= 4 columns of C (phi's 3-wide first layer: its input gradient [R, C] x [C, 3],
+// K a multiple of 16; its weight gradient [R, C]^T x [R, 3], M a multiple of 16) in AVX-512 where the CPU has it:
+// true when done, false for a shape or CPU it does not take (thin_gemm's generic loops then).
+bool thin_f32_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float beta, float* C, int64_t ldc);
 
 // "blas" or "aten": the backend in use.
 const char* gemm_backend();

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -87,6 +88,97 @@ SRN_F32_512_TARGET void row_blocks(int64_t M, const float* A, int64_t a_row, int
   for (; m + 2 <= M; m += 2) micro<2, NV, kTail>(A + m * a_row, a_row, a_k, B, ldb, K, C + m * ldc, ldc, accumulate, tail);
   for (; m < M; ++m) micro<1, NV, kTail>(A + m * a_row, a_row, a_k, B, ldb, K, C + m * ldc, ldc, accumulate, tail);
 }
+
+// thin_f32_avx512's two cases (N <= kThin4 columns of C; see there).
+constexpr int kThin4 = 4;
+
+// C[M, N] (+)= A[M, K] op(B)[K, N] with K a multiple of 16: four rows of A at a time against op(B)'s N columns, packed
+// as rows bt [N][K]; 4 N accumulators, reduced once per row and column.
+template <int N>
+SRN_F32_512_TARGET void thin_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* bt, bool accumulate,
+                                  float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    __m512 acc[4][N];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 b[N];
+#pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) b[j] = _mm512_loadu_ps(bt + j * K + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512 a = _mm512_loadu_ps(A + (m + i) * lda + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) {
+        const float v = _mm512_reduce_add_ps(acc[i][j]);
+        C[(m + i) * ldc + j] = accumulate ? C[(m + i) * ldc + j] + v : v;
+      }
+  }
+  for (; m < M; ++m) {
+    __m512 acc[N];
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 a = _mm512_loadu_ps(A + m * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * K + k), acc[j]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) {
+      const float v = _mm512_reduce_add_ps(acc[j]);
+      C[m * ldc + j] = accumulate ? C[m * ldc + j] + v : v;
+    }
+  }
+}
+
+// C[M, N] (+)= A^T op(B) with A stored [K, M] (row stride lda) and M a multiple of 16: blocks of 64 (or 16) columns of
+// A^T's rows, vectorised over m, op(B)(k, j) broadcast; N x V accumulators, added into C's N-wide rows at the end.
+template <int N, int V>
+SRN_F32_512_TARGET void thin_cols(int64_t m0, int64_t K, const float* A, int64_t lda, const float* B, int64_t bk,
+                                  int64_t bj, bool accumulate, float* C, int64_t ldc) {
+  __m512 acc[N][V];
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 a[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(A + k * lda + m0 + 16 * v);
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) {
+      const __m512 bkj = _mm512_set1_ps(B[k * bk + j * bj]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a[v], bkj, acc[j][v]);
+    }
+  }
+  alignas(64) float out[N][16 * V];
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_store_ps(out[j] + 16 * v, acc[j][v]);
+  for (int64_t i = 0; i < 16 * V; ++i) {
+    float* c = C + (m0 + i) * ldc;
+    for (int j = 0; j < N; ++j) c[j] = accumulate ? c[j] + out[j][i] : out[j][i];
+  }
+}
+
+template <int N>
+SRN_F32_512_TARGET void thin_cols_all(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t bk,
+                                      int64_t bj, bool accumulate, float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 64 <= M; m += 64) thin_cols<N, 4>(m, K, A, lda, B, bk, bj, accumulate, C, ldc);
+  for (; m < M; m += 16) thin_cols<N, 1>(m, K, A, lda, B, bk, bj, accumulate, C, ldc);
+}
 #endif
 }  // namespace
 
@@ -122,6 +214,40 @@ void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
   (void)M, (void)N, (void)K, (void)A, (void)a_row, (void)a_k, (void)B, (void)ldb, (void)accumulate, (void)C, (void)ldc;
   TORCH_CHECK(false, "srn_fast: the AVX-512 float32 GEMM needs an x86-64 build");
 #endif
+}
+
+bool thin_f32_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float beta, float* C, int64_t ldc) {
+#if SRN_HAVE_F32_512
+  if (!f32_avx512_available() || N < 1 || N > kThin4 || M < 1) return false;
+  const bool acc = beta != 0.f;
+  if (!ta && K >= 16 && K % 16 == 0) {  // the input gradient of a 3-wide layer: v_x [R, 3] = v_z [R, C] W [C, 3]
+    thread_local std::vector<float> bt;
+    bt.resize(size_t(N * K));
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t k = 0; k < K; ++k) bt[j * K + k] = tb ? B[j * ldb + k] : B[k * ldb + j];
+    switch (N) {
+      case 1: thin_rows<1>(M, K, A, lda, bt.data(), acc, C, ldc); break;
+      case 2: thin_rows<2>(M, K, A, lda, bt.data(), acc, C, ldc); break;
+      case 3: thin_rows<3>(M, K, A, lda, bt.data(), acc, C, ldc); break;
+      default: thin_rows<4>(M, K, A, lda, bt.data(), acc, C, ldc); break;
+    }
+    return true;
+  }
+  if (ta && M % 16 == 0 && K >= 1) {  // its weight gradient: v_W [C, 3] += v_z^T [C, R] x [R, 3]
+    const int64_t bk = tb ? 1 : ldb, bj = tb ? ldb : 1;
+    switch (N) {
+      case 1: thin_cols_all<1>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
+      case 2: thin_cols_all<2>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
+      case 3: thin_cols_all<3>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
+      default: thin_cols_all<4>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
+    }
+    return true;
+  }
+#else
+  (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)beta, (void)C, (void)ldc;
+#endif
+  return false;
 }
 
 }  // namespace cpu
