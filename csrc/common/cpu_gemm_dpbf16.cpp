@@ -174,17 +174,12 @@ SRN_DPBF16_TARGET void micro(const char* a, int64_t a_row, int64_t a_kp, const u
 // Ask for the C rows [mr, nn] (row stride ldc) that a micro-kernel call will add into, before it runs: an accumulated
 // C (a weight gradient's per-thread sums) is often out of L1 and L2, and the micro-kernel loads it only after its
 // k-loop, where the loads' latency is not hidden behind anything.
-SRN_DPBF16_TARGET inline void prefetch_c(const float* C, int64_t ldc, int64_t mr, int nn) {
-  for (int64_t i = 0; i < mr; ++i) {
-    const char* c = reinterpret_cast<const char*>(C + i * ldc);
-    _mm_prefetch(c, _MM_HINT_T0);
-    _mm_prefetch(c + 4 * nn - 4, _MM_HINT_T0);
-    if (nn > 16) _mm_prefetch(c + 64, _MM_HINT_T0);
-  }
+inline void prefetch_c(const float* C, int64_t ldc, int64_t mr, int nn) {
+  for (int64_t i = 0; i < mr; ++i) prefetch_span(C + i * ldc, int64_t(sizeof(float)) * nn);
 }
 
 // The C rows of the micro-kernel call after the one at (m0, n0) in the loops below (rows first, then panels).
-SRN_DPBF16_TARGET inline void prefetch_next_c(float* C, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0) {
+inline void prefetch_next_c(float* C, int64_t ldc, int64_t M, int64_t N, int64_t m0, int64_t n0) {
   const int64_t m1 = m0 + kMR < M ? m0 + kMR : 0, n1 = m0 + kMR < M ? n0 : n0 + kNR;
   if (n1 < N) prefetch_c(C + m1 * ldc + n1, ldc, std::min<int64_t>(kMR, M - m1), int(std::min<int64_t>(kNR, N - n1)));
 }
@@ -192,6 +187,29 @@ SRN_DPBF16_TARGET inline void prefetch_next_c(float* C, int64_t ldc, int64_t M, 
 using MicroFn = void (*)(const char*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t, int, bool);
 constexpr MicroFn kMicro[kMR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>, micro<4>,
                                      micro<5>, micro<6>, micro<7>, micro<8>};
+
+// The blocked loops of gemm_dpbf16_packed and gemm_dpbf16_zipped_at: blocks of kKC k-pairs, panels of kNR columns
+// (panel p's k-pair kp at B + (p * kp_stride + kp) * kNR words), micro-kernel calls of kMR rows whose op(A) starts at
+// a_at(m0, k0) (row stride a_row, k-pair stride a_kp, in bytes); where C is added into, the next call's C rows are
+// asked for while the current one runs.
+template <typename AAt>
+void run_blocks(int64_t M, int64_t N, int64_t KP, AAt a_at, int64_t a_row, int64_t a_kp, const uint32_t* B,
+                int64_t kp_stride, float beta, float* C, int64_t ldc) {
+  if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
+  for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
+    const int64_t kc = std::min(kKC, KP - k0);
+    const bool accumulate = k0 > 0 || beta != 0.f;
+    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+      const uint32_t* panel = B + (n0 / kNR * kp_stride + k0) * kNR;
+      const int nn = int(std::min<int64_t>(kNR, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+        const int mr = int(std::min<int64_t>(kMR, M - m0));
+        if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
+        kMicro[mr](a_at(m0, k0), a_row, a_kp, panel, kc, C + m0 * ldc + n0, ldc, nn, accumulate);
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -250,41 +268,16 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
     al = pack_a(ta, M, K, A, lda, ap);
     a = reinterpret_cast<const char*>(ap.data());
   }
-  if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
-  for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
-    const int64_t kc = std::min(kKC, KP - k0);
-    const bool accumulate = k0 > 0 || beta != 0.f;
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      const uint32_t* panel = Bp + (n0 / kNR) * KP * kNR + k0 * kNR;
-      const int nn = int(std::min<int64_t>(kNR, N - n0));
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        const int mr = int(std::min<int64_t>(kMR, M - m0));
-        if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
-        kMicro[mr](a + (m0 / kMR) * al.panel + k0 * al.kp, al.row, al.kp, panel, kc, C + m0 * ldc + n0, ldc, nn,
-                   accumulate);
-      }
-    }
-  }
+  run_blocks(M, N, KP, [&](int64_t m0, int64_t k0) { return a + (m0 / kMR) * al.panel + k0 * al.kp; }, al.row, al.kp,
+             Bp, KP, beta, C, ldc);
 }
 void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, int64_t kps,
                            float beta, float* C, int64_t ldc) {
   // word (kp, m) of A's panels is op(A) = A^T's row m, k-pair kp: rows 4 bytes apart, k-pairs a panel row (128 bytes)
-  const int64_t KP = k_pairs(K);
-  if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
-  for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
-    const int64_t kc = std::min(kKC, KP - k0);
-    const bool accumulate = k0 > 0 || beta != 0.f;
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      const uint32_t* panel = B_zip + (n0 / kNR * kps + k0) * kNR;
-      const int nn = int(std::min<int64_t>(kNR, N - n0));
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        const int mr = int(std::min<int64_t>(kMR, M - m0));
-        const uint32_t* a = A_zip + (m0 / kNR * kps + k0) * kNR + m0 % kNR;
-        if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
-        kMicro[mr](reinterpret_cast<const char*>(a), 4, kNR * 4, panel, kc, C + m0 * ldc + n0, ldc, nn, accumulate);
-      }
-    }
-  }
+  auto a_at = [&](int64_t m0, int64_t k0) {
+    return reinterpret_cast<const char*>(A_zip + (m0 / kNR * kps + k0) * kNR + m0 % kNR);
+  };
+  run_blocks(M, N, k_pairs(K), a_at, 4, kNR * 4, B_zip, kps, beta, C, ldc);
 }
 #else
 [[noreturn]] static void unavailable() {

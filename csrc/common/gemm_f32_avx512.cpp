@@ -9,6 +9,7 @@
 // so op(A) may be A or A^T in place. Compiled for every x86-64 target through function attributes; called only where
 // f32_avx512_available() (the CPU has AVX-512F).
 #include "common/cpu_gemm.h"
+#include "common/thin_gemm.h"
 
 #include <c10/util/Exception.h>
 
@@ -89,59 +90,38 @@ SRN_F32_512_TARGET void row_blocks(int64_t M, const float* A, int64_t a_row, int
   for (; m < M; ++m) micro<1, NV, kTail>(A + m * a_row, a_row, a_k, B, ldb, K, C + m * ldc, ldc, accumulate, tail);
 }
 
-// thin_f32_avx512's two cases (N <= kThin4 columns of C; see there).
-constexpr int kThin4 = 4;
-
-// C[M, N] (+)= A[M, K] op(B)[K, N] with K a multiple of 16: four rows of A at a time against op(B)'s N columns, packed
-// as rows bt [N][K]; 4 N accumulators, reduced once per row and column.
-template <int N>
-SRN_F32_512_TARGET void thin_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* bt, bool accumulate,
-                                  float* C, int64_t ldc) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    __m512 acc[4][N];
+// thin_f32_avx512's input-gradient case: C rows [RB, N] (+)= A rows [RB, K] (row stride lda, K a multiple of 16)
+// against op(B)'s N columns packed as rows bt [N][K]; RB x N accumulators, each reduced once.
+template <int N, int RB>
+SRN_F32_512_TARGET void thin_rows(const float* A, int64_t lda, int64_t K, const float* bt, bool accumulate, float* C,
+                                  int64_t ldc) {
+  __m512 acc[RB][N];
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 b[N];
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 b[N];
 #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) b[j] = _mm512_loadu_ps(bt + j * K + k);
+    for (int j = 0; j < N; ++j) b[j] = _mm512_loadu_ps(bt + j * K + k);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m512 a = _mm512_loadu_ps(A + (m + i) * lda + k);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 a = _mm512_loadu_ps(A + i * lda + k);
 #pragma GCC unroll 4
-        for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
-      }
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) {
-        const float v = _mm512_reduce_add_ps(acc[i][j]);
-        C[(m + i) * ldc + j] = accumulate ? C[(m + i) * ldc + j] + v : v;
-      }
   }
-  for (; m < M; ++m) {
-    __m512 acc[N];
 #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 a = _mm512_loadu_ps(A + m * lda + k);
-#pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * K + k), acc[j]);
-    }
+  for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) {
-      const float v = _mm512_reduce_add_ps(acc[j]);
-      C[m * ldc + j] = accumulate ? C[m * ldc + j] + v : v;
+      const float v = _mm512_reduce_add_ps(acc[i][j]);
+      C[i * ldc + j] = accumulate ? C[i * ldc + j] + v : v;
     }
-  }
 }
 
-// C[M, N] (+)= A^T op(B) with A stored [K, M] (row stride lda) and M a multiple of 16: blocks of 64 (or 16) columns of
-// A^T's rows, vectorised over m, op(B)(k, j) broadcast; N x V accumulators, added into C's N-wide rows at the end.
+// Its weight-gradient case: C[m0 .. m0 + 16 V, N] (+)= A^T op(B) with A stored [K, M] (row stride lda), vectorised
+// over m, op(B)(k, j) = B[k * bk + j * bj] broadcast; N x V accumulators, added into C's N-wide rows at the end.
 template <int N, int V>
 SRN_F32_512_TARGET void thin_cols(int64_t m0, int64_t K, const float* A, int64_t lda, const float* B, int64_t bk,
                                   int64_t bj, bool accumulate, float* C, int64_t ldc) {
@@ -172,10 +152,16 @@ SRN_F32_512_TARGET void thin_cols(int64_t m0, int64_t K, const float* A, int64_t
   }
 }
 
+// All M rows of C for N columns: four rows of A at a time (then one), or blocks of 64 columns of A^T (then 16).
 template <int N>
-SRN_F32_512_TARGET void thin_cols_all(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t bk,
-                                      int64_t bj, bool accumulate, float* C, int64_t ldc) {
+SRN_F32_512_TARGET void thin_n(bool ta, int64_t M, int64_t K, const float* A, int64_t lda, const float* bt,
+                               const float* B, int64_t bk, int64_t bj, bool accumulate, float* C, int64_t ldc) {
   int64_t m = 0;
+  if (!ta) {
+    for (; m + 4 <= M; m += 4) thin_rows<N, 4>(A + m * lda, lda, K, bt, accumulate, C + m * ldc, ldc);
+    for (; m < M; ++m) thin_rows<N, 1>(A + m * lda, lda, K, bt, accumulate, C + m * ldc, ldc);
+    return;
+  }
   for (; m + 64 <= M; m += 64) thin_cols<N, 4>(m, K, A, lda, B, bk, bj, accumulate, C, ldc);
   for (; m < M; m += 16) thin_cols<N, 1>(m, K, A, lda, B, bk, bj, accumulate, C, ldc);
 }
@@ -219,35 +205,29 @@ void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
 bool thin_f32_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                      int64_t ldb, float beta, float* C, int64_t ldc) {
 #if SRN_HAVE_F32_512
-  if (!f32_avx512_available() || N < 1 || N > kThin4 || M < 1) return false;
-  const bool acc = beta != 0.f;
-  if (!ta && K >= 16 && K % 16 == 0) {  // the input gradient of a 3-wide layer: v_x [R, 3] = v_z [R, C] W [C, 3]
-    thread_local std::vector<float> bt;
+  // the input gradient of a 3-wide layer, v_x [R, 3] = v_z [R, C] W [C, 3] (K a multiple of 16), or its weight
+  // gradient, v_W [C, 3] += v_z^T [C, R] x [R, 3] (M a multiple of 16)
+  const bool fits = ta ? M % 16 == 0 && K >= 1 : K >= 16 && K % 16 == 0;
+  if (!f32_avx512_available() || N < 1 || N > kThin || M < 1 || !fits) return false;
+  thread_local std::vector<float> bt;  // op(B)'s columns as rows [N][K] (the input-gradient case)
+  if (!ta) {
     bt.resize(size_t(N * K));
     for (int64_t j = 0; j < N; ++j)
       for (int64_t k = 0; k < K; ++k) bt[j * K + k] = tb ? B[j * ldb + k] : B[k * ldb + j];
-    switch (N) {
-      case 1: thin_rows<1>(M, K, A, lda, bt.data(), acc, C, ldc); break;
-      case 2: thin_rows<2>(M, K, A, lda, bt.data(), acc, C, ldc); break;
-      case 3: thin_rows<3>(M, K, A, lda, bt.data(), acc, C, ldc); break;
-      default: thin_rows<4>(M, K, A, lda, bt.data(), acc, C, ldc); break;
-    }
-    return true;
   }
-  if (ta && M % 16 == 0 && K >= 1) {  // its weight gradient: v_W [C, 3] += v_z^T [C, R] x [R, 3]
-    const int64_t bk = tb ? 1 : ldb, bj = tb ? ldb : 1;
-    switch (N) {
-      case 1: thin_cols_all<1>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
-      case 2: thin_cols_all<2>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
-      case 3: thin_cols_all<3>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
-      default: thin_cols_all<4>(M, K, A, lda, B, bk, bj, acc, C, ldc); break;
-    }
-    return true;
+  const int64_t bk = tb ? 1 : ldb, bj = tb ? ldb : 1;
+  const bool acc = beta != 0.f;
+  switch (N) {
+    case 1: thin_n<1>(ta, M, K, A, lda, bt.data(), B, bk, bj, acc, C, ldc); break;
+    case 2: thin_n<2>(ta, M, K, A, lda, bt.data(), B, bk, bj, acc, C, ldc); break;
+    case 3: thin_n<3>(ta, M, K, A, lda, bt.data(), B, bk, bj, acc, C, ldc); break;
+    default: thin_n<4>(ta, M, K, A, lda, bt.data(), B, bk, bj, acc, C, ldc); break;
   }
+  return true;
 #else
   (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)beta, (void)C, (void)ldc;
-#endif
   return false;
+#endif
 }
 
 }  // namespace cpu

@@ -274,6 +274,20 @@ void act_row_to_bf16(const T* xhat, int64_t n, const T* gamma, const T* beta, c1
   }
 }
 
+// A norm layer's output ReLU(xhat gamma + beta) into out [n] as T (for a float product) from its saved xhat row: xf
+// (T), or xm (bf16: widened into out first, transformed in place); `fast` (float, the AVX-512 rows on, n a multiple of
+// 16): in one AVX-512 pass (cpu::layernorm_relu_act_row_avx512).
+template <typename T>
+void act_row(const T* xf, const c10::BFloat16* xm, int64_t n, const T* gamma, const T* beta, bool fast, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) return cpu::layernorm_relu_act_row_avx512(xm ? nullptr : xf, xm, n, gamma, beta, out);
+  }
+  if (xm) from_bf16(xm, n, out);
+  const T* a = xm ? out : xf;
+  SRN_SIMD
+  for (int64_t k = 0; k < n; ++k) out[k] = ln_affine_relu<T>(a[k], gamma, beta, int(k));
+}
+
 }  // namespace detail
 
 // Forward of L layers on R rays.
@@ -547,19 +561,10 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
           const Layer<T>& p = layers[l - 1];
           lda = ci;
           if (p.norm) {
+            const c10::BFloat16* h = xm_of(l - 1);
             for (int64_t r = 0; r < R; ++r) {
-              T* ar = a_buf + r * ci;
-              if constexpr (std::is_same_v<T, float>) {
-                if (fast_ln && ci % 16 == 0) {  // one pass from the saved row (bf16 or float)
-                  const c10::BFloat16* h = xm_of(l - 1);
-                  cpu::layernorm_relu_act_row_avx512(h ? nullptr : act[l - 1] + r * ci, h ? h + r * ci : nullptr, ci,
-                                                     p.ln_weight, p.ln_bias, ar);
-                  continue;
-                }
-              }
-              const T* xr = saved_row(l - 1, r, ci);
-              SRN_SIMD
-              for (int64_t k = 0; k < ci; ++k) ar[k] = ln_affine_relu<T>(xr[k], p.ln_weight, p.ln_bias, int(k));
+              detail::act_row<T>(h ? nullptr : act[l - 1] + r * ci, h ? h + r * ci : nullptr, ci, p.ln_weight,
+                                 p.ln_bias, fast_ln && ci % 16 == 0, a_buf + r * ci);
             }
             a = a_buf;
           } else {

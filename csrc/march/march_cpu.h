@@ -296,20 +296,13 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
         constexpr int64_t kAhead = 6;  // the saved rows come from memory (prefetch_span)
         if (am && r + kAhead < R) prefetch_span(am + (r + kAhead) * F, int64_t(sizeof(c10::BFloat16)) * F);
         T* f = in + r * K;
-        if constexpr (std::is_same_v<T, float>) {
-          if (last.norm && fast_act) {
-            cpu::layernorm_relu_act_row_avx512(am ? nullptr : act[L - 1] + r * F, am ? am + r * F : nullptr, F,
-                                               last.ln_weight, last.ln_bias, f);
-            continue;
-          }
-        }
-        if (am) tile::detail::from_bf16(am + r * F, F, f);  // a bf16 xhat row: widened first, transformed in place
-        const T* a = am ? f : act[L - 1] + r * F;
         if (last.norm) {
-          SRN_SIMD
-          for (int64_t k = 0; k < F; ++k) f[k] = ln_affine_relu<T>(a[k], last.ln_weight, last.ln_bias, int(k));
+          tile::detail::act_row<T>(am ? nullptr : act[L - 1] + r * F, am ? am + r * F : nullptr, F, last.ln_weight,
+                                   last.ln_bias, fast_act, f);
+        } else if (am) {
+          tile::detail::from_bf16(am + r * F, F, f);
         } else {
-          std::memcpy(f, a, sizeof(T) * F);
+          std::memcpy(f, act[L - 1] + r * F, sizeof(T) * F);
         }
       }
     } else {
