@@ -59,4 +59,45 @@ inline void prefetch_span(const void* p, std::int64_t bytes) {
 #endif
 }
 
+// Lines to bring into L2 a few at a time while a compute-bound loop (a bf16 GEMM) leaves the memory bus idle: what
+// a later memory-bound pass will read (in the tile loops' backward, the next layer's saved rows). The loop calls
+// pace(n) once with its number of steps, then step() once a step; whatever is left after them is simply not asked
+// for (a hint: no fault, no effect on results). Up to kSpans spans, in order.
+class Trickle {
+ public:
+  static constexpr int kSpans = 8;
+  void add(const void* p, std::int64_t bytes) {
+    if (!p || bytes <= 0 || n_ == kSpans) return;
+    const std::uintptr_t mask = ~std::uintptr_t(kCacheLine - 1), start = reinterpret_cast<std::uintptr_t>(p);
+    spans_[n_++] = {start & mask, (start + std::uintptr_t(bytes) - 1) & mask};
+  }
+  std::int64_t lines() const {
+    std::int64_t n = 0;
+    for (int i = cur_; i < n_; ++i) n += std::int64_t((spans_[i].last - spans_[i].next) / kCacheLine) + 1;
+    return n;
+  }
+  void pace(std::int64_t steps) { per_ = steps > 0 ? (lines() + steps - 1) / steps : lines(); }
+  void step() {
+    for (std::int64_t k = 0; k < per_ && cur_ < n_; ++k) {
+      Span& s = spans_[cur_];
+#if defined(__GNUC__) || defined(__clang__)
+      __builtin_prefetch(reinterpret_cast<const void*>(s.next), 0, 2);
+#endif
+      if (s.next == s.last) {
+        ++cur_;
+      } else {
+        s.next += kCacheLine;
+      }
+    }
+  }
+
+ private:
+  struct Span {
+    std::uintptr_t next, last;
+  };
+  Span spans_[kSpans] = {};
+  int n_ = 0, cur_ = 0;
+  std::int64_t per_ = 0;
+};
+
 }  // namespace srn

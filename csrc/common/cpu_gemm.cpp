@@ -331,9 +331,9 @@ void bf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t 
 }
 
 void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                      const uint32_t* P, float beta, float* C, int64_t ldc) {
+                      const uint32_t* P, float beta, float* C, int64_t ldc, Trickle* side) {
   if (route_in_use() == kRouteAmx) return gemm_amx_packed(ta, M, N, K, A, lda, P, beta, C, ldc);
-  gemm_dpbf16_packed(ta, M, N, K, A, lda, P, beta, C, ldc);
+  gemm_dpbf16_packed(ta, M, N, K, A, lda, P, beta, C, ldc, side);
 }
 
 void set_amx_weight_grad_mkl(bool on) { amx_weight_grad_mkl() = on; }
@@ -353,9 +353,9 @@ bool weight_grad_zipped() {
 }
 
 void gemm_bf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
-                         float* C, int64_t ldc) {
+                         float* C, int64_t ldc, Trickle* side) {
   if (route_in_use() == kRouteAmx) return gemm_amx_zipped_at(M, N, K, A_zip, B_zip, beta, C, ldc);
-  gemm_dpbf16_zipped_at(M, N, K, A_zip, B_zip, amx_kp_stride(K), beta, C, ldc);
+  gemm_dpbf16_zipped_at(M, N, K, A_zip, B_zip, amx_kp_stride(K), beta, C, ldc, side);
 }
 
 void set_weight_grad_zipped(bool on) { zipped_flag() = on; }

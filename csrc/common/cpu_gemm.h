@@ -13,6 +13,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "common/aligned.h"
+
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -44,13 +46,14 @@ void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::B
 int64_t dpbf16_packed_words(int64_t K, int64_t N, int64_t kp_stride = 0);
 void dpbf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P,
                    int64_t kp_stride = 0);
+// side (or null): lines asked for into L2 across the call's micro-kernel calls (Trickle, common/aligned.h).
 void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                        const uint32_t* P, float beta, float* C, int64_t ldc);
+                        const uint32_t* P, float beta, float* C, int64_t ldc, Trickle* side = nullptr);
 // The weight gradient C[M, N] (+)= A^T B from k-pair panels as gemm_amx_zipped_at takes them (below; kp stride kps,
 // amx_kp_stride(K) there): read in place, nothing packed per call. One thread, [256, 128] x [128, 256] on a Zen 4:
 // 77.8 us against 82.9 for gemm_dpbf16 with op(A) = A^T (which zips A and packs B first).
 void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, int64_t kps,
-                           float beta, float* C, int64_t ldc);
+                           float beta, float* C, int64_t ldc, Trickle* side = nullptr);
 
 // The "amx" route (csrc/common/cpu_gemm_amx.cpp): Intel AMX tiles (TDPBF16PS), float32 accumulation and result.
 // Call only where amx_available() (the CPU has AMX-BF16, Linux granted the tile state, x86-64 Linux build). op(B)
@@ -71,9 +74,10 @@ void gemm_amx_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat
 void gemm_amx_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
                         float* C, int64_t ldc);
 // The same on the route in use: gemm_amx_zipped_at, or on "avx512bf16" gemm_dpbf16_zipped_at (the panels read in
-// place: its micro-kernel takes A^T's k-pair words as they lie). Only where weight_grad_zipped().
+// place: its micro-kernel takes A^T's k-pair words as they lie). Only where weight_grad_zipped(). side: as for
+// gemm_dpbf16_packed (the "amx" route, whose GEMMs leave less time to hide anything behind, does not ask for it).
 void gemm_bf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, float beta,
-                         float* C, int64_t ldc);
+                         float* C, int64_t ldc, Trickle* side = nullptr);
 // Whether the tile loops' weight gradients take that path: the "amx" route (its weight gradients not sent to MKL) or
 // the "avx512bf16" route, and not turned off (set_weight_grad_zipped(false): the rows write plain bf16 rows, packed
 // per GEMM; for the tests).
@@ -94,7 +98,7 @@ bool bf16_route_packs_b();
 int64_t bf16_packed_words(int64_t K, int64_t N);
 void bf16_pack_b(bool tb, int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, uint32_t* P);
 void gemm_bf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                      const uint32_t* P, float beta, float* C, int64_t ldc);
+                      const uint32_t* P, float beta, float* C, int64_t ldc, Trickle* side = nullptr);
 
 // The tile loops' LayerNorm(+affine)+ReLU rows for float rows of a multiple of 16 on CPUs with AVX512-BF16
 // (csrc/common/layernorm_avx512.cpp): srn_math.h's layernorm_relu_row<float, Y> over R rows, the output written as

@@ -191,11 +191,12 @@ constexpr MicroFn kMicro[kMR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>, mic
 // The blocked loops of gemm_dpbf16_packed and gemm_dpbf16_zipped_at: blocks of kKC k-pairs, panels of kNR columns
 // (panel p's k-pair kp at B + (p * kp_stride + kp) * kNR words), micro-kernel calls of kMR rows whose op(A) starts at
 // a_at(m0, k0) (row stride a_row, k-pair stride a_kp, in bytes); where C is added into, the next call's C rows are
-// asked for while the current one runs.
+// asked for while the current one runs; side's lines a few with each call.
 template <typename AAt>
 void run_blocks(int64_t M, int64_t N, int64_t KP, AAt a_at, int64_t a_row, int64_t a_kp, const uint32_t* B,
-                int64_t kp_stride, float beta, float* C, int64_t ldc) {
+                int64_t kp_stride, float beta, float* C, int64_t ldc, Trickle* side) {
   if (beta != 0.f) prefetch_c(C, ldc, std::min<int64_t>(kMR, M), int(std::min<int64_t>(kNR, N)));
+  if (side) side->pace((KP + kKC - 1) / kKC * ((N + kNR - 1) / kNR) * ((M + kMR - 1) / kMR));
   for (int64_t k0 = 0; k0 < KP; k0 += kKC) {
     const int64_t kc = std::min(kKC, KP - k0);
     const bool accumulate = k0 > 0 || beta != 0.f;
@@ -205,6 +206,7 @@ void run_blocks(int64_t M, int64_t N, int64_t KP, AAt a_at, int64_t a_row, int64
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int mr = int(std::min<int64_t>(kMR, M - m0));
         if (accumulate) prefetch_next_c(C, ldc, M, N, m0, n0);
+        if (side) side->step();
         kMicro[mr](a_at(m0, k0), a_row, a_kp, panel, kc, C + m0 * ldc + n0, ldc, nn, accumulate);
       }
     }
@@ -258,7 +260,7 @@ void gemm_dpbf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::B
 }
 
 void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                        const uint32_t* Bp, float beta, float* C, int64_t ldc) {
+                        const uint32_t* Bp, float beta, float* C, int64_t ldc, Trickle* side) {
   thread_local aligned_vector<uint32_t> ap;
   const int64_t KP = k_pairs(K);
   // op(A) read in place when A is row-major with an even K (the forward and input-gradient GEMMs)
@@ -269,15 +271,15 @@ void gemm_dpbf16_packed(bool ta, int64_t M, int64_t N, int64_t K, const c10::BFl
     a = reinterpret_cast<const char*>(ap.data());
   }
   run_blocks(M, N, KP, [&](int64_t m0, int64_t k0) { return a + (m0 / kMR) * al.panel + k0 * al.kp; }, al.row, al.kp,
-             Bp, KP, beta, C, ldc);
+             Bp, KP, beta, C, ldc, side);
 }
 void gemm_dpbf16_zipped_at(int64_t M, int64_t N, int64_t K, const uint32_t* A_zip, const uint32_t* B_zip, int64_t kps,
-                           float beta, float* C, int64_t ldc) {
+                           float beta, float* C, int64_t ldc, Trickle* side) {
   // word (kp, m) of A's panels is op(A) = A^T's row m, k-pair kp: rows 4 bytes apart, k-pairs a panel row (128 bytes)
   auto a_at = [&](int64_t m0, int64_t k0) {
     return reinterpret_cast<const char*>(A_zip + (m0 / kNR * kps + k0) * kNR + m0 % kNR);
   };
-  run_blocks(M, N, k_pairs(K), a_at, 4, kNR * 4, B_zip, kps, beta, C, ldc);
+  run_blocks(M, N, k_pairs(K), a_at, 4, kNR * 4, B_zip, kps, beta, C, ldc, side);
 }
 #else
 [[noreturn]] static void unavailable() {
@@ -290,11 +292,11 @@ void gemm_dpbf16(bool, bool, int64_t, int64_t, int64_t, const c10::BFloat16*, in
   unavailable();
 }
 void gemm_dpbf16_packed(bool, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const uint32_t*, float,
-                        float*, int64_t) {
+                        float*, int64_t, Trickle*) {
   unavailable();
 }
 void gemm_dpbf16_zipped_at(int64_t, int64_t, int64_t, const uint32_t*, const uint32_t*, int64_t, float, float*,
-                           int64_t) {
+                           int64_t, Trickle*) {
   unavailable();
 }
 #endif

@@ -207,16 +207,17 @@ void from_bf16(const c10::BFloat16* src, int64_t n, T* dst) {
 }
 
 // bf16 GEMM of the tile loops. B prepared once per op call for the route in use, or nullptr: B_wide widened to
-// float32 (Layer::weight_wide), B_pk packed for "avx512bf16" (Layer::weight_pk_fwd / _bwd).
+// float32 (Layer::weight_wide), B_pk packed for "avx512bf16" (Layer::weight_pk_fwd / _bwd). side: lines to ask
+// for on the way (packed B only: cpu::gemm_bf16_packed).
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                     const c10::BFloat16* B, int64_t ldb, double beta, double* C, int64_t ldc,
-                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr) {
+                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr, Trickle* = nullptr) {
   TORCH_CHECK(false, "srn_fast: bf16 matmuls need float32 tensors");
 }
 inline void gemm_mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
                     const c10::BFloat16* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr) {
-  if (B_pk) return cpu::gemm_bf16_packed(ta, M, N, K, A, lda, B_pk, beta, C, ldc);
+                    const float* B_wide = nullptr, const uint32_t* B_pk = nullptr, Trickle* side = nullptr) {
+  if (B_pk) return cpu::gemm_bf16_packed(ta, M, N, K, A, lda, B_pk, beta, C, ldc, side);
   if (B_wide) return cpu::gemm_widened(ta, tb, M, N, K, A, lda, B_wide, ldb, beta, C, ldc);
   cpu::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
@@ -415,10 +416,13 @@ void forward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, 
 //   v_x [R, cin_0] (ldvx): gradient of x, written (or added when accumulate_vx); nullptr = not needed.
 //   grads: L accumulators (+=); entries may be null.
 //   act_mm: null, or L pointers: a norm layer's xhat kept as bf16 where non-null (as forward() was given it).
+//   after (or null): lines the caller reads next, asked for during layer 1's weight gradient where it is the last
+//   bf16 product (the zipped route); each bf16 input gradient likewise asks for the saved rows of the layer below it.
 template <typename T>
 void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx, const T* const* act,
               const T* const* rstd, const T* v_out, int64_t ldv, T* v_x, int64_t ldvx, bool accumulate_vx,
-              const LayerGrad<T>* grads, Workspace<T>& ws, const c10::BFloat16* const* act_mm = nullptr) {
+              const LayerGrad<T>* grads, Workspace<T>& ws, const c10::BFloat16* const* act_mm = nullptr,
+              Trickle* after = nullptr) {
   if (R <= 0) return;
   auto xm_of = [&](int l) -> const c10::BFloat16* { return act_mm ? act_mm[l] : nullptr; };
   // layer l's saved row r (c wide) as T: the saved row, or its bf16 copy widened into the scratch row
@@ -522,7 +526,7 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
       if (pending_zip) {
         if constexpr (std::is_same_v<T, float>) {
           cpu::gemm_bf16_zipped_at(p.cout, p.cin, R, ws.zip(1 + (pending & 1)), ws.zip(0), 1.f, grads[pending].weight,
-                                   p.cin);
+                                   p.cin, l == 0 ? after : nullptr);
         }
       } else {
         detail::gemm_mm(true, false, p.cout, p.cin, R, ws.buf_mm(1 + (pending & 1)), p.cout, a_out, p.cin, T(1),
@@ -581,8 +585,14 @@ void backward(const Layer<T>* layers, int L, int64_t R, const T* x, int64_t ldx,
     const T beta = (l == 0 && accumulate_vx) ? T(1) : T(0);
     if (ly.weight_mm) {
       if (!g.weight && !vz_in_mm) detail::to_bf16(vz, co, R, co, vz_mm);
+      Trickle next;  // the saved rows that the next layer's VJP reads, asked for while this product runs
+      if (l > 0 && fast_vjp_of(l - 1)) {
+        const c10::BFloat16* xm = xm_of(l - 1);
+        next.add(xm ? static_cast<const void*>(xm) : act[l - 1], R * ci * int64_t(xm ? sizeof(*xm) : sizeof(T)));
+        next.add(rstd[l - 1], R * int64_t(sizeof(T)));
+      }
       detail::gemm_mm(false, false, R, ci, co, vz_mm, co, ly.weight_mm, ci, beta, dst, ld_dst, ly.weight_wide,
-                      ly.weight_pk_bwd);
+                      ly.weight_pk_bwd, &next);
     } else {
       cpu::gemm(false, false, R, ci, co, vz, co, ly.weight, ci, beta, dst, ld_dst);
     }

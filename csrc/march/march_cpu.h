@@ -321,9 +321,30 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     if (t > 0) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
     }
+    // what step t - 1 reads first from memory (the cell's saved rows, phi's stored output), asked for during phi's
+    // backward below (128x128 bf16 step on a Zen 4, both threads, 3 steps: cell backward 120 -> 90 Mcycles, rebuild
+    // 125 -> 70, phi's VJP rows 1260 -> 980 with the layers' own rows asked for likewise; ~40 ms a step)
+    Trickle next;
+    if (t > 0) {
+      const int64_t op = (t - 1) * BN + row;
+      next.add(sv.gates + op * 4 * H, int64_t(sizeof(T)) * R * 4 * H);
+      if (t > 1) next.add(sv.cs + op * H, int64_t(sizeof(T)) * R * H);
+      if (t > 1) next.add(sv.hs + op * H, int64_t(sizeof(T)) * R * H);
+      next.add(sv.cs + o * H, int64_t(sizeof(T)) * R * H);
+      next.add(sv.hs + o * H, int64_t(sizeof(T)) * R * H);
+      next.add(sv.xs + op * 3, int64_t(sizeof(T)) * R * 3);
+      if (store) {
+        const int64_t i = (t - 1) * L + L - 1, off = row * phi[L - 1].cout;
+        if (sv.act_mm[i]) {
+          next.add(sv.act_mm[i] + off, int64_t(sizeof(c10::BFloat16)) * R * F);
+        } else if (sv.act[i]) {
+          next.add(sv.act[i] + off, int64_t(sizeof(T)) * R * F);
+        }
+      }
+    }
     // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
     tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws,
-                      sc.act_mm.data());
+                      sc.act_mm.data(), &next);
   }
   std::memcpy(v_x0, v_x, sizeof(T) * R * 3);
   std::memcpy(v_dirs, vd, sizeof(T) * R * 3);
