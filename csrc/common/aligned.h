@@ -6,8 +6,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <emmintrin.h>
+#endif
 
 namespace srn {
 
@@ -57,6 +62,23 @@ inline void prefetch_span(const void* p, std::int64_t bytes) {
 #else
   (void)p, (void)bytes;
 #endif
+}
+
+// memcpy with non-temporal stores where dst and src are 16-byte aligned and bytes a multiple of 16 (x86-64), else
+// memcpy: for rows written now and read back much later (the march's saved LSTM state), which a plain store first
+// reads from memory.
+inline void stream_copy(void* dst, const void* src, std::int64_t bytes) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (bytes > 0 && (reinterpret_cast<std::uintptr_t>(dst) | reinterpret_cast<std::uintptr_t>(src) |
+                    std::uintptr_t(bytes)) % 16 == 0) {
+    auto* d = static_cast<__m128i*>(dst);
+    const auto* q = static_cast<const __m128i*>(src);
+    for (std::int64_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_load_si128(q + i));
+    _mm_sfence();
+    return;
+  }
+#endif
+  if (bytes > 0) std::memcpy(dst, src, std::size_t(bytes));
 }
 
 // Lines to bring into L2 a few at a time while a compute-bound loop (a bf16 GEMM) leaves the memory bus idle: what

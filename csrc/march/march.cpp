@@ -335,8 +335,10 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
       }
       gl.w_in = tile::acc_ptr<T>(G, tid, s, H4 * l0.K(), true);
       gl.bias = tile::acc_ptr<T>(u, tid, s, H4, true);
+      const bool more = i + 1 < i1;
       march_cpu::tile_backward<T>(ly.data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, dp + row * 3, steps,
-                                  vp + row * 3, T(clamp_v), ct.sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc);
+                                  vp + row * 3, T(clamp_v), ct.sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc,
+                                  more ? grid.scene(i + 1) * N + grid.row0(i + 1) : 0, more ? grid.rows(i + 1) : 0);
     }
   });
   unpack_lstm_grads(lin, lw, G, u, acc);

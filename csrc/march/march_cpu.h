@@ -242,11 +242,15 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
     // LSTM gates: [feat | h] [W_ih | W_hh]^T (+ bias in the cell)
     T* pre = sc.pre.data();
     lstm_gemm<T>(false, R, 4 * H, K, in, K, lw.w_in_t, 4 * H, lw.w_in, false, pre, 4 * H);
-    T* gates = keep ? sv.gates + o * 4 * H : pre;
-    T* c = keep ? sv.cs + o1 * H : sc.c[t & 1].data();
-    T* h = keep ? sv.hs + o1 * H : sc.h[t & 1].data();
+    T* c = sc.c[t & 1].data();
+    T* h = sc.h[t & 1].data();
     T* x_new = (t == steps - 1) ? xT : (keep ? sv.xs + o1 * 3 : sc.x[t & 1].data());
-    cell_forward<T>(lw, R, pre, gates, c_prev ? c_prev : sc.zeros.data(), x, dirs, c, h, x_new);
+    cell_forward<T>(lw, R, pre, pre, c_prev ? c_prev : sc.zeros.data(), x, dirs, c, h, x_new);
+    if (keep) {  // computed in cache, kept for the backward with non-temporal stores (no read of the lines first)
+      stream_copy(sv.gates + o * 4 * H, pre, int64_t(sizeof(T)) * R * 4 * H);
+      stream_copy(sv.cs + o1 * H, c, int64_t(sizeof(T)) * R * H);
+      stream_copy(sv.hs + o1 * H, h, int64_t(sizeof(T)) * R * H);
+    }
     if (sv.steps) std::memcpy(sv.steps + o1 * 3, x_new, sizeof(T) * R * 3);
     x = x_new;
     h_prev = h;
@@ -255,12 +259,33 @@ void tile_forward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R
   if (steps == 0) std::memcpy(xT, x0, sizeof(T) * R * 3);
 }
 
+// The saved rows that the backward of step t of the tile at `row` (R rays) reads first: the cell's, x_t and phi's
+// stored output (store mode; F wide), as Trickle spans.
+template <typename T>
+void ask_step(Trickle& tr, const Saved<T>& sv, int L, int64_t H, int64_t F, int64_t t, int64_t row, int64_t R) {
+  const int64_t o = t * sv.BN + row, o1 = o + sv.BN, b = int64_t(sizeof(T)) * R;
+  tr.add(sv.gates + o * 4 * H, b * 4 * H);
+  if (t > 0) tr.add(sv.cs + o * H, b * H);
+  if (t > 0) tr.add(sv.hs + o * H, b * H);
+  tr.add(sv.cs + o1 * H, b * H);
+  tr.add(sv.hs + o1 * H, b * H);
+  tr.add(sv.xs + o * 3, b * 3);
+  if (sv.act.empty()) return;
+  const int64_t i = t * L + L - 1;
+  if (sv.act_mm[i]) {
+    tr.add(sv.act_mm[i] + row * F, int64_t(sizeof(c10::BFloat16)) * R * F);
+  } else if (sv.act[i]) {
+    tr.add(sv.act[i] + row * F, b * F);
+  }
+}
+
 // Backward of one tile (the points x_t come from the saved xs). v_xT [R, 3]; writes v_x0, v_dirs [R, 3]; adds
-// into the per-thread accumulators.
+// into the per-thread accumulators. next_row / next_R: the tile this thread runs next (next_R 0: none).
 template <typename T>
 void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t R, int64_t row, const T* dirs,
                    int64_t steps, const T* v_xT, T clamp_v, const Saved<T>& sv, const tile::LayerGrad<T>* g_phi,
-                   LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws, Scratch<T>& sc) {
+                   LstmGrad<T>& g, T* v_x0, T* v_dirs, tile::Workspace<T>& ws, Scratch<T>& sc, int64_t next_row = 0,
+                   int64_t next_R = 0) {
   if (R <= 0) return;
   const int64_t H = lw.H, F = lw.F, K = lw.K(), BN = sv.BN;
   const bool store = !sv.act.empty();
@@ -321,26 +346,14 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     if (t > 0) {
       for (int64_t r = 0; r < R; ++r) std::memcpy(v_h + r * H, v_in + r * K + F, sizeof(T) * H);
     }
-    // what step t - 1 reads first from memory (the cell's saved rows, phi's stored output), asked for during phi's
-    // backward below (128x128 bf16 step on a Zen 4, both threads, 3 steps: cell backward 120 -> 90 Mcycles, rebuild
-    // 125 -> 70, phi's VJP rows 1260 -> 980 with the layers' own rows asked for likewise; ~40 ms a step)
+    // what step t - 1 (or the next tile's last step) reads first from memory, asked for during phi's backward below
+    // (128x128 bf16 step on a Zen 4, both threads, 3 steps: cell backward 120 -> 90 Mcycles, rebuild 125 -> 70,
+    // phi's VJP rows 1260 -> 980 with the layers' own rows asked for likewise; ~40 ms a step)
     Trickle next;
     if (t > 0) {
-      const int64_t op = (t - 1) * BN + row;
-      next.add(sv.gates + op * 4 * H, int64_t(sizeof(T)) * R * 4 * H);
-      if (t > 1) next.add(sv.cs + op * H, int64_t(sizeof(T)) * R * H);
-      if (t > 1) next.add(sv.hs + op * H, int64_t(sizeof(T)) * R * H);
-      next.add(sv.cs + o * H, int64_t(sizeof(T)) * R * H);
-      next.add(sv.hs + o * H, int64_t(sizeof(T)) * R * H);
-      next.add(sv.xs + op * 3, int64_t(sizeof(T)) * R * 3);
-      if (store) {
-        const int64_t i = (t - 1) * L + L - 1, off = row * phi[L - 1].cout;
-        if (sv.act_mm[i]) {
-          next.add(sv.act_mm[i] + off, int64_t(sizeof(c10::BFloat16)) * R * F);
-        } else if (sv.act[i]) {
-          next.add(sv.act[i] + off, int64_t(sizeof(T)) * R * F);
-        }
-      }
+      ask_step(next, sv, L, H, phi[L - 1].cout, t - 1, row, R);
+    } else if (next_R > 0) {
+      ask_step(next, sv, L, H, phi[L - 1].cout, steps - 1, next_row, next_R);
     }
     // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
     tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws,
