@@ -34,6 +34,11 @@ stderr follows each case (warm-ups, timed runs, memory children; --no-progress h
 the speed-up per repeat (torch's i-th time over the backend's i-th, which ran right after each other): its median
 and range ("paired x torch", JSON speedup_vs_torch_paired), steadier than the ratio of medians on a busy VM. With --rounds K every case runs K times, each with fresh models,
 and a last line per backend gives the min / median / max of the rounds' speed-ups (JSON round_summary).
+The notes end with the median number of page faults a timed run took (JSON page_faults_median): how much fresh
+memory it touched. glibc's malloc serves large blocks from fresh mappings until a large free raises its mmap
+threshold, so a backend that allocates per run is faster when an earlier backend in the same process freed big
+blocks (torch+autocast's 64x64 step on a Zen 4: ~95,000 faults and ~740 ms alone, ~5,500 and ~555 ms after the
+torch backend's steps).
 """
 from __future__ import annotations
 
@@ -247,7 +252,7 @@ def run_case(case, S, args, device):
     name = f"{case}_{S}x{S}"
     yard = bmm_gflops(device, args.repeats)
     yard16 = bmm_gflops(device, args.repeats, torch.bfloat16) if any(b in BF16_BACKENDS for b in backends) else None
-    rows, fns, times = {}, {}, {}
+    rows, fns, times, faults = {}, {}, {}, {}
     n_mem = 0 if args.no_memory or device.type != "cpu" else (2 if case == "train_step" else 1)
     bar = tqdm(total=len(backends) * (1 + args.repeats + n_mem), desc=name, unit="run", leave=False,
                disable=args.no_progress, file=sys.stderr)
@@ -263,7 +268,7 @@ def run_case(case, S, args, device):
                 fn()
             sync(device)
             fns[backend] = (model, fn)
-            times[backend] = []
+            times[backend], faults[backend] = [], []
         except Exception as e:  # torch.compile may not compile here: say so in the table
             row["error"] = error_text(e)
         bar.update(1)
@@ -274,10 +279,15 @@ def run_case(case, S, args, device):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 sync(device)
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 fn()
                 sync(device)
                 times[backend].append(time.perf_counter() - t)
+                # page faults (first touches of fresh memory): where the allocator hands out memory it unmapped
+                # before, a run pays ~1 us each; how many depends on what ran earlier in the process (glibc's
+                # mmap threshold rises after large frees), so they explain a backend's run-to-run spread
+                faults[backend].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             except Exception as e:
                 rows[backend]["error"] = error_text(e)
             bar.update(1)
@@ -293,7 +303,7 @@ def run_case(case, S, args, device):
         t = statistics.median(ts)
         gflops = flops_per_ray(case) * n_rays / t / 1e9
         row.update(ms_median=t * 1e3, ms_all=[x * 1e3 for x in ts], rays_per_s=n_rays / t, gflops=gflops,
-                   pct_of_bmm=100 * gflops / yard)
+                   pct_of_bmm=100 * gflops / yard, page_faults_median=statistics.median(faults[backend]))
         if backend in BF16_BACKENDS:  # bf16 rows: also the share of the bf16 bmm rate
             row["pct_of_bmm_bf16"] = 100 * gflops / yard16
         if device.type == "cuda":  # growth over what is allocated before the run, as on the CPU
@@ -459,6 +469,8 @@ def print_row(r):
         notes.append(f"loss rel. err. vs torch fp32 {r['loss_rel_err_vs_torch']:.1e}")
     if "pct_of_bmm_bf16" in r:
         notes.append(f"{r['pct_of_bmm_bf16']:.0f}% of bf16 bmm ({r['bmm_bf16_gflops']:.0f} GFLOP/s)")
+    if "page_faults_median" in r:
+        notes.append(f"{r['page_faults_median']:.0f} page faults")
     notes = "; ".join(notes)
     print(f"{r['name']:<20}{r['backend']:<15}{r['ms_median']:>10.1f}{r['rays_per_s']:>12.0f}"
           f"{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gflops']:>9.1f}{r['pct_of_bmm']:>7.0f}"
