@@ -96,6 +96,7 @@ struct Grid {
   int64_t scene(int64_t i) const { return i / per_scene; }
   int64_t row0(int64_t i) const { return (i % per_scene) * R; }
   int64_t rows(int64_t i) const { return std::min(R, N - row0(i)); }
+  int64_t row(int64_t i) const { return scene(i) * N + row0(i); }  // its first row in the flat [B * N] rows
 };
 
 inline Grid make_grid(int64_t B, int64_t N, int64_t R) {

@@ -293,7 +293,7 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& 
     tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, false);
     march_cpu::Scratch<T> sc(grid.R, ct.l0.H, ct.l0.F, ct.L_run);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
+      const int64_t s = grid.scene(i), n = grid.rows(i), row = grid.row(i);
       march_cpu::tile_forward<T>(ct.layers[s].data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, xp + row * 3,
                                  dp + row * 3, steps, op + row * 3, ct.sp, ws, sc);
     }
@@ -324,7 +324,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
     march_cpu::LstmGrad<T> gl{nullptr, nullptr, lstm_acc(acc.w_out), lstm_acc(acc.b_out)};
     std::vector<tile::LayerGrad<T>> gp(ct.L);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = grid.scene(i), n = grid.rows(i), row = s * N + grid.row0(i);
+      const int64_t s = grid.scene(i), n = grid.rows(i), row = grid.row(i);
       const auto& ly = ct.layers[s];
       for (int l = 0; l < ct.L_run; ++l) {
         const int64_t co = ly[l].cout;
@@ -338,7 +338,7 @@ void backward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput&
       const bool more = i + 1 < i1;
       march_cpu::tile_backward<T>(ly.data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, dp + row * 3, steps,
                                   vp + row * 3, T(clamp_v), ct.sp, gp.data(), gl, vx0 + row * 3, vd + row * 3, ws, sc,
-                                  more ? grid.scene(i + 1) * N + grid.row0(i + 1) : 0, more ? grid.rows(i + 1) : 0);
+                                  more ? grid.row(i + 1) : 0, more ? grid.rows(i + 1) : 0);
     }
   });
   unpack_lstm_grads(lin, lw, G, u, acc);

@@ -57,8 +57,7 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, cons
     std::vector<T*> ap(L), rp(L);
     std::vector<c10::BFloat16*> hp(L);  // bf16 xhat rows (shapes.xhat_dtype)
     for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
-      const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
-      const int64_t row = s * N + r0;
+      const int64_t s = tiles.scene(t), n = tiles.rows(t), row = tiles.row(t);
       if (save) {
         for (int l = 0; l < L; ++l) {
           ap[l] = saved_row<T>(act[l], row);
@@ -104,8 +103,7 @@ void backward_cpu(const MLPWeights& w, const at::Tensor& x, const at::Tensor& v_
     std::vector<const c10::BFloat16*> hp(L, nullptr);  // bf16 xhat rows of a stored forward
     std::vector<tile::LayerGrad<T>> grads(L);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = tiles.scene(t), r0 = tiles.row0(t), n = tiles.rows(t);
-      const int64_t row = s * N + r0;
+      const int64_t s = tiles.scene(t), n = tiles.rows(t), row = tiles.row(t);
       const auto& ly = layers[s];
       for (int l = 0; l < L; ++l) {
         const int64_t co = ly[l].cout;
