@@ -47,9 +47,10 @@ def test_both_forward_layouts_match_linear(monkeypatch, layout):
     assert_close(y, F.linear(*args), 1e-12, 1e-12, layout)
 
 
-def test_forward_layout_is_measured_once_per_shape():
+def test_forward_layout_is_measured_once_per_shape(monkeypatch):
     wl = importlib.import_module("srn_fast.ops.wide_linear")  # the module (srn_fast.ops.wide_linear is the function)
 
+    monkeypatch.setattr(wl, "MEASURE_MIN_NUMEL", 1)  # a small weight, timed as a large one is
     x, w, _ = _args(2, 8, 333)
     wl._layout_choice.clear()
     first = wl.forward_layout(x, w)

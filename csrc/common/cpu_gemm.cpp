@@ -255,9 +255,20 @@ const std::vector<std::pair<std::string, double>>& measured_rates() {
   return rates;
 }
 
+// The route by the CPU's instructions alone: AMX, else AVX512-BF16, else MKL's bf16 GEMM, else widened.
+int route_by_instructions() {
+  if (amx_available()) return kRouteAmx;
+  if (dpbf16_available()) return kRouteDpbf16;
+  return mkl_bf16_available() ? kRouteMkl : kRouteWidened;
+}
+
 int chosen_route() {
   const int f = bf16_flag().load(std::memory_order_relaxed);
   if (f != kRouteAuto) return f;
+  // torch.use_deterministic_algorithms(True): never a timed pick. The routes sum their products in different orders,
+  // and a timing can pick another route in the next process (routes within ~25% of each other swap places on a
+  // shared VM), so the same seed would give other bits.
+  if (at::globalContext().deterministicAlgorithms()) return route_by_instructions();
   static const int best = [] {
     double best_rate = -1, amx_rate = -1;
     int route = kRouteWidened;

@@ -291,7 +291,8 @@ void register_mlp(pybind11::module& m) {
       }, "c = op(a) op(b) + beta * c through the tile loops' cpu::gemm (for the tests)");
   m.def("cpu_bf16_route", [] { return std::string(cpu::bf16_route()); },
         "The CPU bf16 GEMM route of the tile loops: 'amx', 'avx512bf16', 'mkl', 'widened' (the fastest measured "
-        "of these unless set) or 'onednn' (only when set)");
+        "of these unless set; the first the CPU has, in that order, under torch.use_deterministic_algorithms) or "
+        "'onednn' (only when set)");
   m.def("set_cpu_bf16_route", [](const std::string& name) { cpu::set_bf16_route(name); },
         "Select the CPU bf16 GEMM route: 'auto' (fastest measured with a float32 result), 'amx', 'avx512bf16', "
         "'mkl', 'widened' or 'onednn'");

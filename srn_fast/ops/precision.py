@@ -57,10 +57,14 @@ def tile_gemm_rates() -> Dict[str, float]:
 
 
 def bf16_pays(device: Union[str, torch.device]) -> bool:
-    """Whether bf16 matmuls run faster than float32 here (CPU: measured; CUDA: bf16 tensor cores)."""
+    """Whether bf16 matmuls run faster than float32 here (CPU: measured, or under
+    ``torch.use_deterministic_algorithms(True)`` whether the CPU has bf16 instructions, never a timing; CUDA: bf16
+    tensor cores)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if torch.are_deterministic_algorithms_enabled():
+        return bool({"avx512bf16", "amx"} & set(tile_gemm_rates()))
     return _bf16_speedup() >= BF16_MARGIN
 
 
