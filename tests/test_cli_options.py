@@ -53,7 +53,9 @@ def test_domain_packages_parse_no_arguments():
         for folder, _, names in os.walk(os.path.join(PACKAGE_DIR, pkg)):
             for n in (n for n in names if n.endswith(".py")):
                 path = os.path.join(folder, n)
-                for node in ast.walk(ast.parse(open(path).read(), path)):
+                with open(path) as fh:
+                    tree = ast.parse(fh.read(), path)
+                for node in ast.walk(tree):
                     if isinstance(node, (ast.Import, ast.ImportFrom)):
                         mods = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                         if any(m == "argparse" or m.endswith("cli") or ".cli." in m for m in mods):

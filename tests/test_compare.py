@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -52,7 +53,7 @@ def test_compare_cli_end_to_end(setup, capsys):
         assert (("obj_000", 1) not in views) and len(set(views)) == 6  # the input view is never scored
     assert rep["per_view"]["baseline"][0]["view"] == rep["per_view"]["srn"][0]["view"]
     assert rep["setup"]["input_view"] == 1 and rep["setup"]["fit_steps"] == 3
-    md = open(os.path.join(out, "compare.md")).read()
+    md = Path(os.path.join(out, "compare.md")).read_text()
     assert md.count("\n| ") == 3 and "SRN" in md and "Tatarchenko" in md
     assert md in capsys.readouterr().out
     grid = imageio.imread(os.path.join(out, "compare_grid.png"))

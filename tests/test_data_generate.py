@@ -1,6 +1,7 @@
 """The procedural generator: a tiny set loads, its depth lands on the exact SDF, determinism, atomic writes."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def tiny_sets(tmp_path_factory):
 def test_generated_set_loads(tiny_sets):
     root = tiny_sets["chairs"]
     assert sorted(os.listdir(root)) == ["meta.json", "preview.png", "test", "train", "unseen"]
-    meta = json.load(open(os.path.join(root, "meta.json")))
+    meta = json.loads(Path(os.path.join(root, "meta.json")).read_text())
     assert meta["kind"] == "chairs" and meta["seed"] == 0 and meta["part_names"] == PART_NAMES["chairs"]
     assert meta["splits"]["train"] == meta["splits"]["test"] == ["chairs_0000", "chairs_0001"]
     assert meta["splits"]["unseen"] == ["chairs_unseen_0000"]
@@ -101,9 +102,9 @@ def test_deterministic_per_seed(tmp_path):
     one = generate("cars", seed=5, out=str(tmp_path / "one"), **dict(kw, instances=1))
     for sub in ("rgb/000001.png", "depth/000002.png", "semantic/000000.png", "pose/000001.txt"):
         pa = os.path.join(a, "train", "cars_0001", sub)
-        assert open(pa, "rb").read() == open(os.path.join(b, "train", "cars_0001", sub), "rb").read()
-        assert open(pa, "rb").read() != open(os.path.join(c, "train", "cars_0001", sub), "rb").read()
-    ma, mo = (json.load(open(os.path.join(r, "meta.json"))) for r in (a, one))
+        assert Path(pa).read_bytes() == Path(os.path.join(b, "train", "cars_0001", sub)).read_bytes()
+        assert Path(pa).read_bytes() != Path(os.path.join(c, "train", "cars_0001", sub)).read_bytes()
+    ma, mo = (json.loads(Path(os.path.join(r, "meta.json")).read_text()) for r in (a, one))
     assert ma["instances"]["cars_0000"]["params"] == mo["instances"]["cars_0000"]["params"]  # independent of N
 
 
@@ -142,7 +143,7 @@ def test_existing_output_and_overwrite(tmp_path):
     with pytest.raises(dio.DataError, match="exists"):
         generate("mix", out=out, **kw)
     generate("chairs", out=out, overwrite=True, **kw)
-    assert json.load(open(os.path.join(out, "meta.json")))["kind"] == "chairs"
+    assert json.loads(Path(os.path.join(out, "meta.json")).read_text())["kind"] == "chairs"
     assert sorted(os.listdir(tmp_path)) == ["ds"] and not os.path.exists(os.path.join(out, "test"))
 
 

@@ -242,7 +242,9 @@ def test_malformed_intrinsics(tmp_path, text, match):
     _expect(tmp_path, r"intrinsics.txt: .*" + match, exc=GeometryError)
 
 
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_and_truncated_image(tmp_path):
+    """A clear error naming the file, and the file closed (PIL keeps a truncated image's file open on its error)."""
     make_instance(str(tmp_path / "x"))
     (tmp_path / "x" / "rgb" / "000001.png").write_bytes(b"not a png at all")
     _expect(tmp_path, r"000001.png: cannot read rgb image", load=True)

@@ -5,6 +5,7 @@ benchmarks/results/ or docs/results/. Catches docs that drift when files move.""
 import glob
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def referenced_paths(text: str):
 
 @pytest.mark.parametrize("doc", DOCS, ids=[os.path.relpath(d, ROOT) for d in DOCS])
 def test_named_files_exist(doc):
-    text = open(doc, encoding="utf-8").read()
+    text = Path(doc).read_text(encoding="utf-8")
     paths, results = referenced_paths(text)
     base = os.path.dirname(doc)
     missing = []

@@ -3,6 +3,7 @@ reference protocol at equal steps, objects are fitted independently (own code, o
 reproducible and does not depend on its cap or chunking, and the commands write their files and refuse bad input."""
 import json
 import os
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -159,7 +160,7 @@ def test_eval_few_shot_reports_steps_time_and_plots_the_fit_loss(run, tiny_data,
                  "1", "--fit-steps", "15", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "few-shot: PSNR" in text and "s per object" in text
-    rep = json.load(open(os.path.join(out, "report.json")))
+    rep = json.loads(Path(os.path.join(out, "report.json")).read_text())
     assert rep["fit"]["protocol"] == "fast" and rep["fit"]["objects"] == 1 and rep["num_images"] == 3
     assert 1 <= rep["fit"]["steps_taken"][0] <= 15 and rep["fit"]["seconds_per_object"] > 0
     assert rep["fit_per_object"][0]["num_images"] == 3 and len(rep["fit_history"]) == rep["fit"]["steps_taken"][0]
@@ -167,7 +168,7 @@ def test_eval_few_shot_reports_steps_time_and_plots_the_fit_loss(run, tiny_data,
     out2 = str(tmp_path / "ref")
     assert main(["eval", "--checkpoint", run, "--data", tiny_data, "--out", out2, "--few-shot", "--observations",
                  "1,2", "--protocol", "reference", "--fit-steps", "3", "--no-progress"]) == 0
-    rep = json.load(open(os.path.join(out2, "report.json")))
+    rep = json.loads(Path(os.path.join(out2, "report.json")).read_text())
     assert rep["fit"]["config"]["lr"] == 5e-5 and rep["fit"]["steps_taken"] == [3] and rep["num_images"] == 2
 
 
@@ -186,7 +187,7 @@ def test_reconstruct_writes_orbit_and_code(run, tiny_data, tmp_path, capsys):
     assert saved["code"].shape == (8,) and saved["fit"]["objects"] == 1
     views_png = imageio.imread(os.path.join(out, "views.png"))
     assert views_png.shape[0] > views_png.shape[1] / 2  # two rows: given view | render
-    rep = json.load(open(os.path.join(out, "report.json")))
+    rep = json.loads(Path(os.path.join(out, "report.json")).read_text())
     assert rep["fit"]["steps_taken"][0] <= 10 and len(rep["images"]) == 2
     # without --intrinsics: the training camera stored in the checkpoint (square images)
     assert main(argv[:7] + ["--out", str(tmp_path / "rec2"), "--frames", "2", "--fit-steps", "2",

@@ -3,6 +3,7 @@ other module of the package writes a file by hand."""
 import ast
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def test_json_is_strict(tmp_path):
     path = str(tmp_path / "r.json")
     files.write_json(path, {"psnr": float("inf"), "per_image": [{"ssim": float("nan")}, {"ssim": 0.5}],
                             "depth": np.float64("nan")})
-    assert json.loads(open(path).read(), parse_constant=no_constants) == \
+    assert json.loads(Path(path).read_text(), parse_constant=no_constants) == \
         {"psnr": None, "per_image": [{"ssim": None}, {"ssim": 0.5}], "depth": None}
     assert files.strict_json([float("-inf"), 1.5]) == "[null, 1.5]"
 
@@ -35,7 +36,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(path, boom)
-    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["c.pth"]
+    assert Path(path).read_bytes() == b"old" and os.listdir(tmp_path) == ["c.pth"]
     assert os.stat(path).st_mode & 0o777 == files.FILE_MODE
 
 
@@ -43,7 +44,7 @@ def test_missing_folder(tmp_path):
     with pytest.raises(files.OutputError, match="output folder does not exist"):
         files.write_text(str(tmp_path / "no" / "a.txt"), "x")
     assert files.write_text(str(tmp_path / "no" / "a.txt"), "x", makedirs=True, fsync=False)
-    assert open(tmp_path / "no" / "a.txt").read() == "x"
+    assert Path(tmp_path / "no" / "a.txt").read_text() == "x"
 
 
 def test_images_round_trip(tmp_path):
@@ -84,7 +85,7 @@ def _call_name(node):
 def _writes(path):
     """(call, line) of every call in ``path`` that writes a file."""
     out = []
-    for node in ast.walk(ast.parse(open(path).read(), path)):
+    for node in ast.walk(ast.parse(Path(path).read_text(), path)):
         if not isinstance(node, ast.Call):
             continue
         name = _call_name(node)

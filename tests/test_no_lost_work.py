@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def snapshot(folder):
     for d, _, files in os.walk(folder):
         for f in files:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            out[os.path.relpath(p, folder)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
     return out
 
 
@@ -70,7 +71,7 @@ def test_overwrite_replaces_the_old_run_only_at_the_new_runs_first_checkpoint(ru
     assert ckpt_io.load(run)["srn_fast"]["config"]["lr"] == 2e-3
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "eval", "metrics.jsonl"]  # nothing hidden left
-    assert open(os.path.join(run, "eval", "report.json")).read() == "{}"
+    assert Path(os.path.join(run, "eval", "report.json")).read_text() == "{}"
 
 
 def test_baseline_train_refuses_to_replace_a_trained_baseline(tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_resume_options_safe_ones_apply_and_are_recorded(run, tiny_data, tmp_pat
     assert main(["train", "--resume", run, "--steps", "4", "--log-every", "2", "--lr", "5e-4", "--data", tiny_data,
                  "--no-progress"]) == 0
     assert [s for s, _ in ckpt_io.list_checkpoints(run)] == [2, 4]
-    cfg = TrainConfig.from_json(__import__("json").load(open(os.path.join(run, "config.json"))))
+    cfg = TrainConfig.from_json(__import__("json").loads(Path(run, "config.json").read_text()))
     assert cfg.steps == [4] and cfg.log_every == 2 and cfg.lr == 5e-4 and cfg.phi_hidden == 16
     rec = [r for r in read_metrics(run) if r["kind"] == "resume"]
     assert rec == [{"kind": "resume", "step": 2, "from": rec[0]["from"],
@@ -166,7 +167,7 @@ def test_stale_training_temporaries_are_removed(run, tiny_data):
     ck = os.path.join(run, "checkpoints")
     junk = [os.path.join(ck, ".step_00000004.pth.k3j_x9.tmp"), os.path.join(run, ".config.json.a1b2c3.tmp")]
     for p in junk:
-        open(p, "wb").write(b"half a checkpoint")  # what atomic_write leaves after a kill -9
+        Path(p).write_bytes(b"half a checkpoint")  # what atomic_write leaves after a kill -9
     os.makedirs(os.path.join(run, ".staging-999999-0123abcd", "checkpoints"))  # an interrupted --overwrite
     assert main(["train", "--resume", run, "--steps", "3", "--no-progress"]) == 0
     assert not any(os.path.exists(p) for p in junk) and not os.path.exists(os.path.join(run, ".staging-999999-0123abcd"))
@@ -204,8 +205,8 @@ def test_make_data_removes_the_temporaries_of_a_killed_run(tmp_path):
 def test_truncated_newest_checkpoint_falls_back_to_the_newest_readable(run, tiny_data, tmp_path, capsys):
     assert main(["train", "--resume", run, "--steps", "4", "--no-progress"]) == 0
     newest = ckpt_io.latest(run)
-    data = open(newest, "rb").read()
-    open(newest, "wb").write(data[:len(data) // 3])  # a full disk / killed copy
+    data = Path(newest).read_bytes()
+    Path(newest).write_bytes(data[:len(data) // 3])  # a full disk / killed copy
     assert main(["eval", "--checkpoint", run, "--data", tiny_data, "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "step_00000004.pth: not a readable checkpoint" in err and "using" in err and "step_00000002.pth" in err

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_joint_training_updates_srn_and_head_and_resumes(tiny, tmp_path):
     head2 = SemanticHead(16, NUM_CLASSES)
     res2 = train(cfg, resume=True, progress=False, log=lambda *a: None, extra_loss=SemanticLoss(head2))
     assert res2["step"] == 3
-    recs = [json.loads(ln) for ln in open(os.path.join(cfg.out, "metrics.jsonl")) if ln.strip()]
+    recs = [json.loads(ln) for ln in Path(cfg.out, "metrics.jsonl").read_text().splitlines() if ln.strip()]
     assert all("semantic_ce" in r for r in recs if r["kind"] == "train")
     srn0 = tiny_model()  # the training run starts from torch.manual_seed(cfg.seed) = the same init
     assert not torch.equal(res2["model"].pixel_generator.net[-1].weight, srn0.pixel_generator.net[-1].weight)
@@ -212,7 +213,7 @@ def test_cli_train_and_eval(tiny, tmp_path, capsys):
     out = str(tmp_path / "eval")
     assert cli_main(["semantic-eval", "--heads", heads, "--data", tiny, "--out", out, "--gif-frames", "2",
                      "--gif-head", "3", "--embed-points", "200", "--no-progress"]) == 0
-    rep = json.load(open(os.path.join(out, "report.json")))
+    rep = json.loads(Path(os.path.join(out, "report.json")).read_text())
     assert set(rep["heads"]) == {"K=all", "K=3"} and rep["num_views"] == 4
     for v in rep["heads"].values():
         assert 0 <= v["miou"] <= 1 and 0 <= v["pixel_accuracy"] <= 1 and "majority_baseline" in v

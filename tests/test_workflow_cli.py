@@ -1,6 +1,7 @@
 """The train / eval / render / demo commands: produced files, and one-line errors for bad input."""
 import json
 import os
+from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -33,7 +34,7 @@ def run(tiny_data, tmp_path_factory):
 
 def test_train_writes_run_folder(run):
     assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "val_latest.png"]
-    recs = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    recs = [json.loads(l) for l in Path(run, "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in recs} == {"train", "val"} and recs[-1]["num_images"] == 2
 
 
@@ -41,7 +42,7 @@ def test_eval_heldout_and_few_shot(run, tiny_data, tmp_path, capsys):
     out = str(tmp_path / "ev")
     assert main(["eval", "--checkpoint", run, "--data", tiny_data, "--out", out, "--grid-images", "3",
                  "--no-progress"]) == 0
-    rep = json.load(open(os.path.join(out, "report.json")))
+    rep = json.loads(Path(os.path.join(out, "report.json")).read_text())
     assert rep["num_images"] == 4 and len(rep["per_image"]) == 4  # 2 objects x 2 held-out views
     assert rep["psnr"] == pytest.approx(sum(r["psnr"] for r in rep["per_image"]) / 4)
     grid = imageio.imread(os.path.join(out, "grid.png"))
@@ -49,7 +50,7 @@ def test_eval_heldout_and_few_shot(run, tiny_data, tmp_path, capsys):
     out2 = str(tmp_path / "fs")
     assert main(["eval", "--checkpoint", run, "--data", tiny_data, "--out", out2, "--few-shot", "--observations",
                  "1", "--fit-steps", "2", "--no-progress"]) == 0
-    rep = json.load(open(os.path.join(out2, "report.json")))
+    rep = json.loads(Path(os.path.join(out2, "report.json")).read_text())
     assert rep["protocol"] == "few-shot" and rep["num_images"] == 3  # 4 views of the unseen chair minus view 1
     assert all(r["observation"] != 1 for r in rep["per_image"])
     assert "few-shot: PSNR" in capsys.readouterr().out
@@ -83,7 +84,7 @@ def test_bad_inputs_are_one_line_errors(run, tiny_data, tmp_path, capsys):
                             "--latent-dim", "4"], "latent codes of size 8", "size 4")
     # a truncated checkpoint
     bad = tmp_path / "bad.pth"
-    bad.write_bytes(open(ckpt_io.latest(run), "rb").read()[:100])
+    bad.write_bytes(Path(ckpt_io.latest(run)).read_bytes()[:100])
     one_line_error(capsys, ["eval", "--checkpoint", str(bad), "--data", tiny_data, "--out", str(tmp_path / "e")],
                    "not a readable checkpoint")
     one_line_error(capsys, ["render", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "e")],
@@ -108,8 +109,8 @@ def test_run_folder_json_is_strict(run):
     def no_constants(name):
         raise ValueError(f"non-strict JSON constant {name}")
 
-    json.loads(open(os.path.join(run, "config.json")).read(), parse_constant=no_constants)
-    for line in open(os.path.join(run, "metrics.jsonl")):
+    json.loads(Path(run, "config.json").read_text(), parse_constant=no_constants)
+    for line in Path(run, "metrics.jsonl").read_text().splitlines(keepends=True):
         json.loads(line, parse_constant=no_constants)
 
 
@@ -134,7 +135,7 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", out, "--no-progress", "--frames", "2", "--backend", "torch"]) == 0
     text = capsys.readouterr().out
     assert "held-out PSNR" in text and "mean-colour baseline" in text and "orbit.gif" in text
-    s = json.load(open(os.path.join(out, "demo.json")))
+    s = json.loads(Path(os.path.join(out, "demo.json")).read_text())
     assert os.path.isfile(s["gif"]) and os.path.isfile(s["checkpoint"]) and os.path.isfile(s["grid"])
     # a non-demo folder is never replaced
     os.makedirs(tmp_path / "mine")

@@ -34,12 +34,15 @@ class DataError(ValueError):
 
 
 def _open(path: str, what: str) -> Image.Image:
+    img = None
     try:
         img = Image.open(path)
         img.load()
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        if img is not None:  # a truncated file: opened, then failed to decode; PIL keeps it open
+            img.close()
         raise DataError(f"{path}: cannot read {what} image ({type(e).__name__}: {e})") from None
     return img
 
