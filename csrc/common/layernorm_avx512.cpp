@@ -57,6 +57,9 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void add_moments(_
   s2 = _mm512_fmadd_ps(d, d, s2);
 }
 
+// Rows per group of the rows functions below: their moments are one __m256 (group_mean_rstd).
+constexpr int kGroup = 8;
+
 // The eight rows' mean and rstd of a group at once, from their sums of (z - shift) and (z - shift)^2: one vector
 // square root and division for all of them.
 SRN_LN512_TARGET static inline void group_mean_rstd(const float* sum1, const float* sum2, const float* shift,
@@ -118,7 +121,7 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
                                                  const float* gamma, const float* beta, float eps, float* xhat,
                                                  c10::BFloat16* xhat_mm, int64_t ldx, float* y, c10::BFloat16* y_mm,
                                                  int64_t ldy, float* rstd_out, bool stream) {
-  constexpr int G = 8;
+  constexpr int G = kGroup;
   const __m512 zero = _mm512_setzero_ps();
   stream = stream && streamable(xhat, xhat_mm, ldx);
   const float b0 = bias ? bias[0] : 0.f;
@@ -186,7 +189,7 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
                                        float* xhat, c10::BFloat16* xhat_mm, int64_t ldx, float* y,
                                        c10::BFloat16* y_mm, int64_t ldy, float* rstd_out, bool stream,
                                        float* zb) {
-  constexpr int G = 8;
+  constexpr int G = kGroup;
   const __m512 zero = _mm512_setzero_ps();
   auto zvec = [&](const __m512* xb, int64_t k) SRN_LN512_TARGET {
     __m512 z = bias ? _mm512_loadu_ps(bias + k) : zero;
@@ -251,9 +254,10 @@ void layernorm_relu_rows_thin_avx512(const float* x, int64_t ldxi, int64_t cin, 
                                      float* rstd_out, bool stream) {
   TORCH_CHECK(cin >= 1 && cin <= 4, "srn_fast: layernorm_relu_rows_thin_avx512 takes 1 to 4 input columns");
   stream = stream && streamable(xhat, xhat_mm, ldx);
-  thread_local aligned_vector<float> wt, zb;  // W transposed, [cin][n]: read a vector of 16 columns at a time
+  // wt: W transposed, [cin][n] (read a vector of 16 columns at a time); zb: a group's z rows [kGroup, n]
+  thread_local aligned_vector<float> wt, zb;
   wt.resize(size_t(cin * n));
-  zb.resize(size_t(8 * n));
+  zb.resize(size_t(kGroup * n));
   for (int64_t k = 0; k < n; ++k)
     for (int64_t c = 0; c < cin; ++c) wt[c * n + k] = W[k * cin + c];
   auto run = [&](auto C) {

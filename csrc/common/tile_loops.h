@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -102,6 +103,19 @@ struct Grid {
 inline Grid make_grid(int64_t B, int64_t N, int64_t R) {
   R = std::max<int64_t>(1, std::min<int64_t>(R, std::max<int64_t>(N, 1)));
   return Grid{B, N, R, (N + R - 1) / R};
+}
+
+// For loops that accumulate nothing (the forwards): the tiles 0..count-1 handed out one at a time by an atomic
+// counter, not split in fixed shares, so a thread slowed by anything else on its core does not hold the others up at
+// the end. per_thread(take) runs once on each thread (set up its scratch there), and takes tiles with
+// `for (int64_t i; take(i);)`. A loop that accumulates must not use it: which thread sums which tile would then
+// depend on timing, and so would the sums' last bits.
+template <typename F>
+void parallel_tiles(int64_t count, F per_thread) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    per_thread([&next, count](int64_t& i) { return (i = next.fetch_add(1)) < count; });
+  });
 }
 
 }  // namespace tile

@@ -11,7 +11,6 @@
 //   CUDA (march_tile_forward / march_tile_backward below): the whole batch is one tile: batched GEMMs through
 //        ATen (cuBLAS) with the torch-free element-wise kernels of common/elementwise_kernels.cu between them.
 #include <ATen/Parallel.h>
-#include <atomic>
 #include <c10/core/DeviceGuard.h>
 
 #include "common/checks.h"
@@ -290,14 +289,10 @@ void forward_cpu(const MLPWeights& phi, const LSTMWeights& lw, const LstmInput& 
   const T* xp = x0.data_ptr<T>();
   const T* dp = dirs.data_ptr<T>();
   T* op = xT.data_ptr<T>();
-  // tiles handed out one at a time (an atomic counter), as in the MLP op's forward: nothing is accumulated, so a
-  // thread slowed by anything else on its core no longer holds the other one at the end
-  std::atomic<int64_t> next{0};
-  const int64_t count = grid.count();
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  tile::parallel_tiles(grid.count(), [&](auto take) {
     tile::Workspace<T> ws(ct.layers[0].data(), ct.L_run, grid.R, false);
     march_cpu::Scratch<T> sc(grid.R, ct.l0.H, ct.l0.F, ct.L_run);
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+    for (int64_t i; take(i);) {
       const int64_t s = grid.scene(i), n = grid.rows(i), row = grid.row(i);
       march_cpu::tile_forward<T>(ct.layers[s].data(), ct.L_run, scene_lstm<T>(lw, lin, s), n, row, xp + row * 3,
                                  dp + row * 3, steps, op + row * 3, ct.sp, ws, sc);

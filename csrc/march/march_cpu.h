@@ -351,9 +351,9 @@ void tile_backward(const tile::Layer<T>* phi, int L, const Lstm<T>& lw, int64_t 
     // phi's VJP rows 1260 -> 980 with the layers' own rows asked for likewise; ~40 ms a step)
     Trickle next;
     if (t > 0) {
-      ask_step(next, sv, L, H, phi[L - 1].cout, t - 1, row, R);
+      ask_step(next, sv, L, H, F, t - 1, row, R);
     } else if (next_R > 0) {
-      ask_step(next, sv, L, H, phi[L - 1].cout, steps - 1, next_row, next_R);
+      ask_step(next, sv, L, H, F, steps - 1, next_row, next_R);
     }
     // through phi into x_t (x_{t+1} = x_t + dirs * s: the identity part is already in v_x)
     tile::backward<T>(phi, L, R, x_t, 3, act.data(), rstd.data(), v_in, K, v_x, 3, true, g_phi, ws,

@@ -48,15 +48,11 @@ void forward_cpu(const MLPWeights& w, const at::Tensor& x, at::Tensor& out, cons
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool save = !act.empty();
-  // tiles handed out one at a time (an atomic counter), not split in equal halves: a thread slowed by anything else
-  // on its core no longer holds the other one at the end (nothing is accumulated, so the order does not matter)
-  std::atomic<int64_t> next{0};
-  const int64_t count = tiles.count();
-  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  tile::parallel_tiles(tiles.count(), [&](auto take) {
     tile::Workspace<T> ws(layers[0].data(), L, tiles.R, false);
     std::vector<T*> ap(L), rp(L);
     std::vector<c10::BFloat16*> hp(L);  // bf16 xhat rows (shapes.xhat_dtype)
-    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) {
+    for (int64_t t; take(t);) {
       const int64_t s = tiles.scene(t), n = tiles.rows(t), row = tiles.row(t);
       if (save) {
         for (int l = 0; l < L; ++l) {
