@@ -44,8 +44,15 @@ OP = "srn_fast.ops.wide_linear"
 GRAD_X_CHUNKS = 128
 
 
+def _rows(y: Tensor) -> Tensor:
+    """``y [O, M]`` (M small) as a contiguous ``[M, O]``: its M columns stacked. ``y.t().contiguous()`` is the same
+    copy through ATen's generic transpose, ~7x slower here (2-core Zen 4, O = 65792, M = 2: 335 against 45 us hot,
+    ~600 us inside a training step; three such layers a step)."""
+    return y.t() if y.shape[1] == 1 else torch.stack(y.unbind(1))
+
+
 _LAYOUTS = {
-    "addmm": lambda x, weight, bias: torch.addmm(bias[:, None], weight, x.t()).t().contiguous(),
+    "addmm": lambda x, weight, bias: _rows(torch.addmm(bias[:, None], weight, x.t())),
     "linear": lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias),
 }
 _layout_choice: Dict[Tuple, str] = {}
