@@ -223,7 +223,13 @@ class SRNModel(nn.Module):
         """phi as a list of :class:`~srn_fast.torch_impl.Layer` (per scene from the hypernetwork)."""
         if self.fit_single_srn:
             return self.phi.layers()
-        return self.hyper_phi(z, self.backend.hyper_mlp)
+        layers = self.hyper_phi(z, self.backend.hyper_mlp)
+        if self.backend_name == "fused":
+            # a phi layer's weight [B, out, in] and bias [B, out] are views into the hypernetwork's output rows
+            # [B, out * in + out]: made contiguous once here rather than by each of a step's fused op calls (march
+            # and mlp, forward and backward: 12 copies of [2, 256, 256] a training step down to 3)
+            layers = [l._replace(weight=l.weight.contiguous(), bias=l.bias.contiguous()) for l in layers]
+        return layers
 
     def initial_depth(self, B: int, N: int, device, dtype=torch.float32,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:

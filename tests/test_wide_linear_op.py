@@ -175,6 +175,8 @@ def test_fused_hypernetwork_matches_torch_backend(monkeypatch):
                               torch.autograd.grad(loss, list(m.hyper_phi.parameters())))))
     assert calls == [(16 * 3 + 16, 16)] + [(16 * 16 + 16, 16)] * 3, calls  # weight [O, K] of each phi layer
     for (a, b) in zip(fused.phi_layers(z), ref.phi_layers(z)):
+        # the fused model hands its ops contiguous weights (one copy a layer, not one per op call)
+        assert a.weight.is_contiguous() and a.bias.is_contiguous()
         assert_close(a.weight, b.weight, 1e-12, 1e-12, "phi weight")
         assert_close(a.bias, b.bias, 1e-12, 1e-12, "phi bias")
     for name in grads[1]:
