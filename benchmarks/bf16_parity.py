@@ -17,8 +17,9 @@ At the demo's learning rate (1e-3, 20x the reference's) a run now and then colla
 (the training's collapse monitor reports it: a float32 run at 12.8 dB among runs at 19-22 dB), whatever the
 precision. Such a pair says nothing about bf16 against float32 and moves the means by more than the 0.3 dB the issue
 allows, so the summary gives every figure twice: over all seeds, and without the collapsed runs (``healthy``: a
-precision's figures against float32 over the seeds where neither its run nor float32's collapsed), naming them. A run records whether it collapsed (``collapsed``); for a run written
-before it did, the health event in its run folder's ``metrics.jsonl`` says.
+precision's figures against float32 over the seeds where neither its run nor float32's collapsed), naming them. A
+run records whether it collapsed (``collapsed``); for a run written before it did, the health event in its run
+folder's ``metrics.jsonl`` says.
 """
 from __future__ import annotations
 
@@ -119,14 +120,15 @@ def summarize(folder: str, result: str, note: str = "") -> int:
            "collapsed_runs": [{"precision": p, "seed": s} for p, s in collapsed],
            "summary": summary, "note": note}
     files.write_json(result, out)
+
     def show(rows, key=None):
         for prec, row in rows.items():
             row = row[key] if key else row
             if not row["runs"]:
                 continue
             d = row.get("mean_abs_same_seed_delta_db")
-            extra = "" if d is None else (f" (fp32 {row['fp32_mean_psnr_same_seeds']:.2f} over the same seeds), same-seed"
-                                          f" delta vs fp32: mean {row['mean_same_seed_delta_db']:+.2f} dB"
+            extra = "" if d is None else (f" (fp32 {row['fp32_mean_psnr_same_seeds']:.2f} over the same seeds),"
+                                          f" same-seed delta vs fp32: mean {row['mean_same_seed_delta_db']:+.2f} dB"
                                           f" (s.e. {row['sem_db'] or 0:.2f}), mean |delta| {d:.2f} dB")
             print(f"{prec:>10}: {row['runs']} runs, mean held-out PSNR {row['mean_psnr']:.2f} dB{extra}")
 

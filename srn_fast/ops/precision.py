@@ -58,8 +58,9 @@ def tile_gemm_rates() -> Dict[str, float]:
 
 def bf16_pays(device: Union[str, torch.device]) -> bool:
     """Whether bf16 matmuls run faster than float32 here (CPU: measured, or under
-    ``torch.use_deterministic_algorithms(True)`` whether the CPU has bf16 instructions, never a timing; CUDA: bf16
-    tensor cores)."""
+    ``torch.use_deterministic_algorithms(True)`` whether the CPU has bf16 instructions: the routes the extension
+    found, read from :func:`tile_gemm_rates`, whose rates are measured once but not compared; CUDA: bf16 tensor
+    cores)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
