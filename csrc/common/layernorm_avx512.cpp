@@ -117,6 +117,32 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit(__m512 x
   if (ymr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(ymr + k), (__m256i)_mm512_cvtneps_pbh(a));
 }
 
+// emit for 32 columns (k..k+31) where xhat is kept as bf16 and there is no affine (phi's layers): both vectors
+// rounded by one VCVTNE2PS2BF16 (VCVTNEPS2BF16 was ~40% of these rows on a Zen 4), and ReLU taken on the rounded
+// bits for a bf16 output: rounding keeps the sign, so ReLU of the rounded xhat is the rounded ReLU, and on bf16 bits it
+// is a signed 16-bit max with 0 (negatives and -0 have the sign bit set). The same bits as emit.
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit32_bf16(__m512 xa, __m512 xb, int64_t k,
+                                                                               c10::BFloat16* xmr, bool stream,
+                                                                               float* yr, c10::BFloat16* ymr) {
+  const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(xb, xa);  // columns k..k+15 from xa, k+16..k+31 from xb
+  if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(xmr + k), h);
+  } else {
+    _mm512_storeu_si512(xmr + k, h);
+  }
+  if (ymr) _mm512_storeu_si512(ymr + k, _mm512_max_epi16(h, _mm512_setzero_si512()));
+  if (yr) {
+    _mm512_storeu_ps(yr + k, _mm512_max_ps(xa, _mm512_setzero_ps()));
+    _mm512_storeu_ps(yr + k + 16, _mm512_max_ps(xb, _mm512_setzero_ps()));
+  }
+}
+
+// Whether a normalise pass takes emit32_bf16: xhat kept as bf16 only, no affine, whole 32-column blocks, and where
+// streamed, rows on 64-byte lines (streamable's test for bf16 rows).
+static bool emits32(const float* xr, const c10::BFloat16* xmr, const float* gamma, int64_t n) {
+  return !xr && xmr && !gamma && n % 32 == 0;
+}
+
 SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias,
                                                  const float* gamma, const float* beta, float eps, float* xhat,
                                                  c10::BFloat16* xhat_mm, int64_t ldx, float* y, c10::BFloat16* y_mm,
@@ -169,8 +195,15 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
-      for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-        emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
+      if (emits32(xr, xmr, gamma, n)) {
+        for (int64_t k = 0; k < n; k += 32) {
+          emit32_bf16(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), _mm512_fmadd_ps(biased(zr, bias, k + 16), rs, nmr),
+                      k, xmr, stream, yr, ymr);
+        }
+      } else {
+        for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
+          emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
+        }
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
@@ -239,8 +272,15 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
-      for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-        emit(_mm512_fmadd_ps(_mm512_load_ps(zr + k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
+      if (emits32(xr, xmr, gamma, n)) {
+        for (int64_t k = 0; k < n; k += 32) {
+          emit32_bf16(_mm512_fmadd_ps(_mm512_load_ps(zr + k), rs, nmr), _mm512_fmadd_ps(_mm512_load_ps(zr + k + 16), rs, nmr),
+                      k, xmr, stream, yr, ymr);
+        }
+      } else {
+        for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
+          emit(_mm512_fmadd_ps(_mm512_load_ps(zr + k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
+        }
       }
       if (rstd_out) rstd_out[r] = rstd[i];
     }
@@ -282,22 +322,33 @@ SRN_LN512_TARGET static inline void store_zipped(uint32_t* panels, int64_t kps, 
   _mm512_mask_storeu_epi16(dst, odd ? __mmask32(0xAAAAAAAAu) : __mmask32(0x55555555u), w);
 }
 
-SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm,
-                                                    const float* v_y, int64_t n, float rstd, const float* gamma,
-                                                    const float* beta, float* g, float* v_gamma, float* v_beta,
-                                                    c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm,
-                                                    const RowZip* zip) {
+// kBits: as rows2_vjp's (below).
+template <bool kBits>
+SRN_LN512_TARGET static void row_vjp(const float* xhat, const c10::BFloat16* xhat_mm, const float* v_y, int64_t n,
+                                     float rstd, const float* gamma, const float* beta, float* g, float* v_gamma,
+                                     float* v_beta, c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm,
+                                     const RowZip* zip) {
   uint32_t* const vz_zip = zip && v_z ? zip->v_z : nullptr;
   uint32_t* const y_zip = zip ? zip->y : nullptr;
   // the masked gradient g (times gamma), its sums with and without xhat, the affine gradients; the layer's output
   // ReLU(xhat gamma + beta) as bf16 on the way when asked
   __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
-    const __m512 xh = load_xhat(xhat, xhat_mm, k);
-    const __m512 a = affine(xh, gamma, beta, k);
-    const __mmask16 m = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+    __m512 xh;
+    __mmask16 m;
+    __m256i h = _mm256_setzero_si256();  // the layer's output as bf16, where asked for
+    if constexpr (kBits) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xhat_mm + k));
+      xh = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      m = _mm256_cmpgt_epi16_mask(b, _mm256_setzero_si256());
+      h = _mm256_max_epi16(b, _mm256_setzero_si256());
+    } else {
+      xh = load_xhat(xhat, xhat_mm, k);
+      const __m512 a = affine(xh, gamma, beta, k);
+      m = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+      if (y_mm || y_zip) h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, a));
+    }
     if (y_mm || y_zip) {
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, a));
       if (y_mm) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), h);
       if (y_zip) store_zipped(y_zip, zip->kp_stride, zip->row, k, h);
     }
@@ -325,6 +376,16 @@ SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10
   }
 }
 
+SRN_LN512_TARGET void layernorm_relu_row_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm,
+                                                    const float* v_y, int64_t n, float rstd, const float* gamma,
+                                                    const float* beta, float* g, float* v_gamma, float* v_beta,
+                                                    c10::BFloat16* v_z, float* v_bias, c10::BFloat16* y_mm,
+                                                    const RowZip* zip) {
+  if (xhat_mm && !gamma && !beta)
+    return row_vjp<true>(nullptr, xhat_mm, v_y, n, rstd, nullptr, nullptr, g, v_gamma, v_beta, v_z, v_bias, y_mm, zip);
+  row_vjp<false>(xhat, xhat_mm, v_y, n, rstd, gamma, beta, g, v_gamma, v_beta, v_z, v_bias, y_mm, zip);
+}
+
 SRN_LN512_TARGET void layernorm_relu_act_row_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t n,
                                                     const float* gamma, const float* beta, float* y) {
   for (int64_t k = 0; k < n; k += 16) {
@@ -332,20 +393,23 @@ SRN_LN512_TARGET void layernorm_relu_act_row_avx512(const float* xhat, const c10
   }
 }
 
-// Columns k..k+15 of an even row and the row after it into their k-pair panel words (RowZip): one full store.
-SRN_LN512_TARGET static inline void store_zipped2(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m256i h0,
-                                                  __m256i h1) {
+// Columns k..k+15 of an even row (both's low half) and the row after it (its high half) into their k-pair panel
+// words (RowZip): one full store.
+SRN_LN512_TARGET static inline void store_zipped2(uint32_t* panels, int64_t kps, int64_t row, int64_t k, __m512i both) {
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
   _mm512_storeu_si512(panels + (k / 32) * kps * 32 + (row / 2) * 32 + (k % 32), _mm512_permutexvar_epi16(pairs, both));
 }
 
-SRN_LN512_TARGET void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx,
-                                                     const float* v_y, int64_t ldv, int64_t n, const float* rstd,
-                                                     const float* gamma, const float* beta, float* g, float* v_gamma,
-                                                     float* v_beta, c10::BFloat16* v_z, float* v_bias,
-                                                     c10::BFloat16* y_mm, const RowZip* zip) {
+// kBits: xhat saved as bf16 and no affine (phi's layers): the ReLU mask and the rebuilt bf16 output come from xhat's
+// bf16 bits (signed 16-bit compare and max with 0, as in emit32_bf16), not from a float compare and a conversion back
+// to bf16 of a value that already was one: the same bits.
+template <bool kBits>
+SRN_LN512_TARGET static void rows2_vjp(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx,
+                                       const float* v_y, int64_t ldv, int64_t n, const float* rstd,
+                                       const float* gamma, const float* beta, float* g, float* v_gamma,
+                                       float* v_beta, c10::BFloat16* v_z, float* v_bias,
+                                       c10::BFloat16* y_mm, const RowZip* zip) {
   const float* xf1 = xhat ? xhat + ldx : nullptr;
   const c10::BFloat16* xh1p = xhat_mm ? xhat_mm + ldx : nullptr;
   const float* vy1p = v_y + ldv;
@@ -355,17 +419,30 @@ SRN_LN512_TARGET void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c
   const __m512 zero = _mm512_setzero_ps();
   __m512 sa0 = zero, sb0 = zero, sa1 = zero, sb1 = zero;
   for (int64_t k = 0; k < n; k += 16) {
-    const __m512 xh0 = load_xhat(xhat, xhat_mm, k), xh1 = load_xhat(xf1, xh1p, k);
-    const __m512 a0 = affine(xh0, gamma, beta, k), a1 = affine(xh1, gamma, beta, k);
-    const __mmask16 m0 = _mm512_cmp_ps_mask(a0, zero, _CMP_GT_OQ), m1 = _mm512_cmp_ps_mask(a1, zero, _CMP_GT_OQ);
+    __m512 xh0, xh1;
+    __mmask16 m0, m1;
+    // the layer's output ReLU(xhat gamma + beta) as bf16 where asked for: the two rows' 16 values, low and high half
+    __m512i ys = _mm512_setzero_si512();
+    if constexpr (kBits) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xhat_mm + k));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh1p + k));
+      xh0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b0), 16));
+      xh1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+      const __m256i z16 = _mm256_setzero_si256();
+      m0 = _mm256_cmpgt_epi16_mask(b0, z16), m1 = _mm256_cmpgt_epi16_mask(b1, z16);
+      if (y_mm || y_zip) ys = _mm512_max_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1), _mm512_setzero_si512());
+    } else {
+      xh0 = load_xhat(xhat, xhat_mm, k), xh1 = load_xhat(xf1, xh1p, k);
+      const __m512 a0 = affine(xh0, gamma, beta, k), a1 = affine(xh1, gamma, beta, k);
+      m0 = _mm512_cmp_ps_mask(a0, zero, _CMP_GT_OQ), m1 = _mm512_cmp_ps_mask(a1, zero, _CMP_GT_OQ);
+      if (y_mm || y_zip) ys = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(m1, a1), _mm512_maskz_mov_ps(m0, a0));
+    }
     if (y_mm || y_zip) {
-      const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m0, a0));
-      const __m256i h1 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m1, a1));
       if (y_mm) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), h0);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + n + k), h1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + k), _mm512_castsi512_si256(ys));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y_mm + n + k), _mm512_extracti64x4_epi64(ys, 1));
       }
-      if (y_zip) store_zipped2(y_zip, zip->kp_stride, zip->row, k, h0, h1);
+      if (y_zip) store_zipped2(y_zip, zip->kp_stride, zip->row, k, ys);
     }
     const __m512 vy0 = _mm512_maskz_loadu_ps(m0, v_y + k), vy1 = _mm512_maskz_loadu_ps(m1, vy1p + k);
     if (v_gamma) {
@@ -393,12 +470,23 @@ SRN_LN512_TARGET void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c
         rs0, _mm512_fnmadd_ps(load_xhat(xhat, xhat_mm, k), mgx0, _mm512_sub_ps(_mm512_loadu_ps(g + k), mg0)));
     const __m512 v1 = _mm512_mul_ps(
         rs1, _mm512_fnmadd_ps(load_xhat(xf1, xh1p, k), mgx1, _mm512_sub_ps(_mm512_loadu_ps(g1 + k), mg1)));
-    const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), h0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + n + k), h1);
-    if (vz_zip) store_zipped2(vz_zip, zip->kp_stride, zip->row, k, h0, h1);
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);  // both rows rounded by one instruction
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + k), _mm512_castsi512_si256(both));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v_z + n + k), _mm512_extracti64x4_epi64(both, 1));
+    if (vz_zip) store_zipped2(vz_zip, zip->kp_stride, zip->row, k, both);
     if (v_bias) _mm512_storeu_ps(v_bias + k, _mm512_add_ps(v1, _mm512_add_ps(v0, _mm512_loadu_ps(v_bias + k))));
   }
+}
+
+SRN_LN512_TARGET void layernorm_relu_rows2_vjp_avx512(const float* xhat, const c10::BFloat16* xhat_mm, int64_t ldx,
+                                                     const float* v_y, int64_t ldv, int64_t n, const float* rstd,
+                                                     const float* gamma, const float* beta, float* g, float* v_gamma,
+                                                     float* v_beta, c10::BFloat16* v_z, float* v_bias,
+                                                     c10::BFloat16* y_mm, const RowZip* zip) {
+  if (xhat_mm && !gamma && !beta)
+    return rows2_vjp<true>(nullptr, xhat_mm, ldx, v_y, ldv, n, rstd, nullptr, nullptr, g, v_gamma, v_beta, v_z, v_bias,
+                           y_mm, zip);
+  rows2_vjp<false>(xhat, xhat_mm, ldx, v_y, ldv, n, rstd, gamma, beta, g, v_gamma, v_beta, v_z, v_bias, y_mm, zip);
 }
 
 #else
