@@ -41,6 +41,7 @@ def test_both_forward_layouts_match_linear(monkeypatch, layout):
     wl = importlib.import_module("srn_fast.ops.wide_linear")  # the module (srn_fast.ops.wide_linear is the function)
 
     monkeypatch.setattr(wl, "forward_layout", lambda x, weight: layout)
+    monkeypatch.setattr(wl, "_fused_cpu", lambda t: None)  # the layouts: where the extension's forward does not run
     args = _args(2, 256, 1027)
     y = ops.wide_linear(*args)
     assert y.shape == (2, 1027) and y.is_contiguous()
@@ -91,7 +92,7 @@ def test_fused_cpu_backward_matches_products(M, K, O, dtype):
     wl = importlib.import_module("srn_fast.ops.wide_linear")
     gen = torch.Generator().manual_seed(3)
     g, x, w = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((M, O), (M, K), (O, K)))
-    assert wl._fused_backward(g) is ext  # the path under test is the one the op takes
+    assert wl._fused_cpu(g) is ext  # the path under test is the one the op takes
     eps = torch.finfo(dtype).eps
     d = [t.double() for t in (g, x, w)]
     rx, rw = d[0] @ d[2], d[0].t() @ d[1]  # float64 products; a sum of n terms is off by <= n eps sum |terms|
@@ -112,6 +113,34 @@ def test_fused_cpu_backward_matches_products(M, K, O, dtype):
     off = torch.full((O * K + 1,), float("nan"), dtype=dtype)[1:].view(O, K)  # 4 or 8 bytes past a line
     ext.wide_linear_backward(g, x, w, torch.empty(0, dtype=dtype), off)
     assert torch.equal(off, gw), "grad_weight off a line"
+
+
+@pytest.mark.parametrize("M,K,O", [(2, 256, 4160), (3, 16, 1027), (1, 7, 300), (8, 5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_cpu_forward_matches_linear(M, K, O, dtype):
+    """The extension's one-pass CPU forward (the op's path on the CPU) against float64 F.linear, within the bound of
+    a K-term sum; without a bias too; its errors name the argument."""
+    ext = require_extension()
+    wl = importlib.import_module("srn_fast.ops.wide_linear")
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((M, K), (O, K), (O,)))
+    assert wl._fused_cpu(x) is ext  # the path under test is the one the op takes
+    y = ops.wide_linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (M, O) and y.is_contiguous()
+    d = [t.double() for t in (x, w, b)]
+    bound = 2 * (K + 1) * torch.finfo(dtype).eps * (d[0].abs() @ d[1].abs().t() + d[2].abs())
+    err = (y.double() - F.linear(*d)).abs()
+    assert (err <= bound + 1e-300).all(), f"max err {err.max().item():.3e}"
+    out = torch.full((M, O), float("nan"), dtype=dtype)
+    ext.wide_linear_forward(x, w, torch.empty(0, dtype=dtype), out)
+    err = (out.double() - d[0] @ d[1].t()).abs()  # every slot written (NaN before), within the bound
+    assert (err <= bound + 1e-300).all(), f"no bias: max err {err.max().item():.3e}"
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[O, K\] with x's K"):
+        ext.wide_linear_forward(x, w[:, :-1] if K > 1 else torch.empty(O, 2, dtype=dtype), b, out)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[O\] with weight's O"):
+        ext.wide_linear_forward(x, w, torch.zeros(O + 1, dtype=dtype), out)
+    with pytest.raises(RuntimeError, match=r"output out must have shape"):
+        ext.wide_linear_forward(x, w, b, torch.empty(M, O + 1, dtype=dtype))
 
 
 def test_fused_cpu_backward_opcheck_and_errors():

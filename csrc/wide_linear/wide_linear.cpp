@@ -1,4 +1,4 @@
-// srn_fast.ops.wide_linear's backward on the CPU (srn_fast/ops/wide_linear.py): y = x W^T + b for few rows M (the
+// srn_fast.ops.wide_linear's forward and backward on the CPU (srn_fast/ops/wide_linear.py): y = x W^T + b for few rows M (the
 // scenes of a batch) and many outputs O (the hypernetwork's last layers: W [65792, 256], 67 MB in float32).
 //
 //   grad_x [M, K] = g [M, O] W [O, K]        grad_W [O, K] = g^T x
@@ -111,7 +111,48 @@ void backward_cpu(const T* g, const T* x, const T* W, int64_t M, int64_t O, int6
   }
 }
 
+// y [M, O] = x [M, K] W^T + bias (bias null: none), W [O, K]: one pass over the rows of W, each row's M dot
+// products while the row is in L1 (ATen's addmm reads W once too, but writes [O, M], which then takes a bias copy
+// before and a transpose after it). The sums run in k order within each vector lane, the lanes added at the end:
+// the same bits for any thread count.
+template <typename T>
+void forward_cpu(const T* x, const T* W, const T* bias, int64_t M, int64_t O, int64_t K, T* y) {
+  at::parallel_for(0, O, 2048, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* w = W + o * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* xm = x + m * K;
+        T acc = T(0);
+        SRN_SIMD_SUM(acc)
+        for (int64_t k = 0; k < K; ++k) acc += w[k] * xm[k];
+        y[m * O + o] = bias ? acc + bias[o] : acc;
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void wide_linear_forward(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_, at::Tensor out) {
+  check_float(kOp, "x", x_);
+  TORCH_CHECK(x_.device().is_cpu(), kOp, ": the fused forward runs on the CPU, got x on ", x_.device());
+  check_shape(kOp, "x", x_, {-1, -1}, "[M, K]");
+  const int64_t M = x_.size(0), K = x_.size(1);
+  check_shape(kOp, "weight", weight_, {-1, K}, "[O, K] with x's K");
+  const int64_t O = weight_.size(0);
+  check_same(kOp, "weight", weight_, x_, "x");
+  const bool has_bias = !is_placeholder(bias_);
+  if (has_bias) {
+    check_shape(kOp, "bias", bias_, {O}, "[O] with weight's O");
+    check_same(kOp, "bias", bias_, x_, "x");
+  }
+  check_out(kOp, "out", out, {M, O}, x_);
+  const at::Tensor x = x_.contiguous(), W = weight_.contiguous(), b = has_bias ? bias_.contiguous() : bias_;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "wide_linear_forward", [&] {
+    forward_cpu<scalar_t>(x.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), has_bias ? b.data_ptr<scalar_t>() : nullptr,
+                          M, O, K, out.data_ptr<scalar_t>());
+  });
+}
 
 void wide_linear_backward(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& weight_, at::Tensor grad_x,
                           at::Tensor grad_weight) {
@@ -137,6 +178,9 @@ void wide_linear_backward(const at::Tensor& grad_, const at::Tensor& x_, const a
 
 void register_wide_linear(pybind11::module& m) {
   namespace py = pybind11;
+  m.def("wide_linear_forward", &wide_linear_forward,
+        "CPU forward of wide_linear: out = x weight^T + bias in one pass over the weight's rows (see wide_linear.cpp)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"));
   m.def("wide_linear_backward", &wide_linear_backward,
         "CPU backward of wide_linear: grad_x = grad W and grad_weight = grad^T x in one pass over W (see wide_linear.cpp)",
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("grad_x"), py::arg("grad_weight"));

@@ -3,11 +3,16 @@ the hypernetwork's last layers, which map B latent features ``[B, 256]`` to a ph
 ``[B, 65792]`` through a ``[65792, 256]`` weight (67 MB in float32, read once per product).
 
 Such a product is bound by reading the weight, but the CPU BLAS (MKL) runs it far below that bound in some layouts,
-and which ones depends on the CPU. The gradient of x, ``g W``, splits the weight's rows into 128 chunks (one batched
-product, then a sum); the gradient of W is ``g^T x`` as in ``F.linear``. The forward is ``addmm(b, W, x^T)^T`` (the
-output's rows are the weight's rows) or ``F.linear`` itself, whichever the first call measures faster on the CPU
-(:func:`forward_layout`; once per weight shape, batch size and dtype). Measured on a 2-core AVX2 EPYC, weight
-[65792, 256] (reading it once: 2.6 ms; wall-clock medians of 25 calls):
+and which ones depends on the CPU. On the CPU with the extension built, the forward is its one pass over the
+weight's rows (``wide_linear_forward`` in ``csrc/wide_linear/wide_linear.cpp``: each row's M dot products, the
+output written as [M, O] with the bias added, no timing, the same bits for any thread count): on a 2-core Zen 4, M =
+2, three [65792, 256] layers with cold weights 7.1-7.8 ms against 8.7-9.3 ms for the ``addmm`` layout below with
+its bias copy and transpose, as fast as ``W.sum()`` reads them. Elsewhere the gradient of x, ``g W``, splits the
+weight's rows into 128 chunks (one batched product, then a sum); the gradient of W is ``g^T x`` as in
+``F.linear``; and the forward is ``addmm(b, W, x^T)^T`` (the output's rows are the weight's rows) or ``F.linear``
+itself, whichever the first call measures faster on the CPU (:func:`forward_layout`; once per weight shape, batch
+size and dtype). Measured on a 2-core AVX2 EPYC, weight [65792, 256] (reading it once: 2.6 ms; wall-clock medians
+of 25 calls):
 
 * B = 2 (the training batch): forward 16.1 (``F.linear``) -> 3.9 ms (addmm), gradient of x 13.8 -> 5.5 ms;
 * B = 8: 15.0 -> 8.0 and 7.3 -> 5.6 ms; B = 32: 20.5 -> 16.1 and 12.6 -> 10.8 ms.
@@ -23,9 +28,9 @@ B = 2, weight [65792, 256]: both gradients 4.0 ms against 13.3 ms for the produc
 8.2 ms, grad of x 4.8 ms); the 64x64 bf16 training step ~444 -> ~424 ms. Elsewhere (CUDA, other dtypes, no
 extension) and in a double backward the products below run.
 
-The values equal ``F.linear``'s up to float rounding (the sums run in another order). The forward and the products
-are plain PyTorch, so it runs on every device (on CUDA the grad of x is one ``mm``: cuBLAS splits the long sum
-itself), a gradient of a gradient works, and ``torch.compile`` sees one op.
+The values equal ``F.linear``'s up to float rounding (the sums run in another order). Without the extension the
+forward and the products are plain PyTorch, so it runs on every device (on CUDA the grad of x is one ``mm``:
+cuBLAS splits the long sum itself); a gradient of a gradient works, and ``torch.compile`` sees one op.
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ MEASURE_MIN_NUMEL = 1 << 22
 
 
 def forward_layout(x: Tensor, weight: Tensor) -> str:
-    """The forward's layout for this call's shapes: "addmm" off the CPU, for weights of fewer than
+    """The forward's layout for this call's shapes where the extension's CPU forward does not run: "addmm" off the CPU, for weights of fewer than
     :data:`MEASURE_MIN_NUMEL` elements, and under ``torch.use_deterministic_algorithms(True)`` (where "linear" is the
     faster, as on the AMX Xeon above, that costs ~3-4 ms a wide layer); otherwise the faster of "addmm" and "linear"
     as the first call with these shapes measures it (each timed twice on the call's own weight, the best kept)."""
@@ -84,7 +89,13 @@ def forward_layout(x: Tensor, weight: Tensor) -> str:
 
 
 def _wide_linear_op_impl(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """x [M, K], weight [O, K], bias [O] -> [M, O]."""
+    """x [M, K], weight [O, K], bias [O] -> [M, O]: on the CPU the extension's one pass over the weight's rows where it
+    is built (:func:`_fused_cpu`), else the faster layout (:func:`forward_layout`)."""
+    ext = _fused_cpu(x)
+    if ext is not None:
+        out = x.new_empty(x.shape[0], weight.shape[0])
+        ext.wide_linear_forward(x, weight, bias, out)
+        return out
     return _LAYOUTS[forward_layout(x, weight)](x, weight, bias)
 
 
@@ -125,12 +136,13 @@ def grad_weight(grad: Tensor, x: Tensor) -> Tensor:
     return torch.mm(grad.t(), x, out=buffer_cache.take((grad.shape[1], x.shape[1]), x))
 
 
-def _fused_backward(grad: Tensor):
-    """The extension's one-pass CPU backward (csrc/wide_linear/wide_linear.cpp) where it applies, else None."""
-    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64):
+def _fused_cpu(t: Tensor):
+    """The extension, for its one-pass CPU forward and backward (csrc/wide_linear/wide_linear.cpp), where they apply
+    to tensors like ``t`` (CPU, float32 or float64, the extension built); else None."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         return None
     ext = _ext.load()
-    return ext if ext is not None and hasattr(ext, "wide_linear_backward") else None
+    return ext if ext is not None and hasattr(ext, "wide_linear_forward") else None
 
 
 def _wide_linear_grads_impl(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool,
@@ -138,7 +150,7 @@ def _wide_linear_grads_impl(grad: Tensor, x: Tensor, weight: Tensor, need_x: boo
     """grad [M, O], x [M, K], weight [O, K] -> (grad_x [M, K], grad_weight [O, K]); [0] for one not needed. On the
     CPU one pass over the weight (the extension: grad_weight streamed out, ~3x faster there), else the products
     above."""
-    ext = _fused_backward(grad)
+    ext = _fused_cpu(grad)
     if ext is None:
         return (grad_input(grad, weight) if need_x else x.new_empty(0),
                 grad_weight(grad, x) if need_w else x.new_empty(0))
