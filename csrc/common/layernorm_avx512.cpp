@@ -84,12 +84,16 @@ static bool streamable(const float* xhat, const c10::BFloat16* xhat_mm, int64_t 
   return xhat ? is_line_aligned(xhat) && ldx % 16 == 0 : xhat_mm && is_line_aligned(xhat_mm) && ldx % 32 == 0;
 }
 
+// 16 bf16 values (their bits) widened to float, exactly.
+SRN_LN512_TARGET __attribute__((always_inline)) static inline __m512 widen(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // 16 values of a saved xhat row: float rows, or bf16 rows (xh non-null; widened exactly).
 SRN_LN512_TARGET __attribute__((always_inline)) static inline __m512 load_xhat(const float* xf,
                                                                               const c10::BFloat16* xh, int64_t k) {
   if (!xh) return _mm512_loadu_ps(xf + k);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k)));
 }
 
 // One vector of a row's normalise pass: xhat into xr as float or into xmr as bf16 (streamed or not; both null: not
@@ -137,10 +141,20 @@ SRN_LN512_TARGET __attribute__((always_inline)) static inline void emit32_bf16(_
   }
 }
 
-// Whether a normalise pass takes emit32_bf16: xhat kept as bf16 only, no affine, whole 32-column blocks, and where
-// streamed, rows on 64-byte lines (streamable's test for bf16 rows).
-static bool emits32(const float* xr, const c10::BFloat16* xmr, const float* gamma, int64_t n) {
-  return !xr && xmr && !gamma && n % 32 == 0;
+// A row's normalise pass: zk(k) gives columns k..k+15 of z (biased), turned into (z - mean) rstd by one FMA
+// (nmr = -mean rstd) and emitted; 32 columns at a time through emit32_bf16 where xhat is kept as bf16 only, there is
+// no affine and the row is whole 32-column blocks (a streamed bf16 row is then on 64-byte lines: streamable).
+template <typename ZK>
+SRN_LN512_TARGET __attribute__((always_inline)) static inline void normalise_row(
+    ZK zk, int64_t n, __m512 rs, __m512 nmr, float* xr, c10::BFloat16* xmr, bool stream, const float* gamma,
+    const float* beta, float* yr, c10::BFloat16* ymr) {
+  if (!xr && xmr && !gamma && n % 32 == 0) {
+    for (int64_t k = 0; k < n; k += 32) {
+      emit32_bf16(_mm512_fmadd_ps(zk(k), rs, nmr), _mm512_fmadd_ps(zk(k + 16), rs, nmr), k, xmr, stream, yr, ymr);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < n; k += 16) emit(_mm512_fmadd_ps(zk(k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
 }
 
 SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ldz, int64_t n, const float* bias,
@@ -195,16 +209,8 @@ SRN_LN512_TARGET void layernorm_relu_rows_avx512(float* z, int64_t R, int64_t ld
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
-      if (emits32(xr, xmr, gamma, n)) {
-        for (int64_t k = 0; k < n; k += 32) {
-          emit32_bf16(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), _mm512_fmadd_ps(biased(zr, bias, k + 16), rs, nmr),
-                      k, xmr, stream, yr, ymr);
-        }
-      } else {
-        for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-          emit(_mm512_fmadd_ps(biased(zr, bias, k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
-        }
-      }
+      normalise_row([&](int64_t k) SRN_LN512_TARGET { return biased(zr, bias, k); }, n, rs, nmr, xr, xmr, stream,
+                    gamma, beta, yr, ymr);
       if (rstd_out) rstd_out[r] = rstd[i];
     }
   }
@@ -272,16 +278,8 @@ SRN_LN512_TARGET static void thin_rows(const float* x, int64_t ldxi, const float
       const __m512 rs = _mm512_set1_ps(rstd[i]), nmr = _mm512_set1_ps(-mean[i] * rstd[i]);
       float* yr = y ? y + r * ldy : nullptr;
       c10::BFloat16* ymr = y_mm ? y_mm + r * ldy : nullptr;
-      if (emits32(xr, xmr, gamma, n)) {
-        for (int64_t k = 0; k < n; k += 32) {
-          emit32_bf16(_mm512_fmadd_ps(_mm512_load_ps(zr + k), rs, nmr), _mm512_fmadd_ps(_mm512_load_ps(zr + k + 16), rs, nmr),
-                      k, xmr, stream, yr, ymr);
-        }
-      } else {
-        for (int64_t k = 0; k < n; k += 16) {  // (z - mean) rstd as one FMA
-          emit(_mm512_fmadd_ps(_mm512_load_ps(zr + k), rs, nmr), k, xr, xmr, stream, gamma, beta, yr, ymr);
-        }
-      }
+      normalise_row([&](int64_t k) SRN_LN512_TARGET { return _mm512_load_ps(zr + k); }, n, rs, nmr, xr, xmr, stream,
+                    gamma, beta, yr, ymr);
       if (rstd_out) rstd_out[r] = rstd[i];
     }
   }
@@ -339,7 +337,7 @@ SRN_LN512_TARGET static void row_vjp(const float* xhat, const c10::BFloat16* xha
     __m256i h = _mm256_setzero_si256();  // the layer's output as bf16, where asked for
     if constexpr (kBits) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xhat_mm + k));
-      xh = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      xh = widen(b);
       m = _mm256_cmpgt_epi16_mask(b, _mm256_setzero_si256());
       h = _mm256_max_epi16(b, _mm256_setzero_si256());
     } else {
@@ -426,11 +424,12 @@ SRN_LN512_TARGET static void rows2_vjp(const float* xhat, const c10::BFloat16* x
     if constexpr (kBits) {
       const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xhat_mm + k));
       const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh1p + k));
-      xh0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b0), 16));
-      xh1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+      xh0 = widen(b0), xh1 = widen(b1);
       const __m256i z16 = _mm256_setzero_si256();
       m0 = _mm256_cmpgt_epi16_mask(b0, z16), m1 = _mm256_cmpgt_epi16_mask(b1, z16);
-      if (y_mm || y_zip) ys = _mm512_max_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1), _mm512_setzero_si512());
+      if (y_mm || y_zip) {
+        ys = _mm512_max_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1), _mm512_setzero_si512());
+      }
     } else {
       xh0 = load_xhat(xhat, xhat_mm, k), xh1 = load_xhat(xf1, xh1p, k);
       const __m512 a0 = affine(xh0, gamma, beta, k), a1 = affine(xh1, gamma, beta, k);

@@ -1,5 +1,6 @@
-// srn_fast.ops.wide_linear's forward and backward on the CPU (srn_fast/ops/wide_linear.py): y = x W^T + b for few rows M (the
-// scenes of a batch) and many outputs O (the hypernetwork's last layers: W [65792, 256], 67 MB in float32).
+// srn_fast.ops.wide_linear's forward and backward on the CPU (srn_fast/ops/wide_linear.py): y = x W^T + b for few
+// rows M (the scenes of a batch) and many outputs O (the hypernetwork's last layers: W [65792, 256], 67 MB in
+// float32).
 //
 //   grad_x [M, K] = g [M, O] W [O, K]        grad_W [O, K] = g^T x
 //

@@ -68,10 +68,11 @@ MEASURE_MIN_NUMEL = 1 << 22
 
 
 def forward_layout(x: Tensor, weight: Tensor) -> str:
-    """The forward's layout for this call's shapes where the extension's CPU forward does not run: "addmm" off the CPU, for weights of fewer than
-    :data:`MEASURE_MIN_NUMEL` elements, and under ``torch.use_deterministic_algorithms(True)`` (where "linear" is the
-    faster, as on the AMX Xeon above, that costs ~3-4 ms a wide layer); otherwise the faster of "addmm" and "linear"
-    as the first call with these shapes measures it (each timed twice on the call's own weight, the best kept)."""
+    """The forward's layout for this call's shapes where the extension's CPU forward does not run: "addmm" off the
+    CPU, for weights of fewer than :data:`MEASURE_MIN_NUMEL` elements, and under
+    ``torch.use_deterministic_algorithms(True)`` (where "linear" is the faster, as on the AMX Xeon above, that costs
+    ~3-4 ms a wide layer); otherwise the faster of "addmm" and "linear" as the first call with these shapes measures
+    it (each timed twice on the call's own weight, the best kept)."""
     if x.device.type != "cpu" or weight.numel() < MEASURE_MIN_NUMEL or torch.are_deterministic_algorithms_enabled():
         return "addmm"
     key = (tuple(weight.shape), x.shape[0], x.dtype)
